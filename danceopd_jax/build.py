@@ -1,0 +1,137 @@
+"""From a validated config to the pieces of a run: models, expert fields, data, the loss."""
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from danceopd_jax import checkpoints, parallel
+from danceopd_jax.core import routing
+from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model_field
+from danceopd_jax.core.schedule import sigma_grid
+from danceopd_jax.core.step import LossFn, make_loss_fn
+from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec
+from danceopd_jax.data.synthetic import make_bucket_source
+from danceopd_jax.models.dit import DiT, dit_config
+
+
+def model_config(config: ConfigDict, spec: ConfigDict):
+    """The DiT config of a model spec (student or expert) in this run's image/condition space."""
+    return dit_config(
+        spec.preset,
+        image_size=config.image_size,
+        channels=config.channels,
+        patch_size=spec.patch_size,
+        num_classes=config.condition.num_classes,
+        text_dim=config.condition.text_dim,
+        use_source=spec.use_source,
+        dtype=spec.dtype,
+    )
+
+
+def model_factory(config: ConfigDict, spec: ConfigDict) -> Callable[[], nnx.Module]:
+    dit = model_config(config, spec)
+    return lambda: DiT(dit, rngs=nnx.Rngs(spec.seed))
+
+
+def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, state, shardings)``: random init (``seed``) or another run's checkpoint, sharded."""
+    make = model_factory(config, spec)
+    if spec.init == "random":
+        return parallel.create_sharded_state(make, mesh, rules)
+    graphdef, abstract, shardings = parallel.abstract_model_state(make, mesh, rules)
+    state = checkpoints.restore_model_params(spec.checkpoint, abstract, shardings)
+    return graphdef, state, shardings
+
+
+def student_apply(graphdef: nnx.GraphDef):
+    """``apply(params, x, t, cond)`` of the student."""
+    return lambda params, x, t, cond: nnx.merge(graphdef, params)(x, t, cond)
+
+
+def _field(config: ConfigDict, name: str, expert_fields: dict[str, Field]) -> Field:
+    spec = config.fields[name]
+    if spec.kind == "expert":
+        return cfg_field(expert_fields[spec.expert], spec.cfg_scale)
+    terms = list(spec.terms.items())
+    return linear_combination([_field(config, term, expert_fields) for term, _ in terms], [w for _, w in terms])
+
+
+def route_fields_builder(config: ConfigDict, graphdefs: dict[str, nnx.GraphDef]):
+    """``experts -> [field of route m]`` (route order of ``config.routes``), traced inside the step."""
+
+    def build(experts: dict[str, Any]) -> Sequence[Field]:
+        expert_fields = {name: model_field(graphdefs[name], experts[name]) for name in graphdefs}
+        return [_field(config, route.field, expert_fields) for route in config.routes.values()]
+
+    return build
+
+
+def route_weights(config: ConfigDict) -> list[float]:
+    return [route.weight for route in config.routes.values()]
+
+
+def step_group_sizes(config: ConfigDict) -> list[int]:
+    """Samples per route group in one host's batch: ``[B]`` for per-step routing, apportioned otherwise."""
+    per_host = config.batch_size // jax.process_count()
+    if config.routing == "per_step":
+        return [per_host]
+    return routing.group_sizes(per_host, route_weights(config))
+
+
+def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs) -> LossFn:
+    return make_loss_fn(
+        config.method,
+        student_apply(student_graphdef),
+        route_fields_builder(config, expert_graphdefs),
+        routing_mode=config.routing,
+        route_weights=route_weights(config),
+        group_sizes=step_group_sizes(config),
+        group_blocks=jax.process_count(),
+        sigmas=sigma_grid(config.rollout_steps, config.shift),
+        num_queries=config.queries_per_rollout,
+        sampler=config.query_sampler,
+        shift=config.shift,
+        condition_dropout=config.condition_dropout,
+    )
+
+
+def condition_spec(config: ConfigDict) -> ConditionSpec:
+    c = config.condition
+    return ConditionSpec(text_len=c.text_len, text_dim=c.text_dim, num_classes=c.num_classes, use_source=c.use_source)
+
+
+def make_batches(config: ConfigDict) -> BucketBatches:
+    """One grain iterator per bucket, this host's shard of each."""
+    sources = {
+        name: make_bucket_source(
+            bucket.kind, bucket.size, bucket.seed, config.image_size, config.channels, config.condition.num_classes
+        )
+        for name, bucket in config.data.buckets.items()
+    }
+    image_shape = (config.image_size, config.image_size, config.channels)
+    return BucketBatches(sources, condition_spec(config), image_shape, seed=config.seed)
+
+
+def step_route_and_groups(config: ConfigDict, step: int) -> tuple[int, list[tuple[str, int]]]:
+    """The route index of ``step`` and this host's ``(bucket, samples)`` groups, in route order.
+
+    Per-step routing draws the whole batch from the routed bucket; the other modes draw each
+    route group from its route's bucket. Counts are per host (the global batch over processes).
+    """
+    routes = list(config.routes.values())
+    per_host = config.batch_size // jax.process_count()
+    if config.routing == "per_step":
+        route = routing.route_for_step(config.seed, step, route_weights(config))
+        return route, [(routes[route].bucket, per_host)]
+    sizes = routing.group_sizes(per_host, route_weights(config))
+    return 0, [(route.bucket, size) for route, size in zip(routes, sizes) if size]
+
+
+def draw_batch(batches: BucketBatches, groups: list[tuple[str, int]]) -> dict:
+    """This host's batch: the groups drawn one after another and concatenated."""
+    parts = [batches.next({bucket: size}) for bucket, size in groups]
+    return jax.tree.map(lambda *arrays: np.concatenate(arrays, axis=0), *parts)

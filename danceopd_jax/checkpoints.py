@@ -1,0 +1,60 @@
+"""Orbax checkpoints of the student side of a run: train state + data-iterator state.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data}``. ``state`` is the ``TrainState`` (params,
+optimizer state, EMA, step, rng); ``data`` is the JSON state of the per-bucket grain iterators.
+Experts are never written: a config records where they come from.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings: orbax restores straight into that layout."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """``(state, data_state)`` of checkpoint ``step``, laid out as ``abstract_state`` says."""
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    )
+    return restored.state, restored.data
+
+
+def restore_model_params(workdir: str, abstract_params, shardings, use_ema: bool = True):
+    """The student weights of another run's latest checkpoint (its EMA when it kept one and ``use_ema``).
+
+    Used to load trained experts and students. Fails with one line when there is no checkpoint or
+    the shapes do not match ``abstract_params``.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints under {directory}")
+        metadata = manager.item_metadata(step).state
+        which = "ema_params" if use_ema and metadata.get("ema_params") is not None else "params"
+        target = {which: abstract_like(abstract_params, shardings)}
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True)),
+        )
+    return restored.state[which]

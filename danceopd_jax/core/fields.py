@@ -1,0 +1,55 @@
+"""Velocity fields: any function ``(x, t, cond) -> v`` over the shared flow state space.
+
+A frozen expert model is a field; so are operators on fields: the CFG field
+``u + a * (c - u)`` and linear combinations ``sum_k w_k v_k`` (PAPER.md, "Fields").
+Plain user functions with the same signature are fields too.
+"""
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from danceopd_jax.core.conditioning import Condition, concat_conditions, unconditional
+
+Field = Callable[[jax.Array, jax.Array, Condition], jax.Array]
+
+
+def model_field(graphdef: nnx.GraphDef, state: nnx.State) -> Field:
+    """A field evaluated by an NNX model rebuilt from its graphdef and a (frozen) state pytree."""
+
+    def field(x, t, cond):
+        return nnx.merge(graphdef, state)(x, t, cond)
+
+    return field
+
+
+def cfg_field(field: Field, scale: float, null: Callable[[Condition], Condition] = unconditional) -> Field:
+    """Classifier-free guidance ``v_u + scale * (v_c - v_u)`` with ``v_u = field(x, t, null(cond))``.
+
+    Conditional and unconditional branches run as one batch of 2B. ``scale == 1`` is the plain field.
+    """
+    if scale == 1.0:
+        return field
+
+    def guided(x, t, cond):
+        batch = x.shape[0]
+        both = field(
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), concat_conditions([cond, null(cond)])
+        )
+        v_cond, v_uncond = both[:batch], both[batch:]
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    return guided
+
+
+def linear_combination(fields: Sequence[Field], weights: Sequence[float]) -> Field:
+    """The composite field ``sum_k w_k v_k`` (also the soft-mixing target)."""
+    if len(fields) != len(weights) or not fields:
+        raise ValueError(f"need one weight per field, got {len(fields)} fields and {len(weights)} weights")
+
+    def combined(x, t, cond):
+        return sum(w * f(x, t, cond) for f, w in zip(fields, weights))
+
+    return combined

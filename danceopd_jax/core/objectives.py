@@ -1,0 +1,104 @@
+"""Training objectives. Each returns the float32 loss of every sample in the batch, shape [B].
+
+``student(params, x, t, cond) -> v`` is the student's apply function; ``target`` is the routed
+teacher field (see ``routing``). Batches are dicts ``{"image": x0 [B,...], "cond": {...}}``.
+
+* ``danceopd``: K states of the student's own rollout at Beta-biased query indices,
+  ``|| v_student(z_i, t_i, c) - sg(v_target(z_i, t_i, c)) ||^2`` in float32 (PAPER.md steps 2-5).
+* ``diffusionopd``: every rollout state, the MSE of state i weighted by ``(sigma_{i+1}-sigma_i)^2 / 2``.
+* ``offpolicy``: states ``(1 - sigma) x0 + sigma eps`` forward-noised from dataset images, no rollout.
+* ``flow_matching``: conditional flow matching from data, target ``eps - x0``, with condition
+  dropout so that a CFG (unconditional) branch exists.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from danceopd_jax.core.conditioning import drop_condition, repeat_condition
+from danceopd_jax.core.fields import Field
+from danceopd_jax.core.rollout import rollout_query_states, rollout_trajectory
+from danceopd_jax.core.schedule import sample_query_indices, shift_sigma
+
+Student = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
+
+OBJECTIVES = ("danceopd", "diffusionopd", "offpolicy", "flow_matching")
+
+
+def per_sample_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error over all non-batch axes, in float32."""
+    err = prediction.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)
+    return jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
+
+
+def _frozen_student(student: Student, params) -> Field:
+    """The student as a field with gradients cut at its parameters (for rollouts)."""
+    frozen = jax.lax.stop_gradient(params)
+    return lambda x, t, cond: student(frozen, x, t, cond)
+
+
+def _distill_states(student, params, target, states, times, cond) -> jax.Array:
+    """Velocity MSE at query states [B, K, ...] -> per-sample loss [B] (mean over the K states)."""
+    batch, k = times.shape
+    flat_states = states.reshape((batch * k,) + states.shape[2:])
+    flat_times = times.reshape(batch * k)
+    flat_cond = repeat_condition(cond, k)
+    teacher_v = target(flat_states, flat_times, flat_cond)
+    student_v = student(params, flat_states, flat_times, flat_cond)
+    return per_sample_mse(student_v, teacher_v).reshape(batch, k).mean(axis=1)
+
+
+def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t"):
+    """DanceOPD: query K low-noise states of the student's own ODE rollout against the routed field."""
+    cond = batch["cond"]
+    noise_key, index_key = jax.random.split(key)
+    noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
+    num_steps = sigmas.shape[0] - 1
+    indices = sample_query_indices(index_key, noise.shape[0], num_queries, num_steps, sampler)
+    states, times = rollout_query_states(_frozen_student(student, params), noise, sigmas, cond, indices)
+    return _distill_states(student, params, target, states, times, cond)
+
+
+def diffusionopd_loss(student, params, target, batch, key, *, sigmas):
+    """DiffusionOPD (dense): all N rollout states, state i weighted by ``dt_i^2 / 2``; summed over i."""
+    cond = batch["cond"]
+    noise = jax.random.normal(key, batch["image"].shape, jnp.float32)
+    trajectory, _ = rollout_trajectory(_frozen_student(student, params), noise, sigmas, cond)
+    num_steps, batch_size = trajectory.shape[:2]
+    states = jnp.swapaxes(trajectory, 0, 1).reshape((batch_size * num_steps,) + trajectory.shape[2:])
+    times = jnp.tile(sigmas[:-1], batch_size)
+    flat_cond = repeat_condition(cond, num_steps)
+    mse = per_sample_mse(student(params, states, times, flat_cond), target(states, times, flat_cond))
+    weights = jnp.square(sigmas[1:] - sigmas[:-1]) / 2.0
+    return jnp.sum(mse.reshape(batch_size, num_steps) * weights, axis=1)
+
+
+def offpolicy_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t"):
+    """Off-policy distillation: teacher queried on forward-noised dataset images at grid times."""
+    x0 = batch["image"].astype(jnp.float32)
+    noise_key, index_key = jax.random.split(key)
+    num_steps = sigmas.shape[0] - 1
+    indices = sample_query_indices(index_key, x0.shape[0], num_queries, num_steps, sampler)
+    times = sigmas[indices]
+    noise = jax.random.normal(noise_key, (x0.shape[0], num_queries) + x0.shape[1:], jnp.float32)
+    expand = times.reshape(times.shape + (1,) * (x0.ndim - 1))
+    states = (1.0 - expand) * x0[:, None] + expand * noise
+    return _distill_states(student, params, target, states, times, batch["cond"])
+
+
+def flow_matching_loss(student, params, batch, key, *, shift=1.0, condition_dropout=0.0):
+    """Conditional flow matching: ``|| v(x_s, s, c) - (eps - x0) ||^2``, ``x_s = (1-s) x0 + s eps``.
+
+    ``s = shift(u)``, ``u ~ U(0, 1)``; the condition is dropped (null prompt/label, source kept)
+    with probability ``condition_dropout`` per sample, so the model also learns the CFG branch.
+    """
+    x0 = batch["image"].astype(jnp.float32)
+    noise_key, time_key, drop_key = jax.random.split(key, 3)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    sigma = shift_sigma(jax.random.uniform(time_key, (x0.shape[0],), jnp.float32), shift)
+    expand = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+    states = (1.0 - expand) * x0 + expand * noise
+    drop = jax.random.bernoulli(drop_key, condition_dropout, (x0.shape[0],))
+    cond = drop_condition(batch["cond"], drop)
+    return per_sample_mse(student(params, states, sigma, cond), noise - x0)

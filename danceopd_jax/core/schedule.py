@@ -1,0 +1,54 @@
+"""Sigma grids for the rollout and the samplers that pick which rollout states are queried.
+
+Convention (PAPER.md, step 2): ``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity
+``v = noise - x0``, sigma runs 1 -> 0 over the grid, Euler step ``x <- x + (sigma_next - sigma) v``.
+"""
+
+import jax
+import jax.numpy as jnp
+
+QUERY_SAMPLERS = ("low_t", "mid_t", "high_t", "uniform", "stratified")
+
+# Beta(a, b) parameters of the query-time samplers (PAPER.md step 3). u near 1 = low noise.
+_BETA_PARAMS = {"low_t": (5.0, 2.0), "mid_t": (5.0, 5.0), "high_t": (2.0, 5.0)}
+
+
+def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
+    """SD3 timestep shift ``sigma' = s * sigma / (1 + (s - 1) * sigma)``; ``shift == 1`` is the identity."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def sigma_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
+    """The ``num_steps + 1`` sigmas of an Euler rollout, from 1 (pure noise) to 0 (clean), float32."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return shift_sigma(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
+
+
+def sample_query_fractions(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+    """Fractions ``u`` in [0, 1) of the trajectory to query; the last axis of ``shape`` holds K states.
+
+    ``low_t`` Beta(5,2) (default), ``mid_t`` Beta(5,5), ``high_t`` Beta(2,5), ``uniform`` U(0,1),
+    ``stratified`` one uniform draw in each of the K strata ``[j/K, (j+1)/K)``.
+    """
+    if kind in _BETA_PARAMS:
+        a, b = _BETA_PARAMS[kind]
+        return jax.random.beta(key, a, b, shape, dtype=jnp.float32)
+    if kind == "uniform":
+        return jax.random.uniform(key, shape, dtype=jnp.float32)
+    if kind == "stratified":
+        k = shape[-1]
+        offsets = jnp.arange(k, dtype=jnp.float32)
+        return (offsets + jax.random.uniform(key, shape, dtype=jnp.float32)) / k
+    raise ValueError(f"unknown query sampler {kind!r}; valid: {', '.join(QUERY_SAMPLERS)}")
+
+
+def sample_query_indices(
+    key: jax.Array, batch_size: int, num_states: int, num_steps: int, kind: str = "low_t"
+) -> jax.Array:
+    """Indices int32 [B, K] into the pre-step states z_0..z_{N-1}: ``i = clamp(int(u * N), 0, N - 1)``.
+
+    z_0 is pure noise and z_{N-1} the last pre-step state; the final clean sample is never queried.
+    """
+    u = sample_query_fractions(key, (batch_size, num_states), kind)
+    return jnp.clip(jnp.floor(u * num_steps).astype(jnp.int32), 0, num_steps - 1)

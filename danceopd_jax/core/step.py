@@ -1,0 +1,159 @@
+"""One optimizer step as a pure function: routed objective -> grads -> optax -> new state.
+
+``make_train_step`` returns ``step(state, experts, batch, route) -> (state, metrics)``, ready for
+``jax.jit`` with shardings and a donated ``state`` (see ``parallel.jit_train_step``). Only the
+student's parameters are differentiated and updated; the expert states enter as frozen inputs.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from danceopd_jax.core import objectives, routing
+from danceopd_jax.core.fields import Field
+
+# (params, experts, batch, route, key) -> per-sample float32 loss [B]
+LossFn = Callable[[Any, Any, dict, jax.Array, jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs from the student side; experts are never part of it."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array  # raw key data; the key of step s is fold_in(key, s)
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, use_ema: bool) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def make_lr_schedule(peak: float, warmup_steps: int, total_steps: int, decay: str) -> optax.Schedule:
+    """Linear warmup to ``peak`` then ``constant`` or ``cosine`` decay to 0 at ``total_steps``."""
+    if decay == "constant":
+        after = optax.constant_schedule(peak)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1))
+    else:
+        raise ValueError(f"unknown lr decay {decay!r}; valid: constant, cosine")
+    if warmup_steps <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
+
+
+def make_optimizer(
+    lr_schedule: optax.Schedule, *, weight_decay: float, grad_clip: float, b1: float = 0.9, b2: float = 0.999
+) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping; weight decay on matrices only (not biases or embeddings rows)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
+    )
+
+
+def make_loss_fn(
+    method: str,
+    student: objectives.Student,
+    route_fields: Callable[[Any], Sequence[Field]],
+    *,
+    routing_mode: str,
+    route_weights: Sequence[float],
+    group_sizes: Sequence[int],
+    group_blocks: int = 1,
+    sigmas: jax.Array,
+    num_queries: int = 1,
+    sampler: str = "low_t",
+    shift: float = 1.0,
+    condition_dropout: float = 0.0,
+) -> LossFn:
+    """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key)``.
+
+    ``route_fields(experts)`` builds the M route fields from the frozen expert states inside the
+    traced step. ``group_sizes`` are the per-sample route groups of one host's batch and
+    ``group_blocks`` the number of hosts whose batches are concatenated (``routing.split_groups``).
+    """
+
+    def target_field(experts, route) -> Field:
+        fields = route_fields(experts)
+        if routing_mode == "per_step":
+            return routing.per_step_field(fields, route)
+        if routing_mode == "per_sample":
+            return routing.per_sample_field(fields, group_sizes, group_blocks)
+        if routing_mode == "soft":
+            return routing.soft_mixing_field(fields, route_weights)
+        raise ValueError(f"unknown routing {routing_mode!r}; valid: {', '.join(routing.ROUTING_MODES)}")
+
+    def loss(params, experts, batch, route, key):
+        if method == "flow_matching":
+            return objectives.flow_matching_loss(
+                student, params, batch, key, shift=shift, condition_dropout=condition_dropout
+            )
+        target = target_field(experts, route)
+        if method == "danceopd":
+            return objectives.danceopd_loss(
+                student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler
+            )
+        if method == "diffusionopd":
+            return objectives.diffusionopd_loss(student, params, target, batch, key, sigmas=sigmas)
+        if method == "offpolicy":
+            return objectives.offpolicy_loss(
+                student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler
+            )
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(objectives.OBJECTIVES)}")
+
+    return loss
+
+
+def group_means(per_sample: jax.Array, sizes: Sequence[int], blocks: int = 1) -> jax.Array:
+    """Mean loss of each route group (NaN for an empty group); layout as in ``routing.split_groups``."""
+    groups = routing.split_groups(per_sample, sizes, blocks)
+    return jnp.stack([jnp.mean(group) if size else jnp.float32(jnp.nan) for group, size in zip(groups, sizes)])
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    *,
+    group_sizes: Sequence[int],
+    group_blocks: int = 1,
+    ema_decay: float = 0.0,
+):
+    """``step(state, experts, batch, route) -> (new_state, metrics)``; gradients reach only ``state.params``."""
+
+    def step(state: TrainState, experts, batch, route):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def mean_loss(params):
+            per_sample = loss_fn(params, experts, batch, route, key)
+            return jnp.mean(per_sample), per_sample
+
+        (loss, per_sample), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        metrics = {
+            "loss": loss,
+            "group_loss": group_means(per_sample, group_sizes, group_blocks),
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        return new_state, metrics
+
+    return step

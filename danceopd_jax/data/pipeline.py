@@ -1,0 +1,218 @@
+"""Grain input pipelines for route buckets, and the batches one train step consumes.
+
+Every bucket (text-to-image prompts, edit pairs, class labels, ...) becomes one grain pipeline:
+per-host shard -> shuffle (reshuffled every epoch) -> repeat forever -> condition record.
+``BucketBatches`` draws a fixed number of records from each named bucket and concatenates the
+groups in the order given, which serves both per-step routing (one bucket per step) and
+per-sample routing (one fixed-size group per bucket). All buckets emit the same keys, so one
+compiled step serves every route; the state of all iterators is one JSON-serialisable dict.
+"""
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from danceopd_jax.core.conditioning import NULL_LABEL
+from danceopd_jax.data.text import HashedTextEmbedder
+
+TextEmbedder = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+# The synthetic sources live in memory; grain recommends no reader threads for those.
+IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionSpec:
+    """Which condition keys a run emits (the ``core.conditioning`` convention).
+
+    ``text_len``/``text_dim`` > 0 emit ``text`` [L, D] and ``text_mask`` [L];
+    ``num_classes`` > 0 emits ``label``; ``use_source`` emits ``source`` and ``source_mask``.
+    """
+
+    text_len: int = 0
+    text_dim: int = 0
+    num_classes: int = 0
+    use_source: bool = False
+
+    def __post_init__(self):
+        if (self.text_len > 0) != (self.text_dim > 0) or min(self.text_len, self.text_dim) < 0:
+            raise ValueError(f"text_len and text_dim must both be 0 or both positive: {self}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0: {self}")
+
+    @property
+    def use_text(self) -> bool:
+        return self.text_dim > 0
+
+    @property
+    def record_fields(self) -> frozenset[str]:
+        """The raw record fields this spec reads (``image`` is always read)."""
+        used = {"image"}
+        if self.use_text:
+            used.add("prompt")
+        if self.num_classes:
+            used.add("label")
+        if self.use_source:
+            used.add("source")
+        return frozenset(used)
+
+
+class RecordEncoder:
+    """Raw record -> ``{"image", "has_image", "cond": {...}}`` with exactly the keys of the spec.
+
+    Missing fields get their null value: the empty prompt, ``NULL_LABEL``, a zero source with
+    ``source_mask`` False, a zero image with ``has_image`` False. A record field the spec does not
+    read is an error rather than silently dropped (e.g. an edit bucket with ``use_source=False``).
+    """
+
+    def __init__(
+        self,
+        spec: ConditionSpec,
+        image_shape: tuple[int, int, int],
+        text_embedder: TextEmbedder | None = None,
+    ):
+        self.spec = spec
+        self.image_shape = tuple(image_shape)
+        self.embed_text = None
+        if spec.use_text:
+            self.embed_text = text_embedder or HashedTextEmbedder(spec.text_dim, spec.text_len)
+            emb, mask = self.embed_text("")
+            if emb.shape != (spec.text_len, spec.text_dim) or mask.shape != (spec.text_len,):
+                raise ValueError(
+                    f"text embedder gives {emb.shape} / {mask.shape}, spec wants "
+                    f"({spec.text_len}, {spec.text_dim}) / ({spec.text_len},)"
+                )
+
+    def _image(self, record: Mapping[str, Any], field: str) -> tuple[np.ndarray, np.bool_]:
+        """The record's image ``field`` as float32 (zeros if absent) and whether it was present."""
+        if field not in record:
+            return np.zeros(self.image_shape, np.float32), np.bool_(False)
+        image = np.asarray(record[field], np.float32)
+        if image.shape != self.image_shape:
+            raise ValueError(f"record {field!r} has shape {image.shape}, expected {self.image_shape}")
+        return image, np.bool_(True)
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        unused = set(record) - self.spec.record_fields
+        if unused:
+            raise ValueError(f"record fields {sorted(unused)} are not read by {self.spec}")
+        cond = {}
+        if self.spec.use_text:
+            cond["text"], cond["text_mask"] = self.embed_text(record.get("prompt", ""))
+        if self.spec.num_classes:
+            label = int(record.get("label", NULL_LABEL))
+            if label != NULL_LABEL and not 0 <= label < self.spec.num_classes:
+                raise ValueError(f"label {label} outside [0, {self.spec.num_classes})")
+            cond["label"] = np.int32(label)
+        if self.spec.use_source:
+            cond["source"], cond["source_mask"] = self._image(record, "source")
+        image, has_image = self._image(record, "image")
+        return {"image": image, "has_image": has_image, "cond": cond}
+
+
+def bucket_iterator(
+    source: Sequence,
+    encode: Callable[[Mapping[str, Any]], dict[str, Any]],
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    read_options: grain.ReadOptions = IN_MEMORY_READ_OPTIONS,
+) -> grain.DatasetIterator:
+    """An endless iterator of encoded records over this host's shard of ``source``.
+
+    Hosts take the disjoint strided shards ``source[process_index::process_count]``; grain's
+    shuffle folds the epoch number into ``seed``, so every epoch has a fresh order. The iterator
+    has grain's ``get_state()`` / ``set_state()``.
+    """
+    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    if len(dataset) == 0:
+        raise ValueError(
+            f"empty shard: {len(source)} records split over {process_count} hosts "
+            f"leave none for host {process_index}"
+        )
+    dataset = dataset.shuffle(seed=seed).repeat().map(encode)
+    return iter(dataset.to_iter_dataset(read_options))
+
+
+def _stack(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of equally-structured records along a new leading batch axis."""
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *records)
+
+
+class BucketBatches:
+    """Batches drawn from named buckets, with a checkpointable (JSON) iterator state.
+
+    ``next({"t2i": 4, "edit": 2})`` draws 4 records from ``t2i`` then 2 from ``edit`` and returns
+    ``{"image": f32[6, H, W, C], "has_image": bool[6], "cond": {key: [6, ...]}}``; the groups
+    appear in the order of the dict. Bucket seeds are derived from ``seed`` and the bucket name,
+    so adding a bucket does not change the order of the others.
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, Sequence],
+        spec: ConditionSpec,
+        image_shape: tuple[int, int, int],
+        *,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        text_embedder: TextEmbedder | None = None,
+        read_options: grain.ReadOptions = IN_MEMORY_READ_OPTIONS,
+    ):
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if not sources:
+            raise ValueError("no buckets given")
+        encode = RecordEncoder(spec, image_shape, text_embedder)
+        self._iterators = {}
+        for name, source in sources.items():
+            if len(source) == 0:
+                raise ValueError(f"bucket {name!r} is empty")
+            try:
+                self._iterators[name] = bucket_iterator(
+                    source,
+                    encode,
+                    seed=zlib.crc32(name.encode("utf-8"), seed % 2**32),
+                    process_index=process_index,
+                    process_count=process_count,
+                    read_options=read_options,
+                )
+            except ValueError as error:
+                raise ValueError(f"bucket {name!r}: {error}") from error
+
+    def _check_names(self, names, what: str) -> None:
+        unknown = set(names) - set(self._iterators)
+        if unknown:
+            raise ValueError(
+                f"unknown bucket(s) {sorted(unknown)} in {what}; buckets: {list(self._iterators)}"
+            )
+
+    def next(self, sizes: Mapping[str, int]) -> dict[str, Any]:
+        """One batch: ``sizes[name]`` records from each bucket, groups concatenated in dict order."""
+        self._check_names(sizes, "sizes")
+        if any(size < 0 for size in sizes.values()) or sum(sizes.values()) == 0:
+            raise ValueError(f"sizes must be >= 0 and draw at least one record, got {dict(sizes)}")
+        records = [next(self._iterators[name]) for name, size in sizes.items() for _ in range(size)]
+        return _stack(records)
+
+    def get_state(self) -> dict[str, Any]:
+        """``{bucket_name: grain iterator state}``, JSON-serialisable."""
+        return {name: iterator.get_state() for name, iterator in self._iterators.items()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from ``get_state`` (e.g. after a JSON round trip); needs every bucket."""
+        self._check_names(state, "state")
+        missing = set(self._iterators) - set(state)
+        if missing:
+            raise ValueError(f"state lacks bucket(s) {sorted(missing)}")
+        for name, iterator in self._iterators.items():
+            iterator.set_state(state[name])

@@ -1,0 +1,176 @@
+"""``train_and_evaluate(config, workdir)``: the training loop of every method (DanceOPD and baselines).
+
+Sections follow big_vision's ``train.py``: config check, mesh, input, models, optimizer and
+state, the jitted step, checkpoint/resume, loop. Only the student is trained and checkpointed.
+"""
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers
+from ml_collections import ConfigDict
+
+from danceopd_jax import build, checkpoints, parallel
+from danceopd_jax.config_validation import ConfigError, validate
+from danceopd_jax.models.dit import LOGICAL_AXES
+from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _check_layout(config: ConfigDict, mesh) -> None:
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % batch_devices:
+        raise ConfigError(
+            f"config.batch_size: {config.batch_size} is not divisible by data x fsdp = {batch_devices} devices"
+        )
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {jax.process_count()} processes")
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _MetricWindow:
+    """Per-step device metrics kept until the next log point, then fetched in one transfer."""
+
+    def __init__(self, route_names: list[str], per_step_routing: bool):
+        self.route_names = route_names
+        self.per_step_routing = per_step_routing
+        self.pending: list[tuple[int, int, Any]] = []
+        self.started = time.perf_counter()
+
+    def add(self, step: int, route: int, metrics) -> None:
+        self.pending.append((step, route, metrics))
+
+    def flush(self) -> tuple[int, dict[str, float], float]:
+        """``(last step, averaged scalars, steps/s)``; a non-finite loss is an error naming step and route."""
+        fetched = jax.device_get([m for _, _, m in self.pending])
+        sums: dict[str, list[float]] = {}
+        for (step, route, _), metrics in zip(self.pending, fetched):
+            if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+                where = f"route {self.route_names[route]!r}" if self.per_step_routing else "the batch"
+                raise FloatingPointError(
+                    f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {step} on {where}"
+                )
+            for key in ("loss", "grad_norm", "lr"):
+                sums.setdefault(key, []).append(float(metrics[key]))
+            routes = [route] if self.per_step_routing else range(len(self.route_names))
+            for index in routes:
+                value = float(metrics["group_loss"][0 if self.per_step_routing else index])
+                if np.isfinite(value):
+                    sums.setdefault(f"loss/{self.route_names[index]}", []).append(value)
+        now = time.perf_counter()
+        rate = len(self.pending) / max(now - self.started, 1e-9)
+        last = self.pending[-1][0]
+        self.pending, self.started = [], now
+        return last, {key: float(np.mean(values)) for key, values in sums.items()}, rate
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
+    # ---------------------------------------------------------------- config, mesh
+    validate(config)
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.axis_rules(config.logical_axis_rules, LOGICAL_AXES)
+    _check_layout(config, mesh)
+    route_names = list(config.routes)
+    _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+         f"{jax.process_count()} process(es); method {config.method}, routing {config.routing}")
+
+    # ---------------------------------------------------------------- input
+    batches = build.make_batches(config)
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    # ---------------------------------------------------------------- models
+    student_graphdef, student_params, _ = build.load_model(config, config.student, mesh, rules)
+    experts, expert_shardings, expert_graphdefs = {}, {}, {}
+    if config.method != "flow_matching":
+        for name, spec in config.experts.items():
+            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, rules)
+    num_params = sum(x.size for x in jax.tree.leaves(student_params))
+    _log(f"student: {num_params:,} parameters; experts: {', '.join(experts) or 'none'} (frozen)")
+
+    # ---------------------------------------------------------------- optimizer, state
+    opt = config.optimizer
+    lr_schedule = make_lr_schedule(opt.learning_rate, opt.warmup_steps, config.num_train_steps, opt.decay)
+    optimizer = make_optimizer(lr_schedule, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip, b1=opt.b1, b2=opt.b2)
+    use_ema = opt.ema_decay > 0
+
+    def init_state(params):
+        return init_train_state(params, optimizer, config.seed, use_ema)
+
+    abstract_state = jax.eval_shape(init_state, student_params)
+    state_shardings = parallel.shardings_of(abstract_state, mesh, rules)
+    with parallel.sharding_context(mesh, rules):
+        state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(student_params)
+
+    # ---------------------------------------------------------------- the jitted step
+    step_fn = make_train_step(
+        build.make_loss(config, student_graphdef, expert_graphdefs),
+        optimizer,
+        lr_schedule,
+        group_sizes=build.step_group_sizes(config),
+        group_blocks=jax.process_count(),
+        ema_decay=opt.ema_decay,
+    )
+    replicated = parallel.replicated(mesh)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, expert_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+    # ---------------------------------------------------------------- checkpoint / resume
+    manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+    start = manager.latest_step() or 0
+    if start:
+        abstract = checkpoints.abstract_like(abstract_state, state_shardings)
+        state, data_state = checkpoints.restore(manager, start, abstract)
+        batches.set_state(data_state)
+        _log(f"Resuming from step {start} (checkpoint in {checkpoints.checkpoint_dir(workdir)})")
+    if start >= config.num_train_steps:
+        _log(f"Nothing to do: checkpoint step {start} >= num_train_steps {config.num_train_steps}")
+        manager.close()
+        return state
+
+    # ---------------------------------------------------------------- loop
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    window = _MetricWindow(route_names, config.routing == "per_step")
+    compile_started = time.perf_counter()
+    with parallel.sharding_context(mesh, rules):
+        for step in range(start, config.num_train_steps):
+            route, groups = build.step_route_and_groups(config, step)
+            local = build.draw_batch(batches, groups)
+            batch = jax.tree.map(lambda a: jax.make_array_from_process_local_data(batch_sharding, a), local)
+            state, metrics = train_step(state, experts, batch, jnp.int32(route))
+            window.add(step + 1, route, metrics)
+            if step == start:
+                jax.block_until_ready(metrics)
+                _log(f"step {step + 1}: compiled and ran the first step in {time.perf_counter() - compile_started:.1f}s")
+                window.started = time.perf_counter()
+            done = step + 1
+            is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_train_steps
+            if done % config.log_every == 0 or is_checkpoint:
+                last, scalars, rate = window.flush()
+                scalars["steps_per_sec"] = rate
+                writer.write_scalars(last, scalars)
+                per_route = " ".join(f"{k[5:]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
+                eta = _format_eta((config.num_train_steps - done) / rate)
+                _log(f"step {done}/{config.num_train_steps} loss {scalars['loss']:.4f} [{per_route}] "
+                     f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} {rate:.2f} steps/s ETA {eta}")
+            if is_checkpoint:
+                checkpoints.save(manager, done, state, batches.get_state())
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    _log(f"done: step {config.num_train_steps}; checkpoints in {checkpoints.checkpoint_dir(workdir)}")
+    return state
