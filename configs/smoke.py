@@ -11,8 +11,13 @@ from ml_collections import ConfigDict
 
 
 def model(preset="tiny", **overrides) -> ConfigDict:
-    """A DiT spec: preset plus overrides; ``init`` is ``random`` (with ``seed``) or ``checkpoint``."""
-    spec = dict(preset=preset, patch_size=2, dtype="float32", use_source=False, init="random", seed=0, checkpoint="")
+    """A DiT spec: preset plus overrides; ``init`` is ``random`` (with ``seed``) or ``checkpoint``.
+
+    ``zero_init=False`` makes a random model a non-zero field (adaLN-Zero would output zero).
+    """
+    spec = dict(
+        preset=preset, patch_size=2, dtype="float32", use_source=False, zero_init=True, init="random", seed=0, checkpoint=""
+    )
     spec.update(overrides)
     return ConfigDict(spec)
 
@@ -38,7 +43,7 @@ def get_config() -> ConfigDict:
 
     config.student = model(use_source=True, seed=0)
     config.experts = ConfigDict(
-        {"t2i_expert": model(seed=1), "edit_expert": model(use_source=True, seed=2)}
+        {"t2i_expert": model(seed=1, zero_init=False), "edit_expert": model(use_source=True, seed=2, zero_init=False)}
     )
     config.fields = ConfigDict(
         {

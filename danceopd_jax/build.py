@@ -29,6 +29,7 @@ def model_config(config: ConfigDict, spec: ConfigDict):
         text_dim=config.condition.text_dim,
         use_source=spec.use_source,
         dtype=spec.dtype,
+        zero_init=spec.zero_init,
     )
 
 

@@ -4,7 +4,10 @@ Trains with the config (see ``train.train_and_evaluate``), resuming from the lat
 in ``DIR/checkpoints`` when there is one. A bad config stops with one line and exit code 2.
 """
 
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
 
 from absl import app, flags
 from ml_collections import config_flags

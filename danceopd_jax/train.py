@@ -4,8 +4,9 @@ Sections follow big_vision's ``train.py``: config check, mesh, input, models, op
 state, the jitted step, checkpoint/resume, loop. Only the student is trained and checkpointed.
 """
 
+import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,15 +76,36 @@ class _MetricWindow:
         return last, {key: float(np.mean(values)) for key, values in sums.items()}, rate
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
+@dataclasses.dataclass
+class Run:
+    """A run's built pieces: sharded student state, frozen experts, data, and the jitted step."""
+
+    config: ConfigDict
+    mesh: Any
+    rules: Any
+    state: TrainState
+    abstract_state: Any
+    state_shardings: Any
+    experts: dict[str, Any]
+    batches: Any
+    batch_sharding: Any
+    train_step: Callable
+
+    def global_batch(self, step: int) -> tuple[int, dict]:
+        """The route of ``step`` and its batch as global arrays sharded over (data, fsdp)."""
+        route, groups = build.step_route_and_groups(self.config, step)
+        local = build.draw_batch(self.batches, groups)
+        batch = jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a), local)
+        return route, batch
+
+
+def setup_run(config: ConfigDict, devices=None) -> Run:
+    """Check the config, then build mesh, data, models, sharded train state and the jitted step."""
     # ---------------------------------------------------------------- config, mesh
     validate(config)
-    mesh = parallel.make_mesh(config.mesh)
+    mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.axis_rules(config.logical_axis_rules, LOGICAL_AXES)
     _check_layout(config, mesh)
-    route_names = list(config.routes)
-    _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-         f"{jax.process_count()} process(es); method {config.method}, routing {config.routing}")
 
     # ---------------------------------------------------------------- input
     batches = build.make_batches(config)
@@ -95,8 +117,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     if config.method != "flow_matching":
         for name, spec in config.experts.items():
             expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, rules)
-    num_params = sum(x.size for x in jax.tree.leaves(student_params))
-    _log(f"student: {num_params:,} parameters; experts: {', '.join(experts) or 'none'} (frozen)")
 
     # ---------------------------------------------------------------- optimizer, state
     opt = config.optimizer
@@ -128,12 +148,23 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
+    return Run(config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, train_step)
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
+    run = setup_run(config)
+    state, batches = run.state, run.batches
+    route_names = list(config.routes)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    _log(f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+         f"{jax.process_count()} process(es); method {config.method}, routing {config.routing}")
+    _log(f"student: {num_params:,} parameters; experts: {', '.join(run.experts) or 'none'} (frozen)")
 
     # ---------------------------------------------------------------- checkpoint / resume
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
     start = manager.latest_step() or 0
     if start:
-        abstract = checkpoints.abstract_like(abstract_state, state_shardings)
+        abstract = checkpoints.abstract_like(run.abstract_state, run.state_shardings)
         state, data_state = checkpoints.restore(manager, start, abstract)
         batches.set_state(data_state)
         _log(f"Resuming from step {start} (checkpoint in {checkpoints.checkpoint_dir(workdir)})")
@@ -143,15 +174,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
         return state
 
     # ---------------------------------------------------------------- loop
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # TensorBoard scalars from process 0 only; progress lines are printed by ``_log``.
+    writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
     window = _MetricWindow(route_names, config.routing == "per_step")
     compile_started = time.perf_counter()
-    with parallel.sharding_context(mesh, rules):
+    with parallel.sharding_context(run.mesh, run.rules):
         for step in range(start, config.num_train_steps):
-            route, groups = build.step_route_and_groups(config, step)
-            local = build.draw_batch(batches, groups)
-            batch = jax.tree.map(lambda a: jax.make_array_from_process_local_data(batch_sharding, a), local)
-            state, metrics = train_step(state, experts, batch, jnp.int32(route))
+            route, batch = run.global_batch(step)
+            state, metrics = run.train_step(state, run.experts, batch, jnp.int32(route))
             window.add(step + 1, route, metrics)
             if step == start:
                 jax.block_until_ready(metrics)
@@ -163,7 +193,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
                 last, scalars, rate = window.flush()
                 scalars["steps_per_sec"] = rate
                 writer.write_scalars(last, scalars)
-                per_route = " ".join(f"{k[5:]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
+                per_route = " ".join(f"{n}={scalars[f'loss/{n}']:.4f}" for n in route_names if f"loss/{n}" in scalars)
                 eta = _format_eta((config.num_train_steps - done) / rate)
                 _log(f"step {done}/{config.num_train_steps} loss {scalars['loss']:.4f} [{per_route}] "
                      f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} {rate:.2f} steps/s ETA {eta}")

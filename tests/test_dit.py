@@ -203,8 +203,10 @@ SHARDED_SCRIPT = textwrap.dedent(
 
     # With perturbed params, a sharded jit forward equals the single-device one.
     graphdef, params = nnx.split(model)
-    params = jax.jit(lambda p: jax.tree.map(lambda a: a + 0.1 * jnp.sin(7.0 * a + 1.0), p))(
-        jax.device_get(params))
+    leaves, treedef = jax.tree.flatten(jax.device_get(params))
+    noise = jax.jit(lambda key: [0.1 * jax.random.normal(k, a.shape) for k, a in
+                                 zip(jax.random.split(key, len(leaves)), leaves)])
+    params = jax.tree.unflatten(treedef, [a + n for a, n in zip(leaves, noise(jax.random.key(1)))])
     x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
     t = jnp.linspace(0.1, 0.9, 4)
     cond = dict(label=jnp.array([0, 1, -1, 3]), text=jnp.ones((4, 3, 8)),

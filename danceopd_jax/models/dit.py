@@ -68,6 +68,7 @@ class DiTConfig:
     text_dim: int = 0
     use_source: bool = False
     dtype: str = "float32"
+    zero_init: bool = True  # adaLN-Zero; False gives a random non-zero field (stand-in experts)
 
     def __post_init__(self):
         for name in ("image_size", "channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -206,7 +207,7 @@ class DiTBlock(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         d, dt = config.hidden_size, jnp.dtype(config.dtype)
         self.num_heads = config.num_heads
-        self.modulation = _linear(d, 6 * d, ("embed", "adaln"), dt, rngs, zero=True)
+        self.modulation = _linear(d, 6 * d, ("embed", "adaln"), dt, rngs, zero=config.zero_init)
         self.q = _linear(d, d, ("embed", "heads"), dt, rngs)
         self.k = _linear(d, d, ("embed", "heads"), dt, rngs)
         self.v = _linear(d, d, ("embed", "heads"), dt, rngs)
@@ -217,9 +218,10 @@ class DiTBlock(nnx.Module):
     def __call__(self, x: jax.Array, c: jax.Array, key_mask: jax.Array) -> jax.Array:
         """x [B, S, D], c = SiLU(conditioning) [B, D], key_mask bool [B, S]."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(c), 6, -1)
-        x = x + gate_a[:, None] * self.attention(modulate(layer_norm(x), shift_a, scale_a), key_mask)
-        h = self.fc2(jax.nn.gelu(self.fc1(modulate(layer_norm(x), shift_m, scale_m)), approximate=True))
-        return x + gate_m[:, None] * h
+        h = self.attention(modulate(layer_norm(x), shift_a, scale_a), key_mask)
+        x = x + gate_a[:, None] * h
+        h = jax.nn.gelu(self.fc1(modulate(layer_norm(x), shift_m, scale_m)), approximate=True)
+        return x + gate_m[:, None] * self.fc2(h)
 
     def attention(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         """Multi-head self-attention over valid keys; logits and softmax in float32."""
@@ -254,8 +256,8 @@ class DiT(nnx.Module):
             self.source_embed = _linear(config.patch_dim, d, ("patch", "embed"), dt, rngs)
             self.source_type = nnx.Param(_partitioned(_normal, ("embed",))(rngs.params(), (d,)))
         self.blocks = nnx.List([DiTBlock(config, rngs=rngs) for _ in range(config.depth)])
-        self.final_modulation = _linear(d, 2 * d, ("embed", "adaln"), dt, rngs, zero=True)
-        self.final_proj = _linear(d, config.patch_dim, ("embed", "patch"), dt, rngs, zero=True)
+        self.final_modulation = _linear(d, 2 * d, ("embed", "adaln"), dt, rngs, zero=config.zero_init)
+        self.final_proj = _linear(d, config.patch_dim, ("embed", "patch"), dt, rngs, zero=config.zero_init)
 
     def __call__(self, x: jax.Array, t: jax.Array, cond: Condition) -> jax.Array:
         """x [B, H, W, C] noisy state, t [B] sigma in [0, 1], cond -> velocity [B, H, W, C] f32."""
@@ -282,7 +284,8 @@ class DiT(nnx.Module):
         if cfg.use_source:
             source = patchify(cond["source"].astype(dt), cfg.patch_size)
             tokens.append(self.source_embed(source) + pos + self.source_type[...].astype(dt))
-            masks.append(jnp.broadcast_to(cond["source_mask"].astype(bool)[:, None], (b, cfg.num_patches)))
+            source_mask = cond["source_mask"].astype(bool)[:, None]
+            masks.append(jnp.broadcast_to(source_mask, (b, cfg.num_patches)))
 
         h = jnp.concatenate(tokens, axis=1)
         key_mask = jnp.concatenate(masks, axis=1)
@@ -303,7 +306,7 @@ def forward_flops(config: DiTConfig, batch_size: int, text_len: int = 0) -> int:
     pooled-text projection, per-block adaLN modulation, q/k/v/out projections, attention
     QK^T and AV over the full sequence (image + text tokens when ``text_dim`` > 0 + source
     tokens when ``use_source``), the MLP, and the final adaLN + output projection. Elementwise
-    work (norms, softmax, activations, embeddings lookups) is not counted.
+    work (norms, softmax, activations, embedding lookups) is not counted.
     """
     cfg, b, d = config, batch_size, config.hidden_size
     n = cfg.num_patches
