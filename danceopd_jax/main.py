@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from danceopd_jax import train
@@ -23,6 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter; progress is printed
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except ConfigError as error:

@@ -89,6 +89,7 @@ class Run:
     experts: dict[str, Any]
     batches: Any
     batch_sharding: Any
+    loss_fn: Callable  # (params, experts, batch, route, key) -> per-sample loss [B], unjitted
     train_step: Callable
 
     def global_batch(self, step: int) -> tuple[int, dict]:
@@ -133,8 +134,9 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
         state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(student_params)
 
     # ---------------------------------------------------------------- the jitted step
+    loss_fn = build.make_loss(config, student_graphdef, expert_graphdefs)
     step_fn = make_train_step(
-        build.make_loss(config, student_graphdef, expert_graphdefs),
+        loss_fn,
         optimizer,
         lr_schedule,
         group_sizes=build.step_group_sizes(config),
@@ -148,7 +150,7 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    return Run(config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, train_step)
+    return Run(config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step)
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:

@@ -150,7 +150,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "group_loss": group_means(per_sample, group_sizes, group_blocks),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)

@@ -1,0 +1,244 @@
+"""DanceOPD train-step benchmark: compile time, step time, samples/s, FLOPs, utilisation, and the
+``lax.scan`` rollout against a Python loop of jitted Euler steps.
+
+    python benchmarks/step.py                                  # CPU defaults, a few minutes
+    python benchmarks/step.py --presets S,B,L --image-size 64 --batch-size 32 \\
+        --rollout-steps 32 --dtype bfloat16 --peak-tflops 989  # one H100 (bf16 dense peak)
+
+The run is ``configs/smoke.py`` (per-step routing over a ``t2i`` and an ``edit`` expert) with the
+student and both experts at one DiT preset, all random non-zero fields (``zero_init=False``: a
+zero-init student's rollout never moves, which would make the rollout check vacuous). The ``t2i``
+route gets weight 0, so every timed step takes the ``edit`` route and costs the same FLOPs; the
+``t2i`` expert is still compiled into the step's ``lax.switch``.
+
+Defaults are sized for a 2-core CPU (DiT-B at 32x32, B=8, N=16 takes minutes per step there):
+image 16, batch 2, 4 rollout steps, 3 timed steps. On CPU read the ratios, not the absolute times
+(DESIGN.md, "Performance: how to measure"); the GPU run passes bigger settings.
+
+FLOPs per step are counted with ``models.dit.forward_flops`` (2*m*n*k per matmul, attention over
+image + ``condition.text_len`` text tokens + source tokens when the model ``use_source``):
+
+  rollout  N forwards of the student on B samples (the scan runs all N Euler steps)
+  teacher  one forward of the routed expert on B*K query states, twice when ``cfg_scale != 1``
+  student  forward + backward on B*K query states, counted as 3 forwards
+
+Not counted: the optimizer update and elementwise work (norms, softmax, activations).
+Utilisation divides FLOP/s by ``--peak-tflops`` (per device) times the device count.
+"""
+
+import argparse
+import importlib.util
+import pathlib
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from danceopd_jax import build, parallel
+from danceopd_jax.core.rollout import _euler_step, rollout_query_states
+from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
+from danceopd_jax.models.dit import forward_flops
+from danceopd_jax.train import setup_run
+
+ROUTE = "edit"  # the only route with weight > 0
+SMOKE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="tiny,S,B", help="comma-separated DiT presets of student and experts")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=2, help="global samples per step (B)")
+    parser.add_argument("--rollout-steps", type=int, default=4, help="Euler steps of the rollout (N)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, after 2 warm-up steps")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale of both expert fields")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    return parser.parse_args(argv)
+
+
+def benchmark_config(preset: str, args):
+    """``configs/smoke.py`` resized, with student and experts at ``preset`` and only the edit route live."""
+    spec = importlib.util.spec_from_file_location("configs_smoke", SMOKE_CONFIG)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    config = smoke.get_config()
+    config.image_size = args.image_size
+    config.batch_size = args.batch_size
+    config.rollout_steps = args.rollout_steps
+    for spec in [config.student, *config.experts.values()]:
+        spec.preset, spec.dtype, spec.zero_init = preset, args.dtype, False
+    for field in config.fields.values():
+        field.cfg_scale = args.cfg_scale
+    config.routes.t2i.weight = 0.0
+    return config
+
+
+def step_flops(config) -> dict[str, int]:
+    """FLOPs of one DanceOPD step by part (see the module docstring), and their total."""
+    b, k, n = config.batch_size, config.queries_per_rollout, config.rollout_steps
+    text_len = config.condition.text_len
+    field = config.fields[config.routes[ROUTE].field]
+    student = build.model_config(config, config.student)
+    teacher = build.model_config(config, config.experts[field.expert])
+    parts = {
+        "rollout": n * forward_flops(student, b, text_len),
+        "teacher": (2 if field.cfg_scale != 1.0 else 1) * forward_flops(teacher, b * k, text_len),
+        "student": 3 * forward_flops(student, b * k, text_len),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def draw_batches(run, count: int) -> list:
+    """``count`` (route, batch) pairs from the run's pipeline, drawn before any timing."""
+    return [run.global_batch(step) for step in range(count)]
+
+
+def compile_step(run, route, batch):
+    """``run.train_step`` lowered and compiled ahead of time; returns ``(executable, seconds)``."""
+    start = time.perf_counter()
+    compiled = run.train_step.lower(run.state, run.experts, batch, jnp.int32(route)).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_steps(run, compiled, batches, warmup: int = 2) -> float:
+    """Median seconds of a step over ``batches[warmup:]``; the state is threaded (it is donated)."""
+    state, times = run.state, []
+    for route, batch in batches:
+        start = time.perf_counter()
+        state, metrics = compiled(state, run.experts, batch, jnp.int32(route))
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    run.state = state
+    return statistics.median(times[warmup:])
+
+
+def rollout_comparison(run, batch, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of the jitted ``lax.scan`` rollout and of N jitted Euler steps called from Python.
+
+    Same student params, noise, condition and query indices for both; returns
+    ``(scan seconds, loop seconds, max |scan - loop|)`` over the kept query states.
+    """
+    config = run.config
+    graphdef = parallel.abstract_model_state(build.model_factory(config, config.student), run.mesh, run.rules)[0]
+    apply = build.student_apply(graphdef)
+    sigmas = sigma_grid(config.rollout_steps, config.shift)
+    host_sigmas = [np.float32(s) for s in np.asarray(sigmas)]
+    params, cond = run.state.params, batch["cond"]
+    key_noise, key_index = jax.random.split(jax.random.key(config.seed))
+    noise = jax.random.normal(key_noise, batch["image"].shape, jnp.float32)
+    indices = sample_query_indices(key_index, noise.shape[0], config.queries_per_rollout, config.rollout_steps)
+
+    @jax.jit
+    def scan_rollout(params, noise, cond, indices):
+        field = lambda x, t, c: apply(params, x, t, c)  # noqa: E731
+        return rollout_query_states(field, noise, sigmas, cond, indices)[0]
+
+    @jax.jit
+    def euler_step(params, x, sigma, sigma_next, cond):
+        return _euler_step(lambda x, t, c: apply(params, x, t, c), x, sigma, sigma_next, cond)
+
+    def loop_rollout():
+        x, states = noise, []
+        for sigma, sigma_next in zip(host_sigmas[:-1], host_sigmas[1:]):
+            states.append(x)
+            x = euler_step(params, x, sigma, sigma_next, cond)
+        return x, states
+
+    scan_time = median_time(lambda: scan_rollout(params, noise, cond, indices), repeats)
+    loop_time = median_time(loop_rollout, repeats)
+    kept = scan_rollout(params, noise, cond, indices)
+    trajectory = jnp.stack(loop_rollout()[1], axis=1)  # [B, N, ...] pre-step states z_0 .. z_{N-1}
+    loop_kept = jnp.take_along_axis(trajectory, indices.reshape(indices.shape + (1,) * (noise.ndim - 1)), axis=1)
+    return scan_time, loop_time, float(jnp.max(jnp.abs(kept - loop_kept)))
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` (blocked on its outputs) over ``repeats`` calls after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark_preset(preset: str, args) -> dict:
+    """All figures of one preset: compile, step time, samples/s, FLOPs, scan vs loop rollout."""
+    config = benchmark_config(preset, args)
+    run = setup_run(config)
+    with parallel.sharding_context(run.mesh, run.rules):
+        batches = draw_batches(run, 2 + args.steps)
+        assert all(route == list(config.routes).index(ROUTE) for route, _ in batches)
+        compiled, compile_s = compile_step(run, *batches[0])
+        step_s = time_steps(run, compiled, batches)
+        scan_s, loop_s, max_diff = rollout_comparison(run, batches[0][1], args.steps)
+    params = sum(x.size for x in jax.tree.leaves(run.state.params))
+    tolerance = 1e-4 if args.dtype == "float32" else 5e-2
+    return dict(
+        preset=preset,
+        batch_size=config.batch_size,
+        params=params,
+        compile_s=compile_s,
+        step_s=step_s,
+        flops=step_flops(config),
+        scan_s=scan_s,
+        loop_s=loop_s,
+        max_diff=max_diff,
+        allclose=max_diff <= tolerance,
+    )
+
+
+def format_row(result: dict, peak_tflops, num_devices: int) -> list[str]:
+    flops, step_s = result["flops"], result["step_s"]
+    achieved = flops["total"] / step_s
+    row = [
+        result["preset"],
+        f"{result['params'] / 1e6:.2f}",
+        f"{result['compile_s']:.1f}",
+        f"{step_s * 1e3:.1f}",
+        f"{result['batch_size'] / step_s:.2f}",
+        *(f"{flops[part] / 1e9:.3g}" for part in ("rollout", "teacher", "student", "total")),
+        f"{achieved / 1e12:.3g}",
+    ]
+    if peak_tflops:
+        row.append(f"{100 * achieved / (peak_tflops * 1e12 * num_devices):.1f}")
+    row += [f"{result['scan_s'] / result['loop_s']:.2f}", f"{'yes' if result['allclose'] else 'NO'} ({result['max_diff']:.1e})"]
+    return row
+
+
+def print_table(results: list[dict], args) -> None:
+    header = ["preset", "params M", "compile s", "step ms", "samples/s", "rollout GF", "teacher GF", "student GF",
+              "total GF", "TFLOP/s"]
+    if args.peak_tflops:
+        header.append("util %")
+    header += ["scan/loop", "allclose (max diff)"]
+    rows = [header] + [format_row(r, args.peak_tflops, jax.device_count()) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+
+
+def main(argv) -> None:
+    args = parse_args(argv)
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} x {device.device_kind}; "
+          f"command: {shlex.join([sys.argv[0], *argv])}")
+    config = benchmark_config(args.presets.split(",")[0], args)
+    print(f"image {args.image_size}, B {args.batch_size}, K {config.queries_per_rollout}, N {args.rollout_steps}, "
+          f"text_len {config.condition.text_len}, source tokens counted (use_source: student "
+          f"{config.student.use_source}, {ROUTE} expert {config.experts.edit_expert.use_source}), "
+          f"cfg {args.cfg_scale}, dtype {args.dtype}, route {ROUTE}; step = median of {args.steps} after 2 warm-up; "
+          f"scan/loop = rollout time ratio (< 1: scan faster)", flush=True)
+    results = [benchmark_preset(preset, args) for preset in args.presets.split(",")]
+    print_table(results, args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

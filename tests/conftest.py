@@ -1,0 +1,28 @@
+"""Shared test helpers: the smoke config with overrides."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "smoke", **overrides):
+    """``configs/NAME.py``'s ``get_config()`` with dotted-key overrides (``{"optimizer.learning_rate": 0.1}``)."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture
+def smoke_config():
+    return load_config
