@@ -1,0 +1,70 @@
+"""The command line from a user's seat: train, resume, and one-line errors for bad input."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(workdir, *flags, timeout=600):
+    cmd = [sys.executable, "-m", "danceopd_jax.main", "--config", str(ROOT / "configs" / "smoke.py")]
+    cmd += ["--workdir", str(workdir), *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def test_smoke_trains_then_resumes(tmp_path):
+    first = _main(tmp_path, "--config.num_train_steps=10")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step 10/10" in first.stdout and "Resuming" not in first.stdout
+    second = _main(tmp_path, "--config.num_train_steps=20")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from step 10" in second.stdout
+    assert "step 20/20" in second.stdout and "step 5/20" not in second.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+    assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard summaries written"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--config.method=distill"], "error: config.method: unknown value 'distill'"),
+        (["--config.rollout_steps=0"], "error: config.rollout_steps: must be an integer >= 1"),
+        (["--config.metod=danceopd"], "error: bad config override: 'metod' Did you mean \"method\""),
+        (["--config.rollout_steps=many"], "error: flag --config.rollout_steps=many"),
+        (["--config.routes.edit.bucket=t2i"], "error: config.routes.edit.bucket: field 'edit' reads source images"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):
+    result = _main(tmp_path / "w", *flags, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(message), lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_missing_config_file(tmp_path):
+    cmd = [sys.executable, "-m", "danceopd_jax.main", "--config", "configs/nope.py", "--workdir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: --config: no such file 'configs/nope.py'"
+
+
+def test_single_host_launcher_dry_run_prints_the_command(tmp_path):
+    script = ROOT / "launch" / "single_host.sh"
+    result = subprocess.run(
+        ["bash", str(script), "configs/smoke.py", str(tmp_path), "--config.num_train_steps=3", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "python", "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", str(tmp_path),
+        "--config.num_train_steps=3",
+    ]
+    bad = subprocess.run(["bash", str(script), "configs/smoke.py", str(tmp_path), "extra"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unexpected argument 'extra'" in bad.stderr
