@@ -11,8 +11,8 @@ zero-init student's rollout never moves, which would make the rollout check vacu
 route gets weight 0, so every timed step takes the ``edit`` route and costs the same FLOPs; the
 ``t2i`` expert is still compiled into the step's ``lax.switch``.
 
-Defaults are sized for a 2-core CPU (DiT-B at 32x32, B=8, N=16 takes minutes per step there):
-image 16, batch 2, 4 rollout steps, 3 timed steps. On CPU read the ratios, not the absolute times
+Defaults are sized for a 2-core CPU, where image 32, B=8, N=16 took 47 s a step at DiT-S (DiT-B
+about 4x that): image 16, batch 2, 4 rollout steps, 3 timed steps; ``tiny,S,B`` in about 4 minutes. On CPU read the ratios, not the absolute times
 (DESIGN.md, "Performance: how to measure"); the GPU run passes bigger settings.
 
 FLOPs per step are counted with ``models.dit.forward_flops`` (2*m*n*k per matmul, attention over
@@ -27,6 +27,7 @@ Utilisation divides FLOP/s by ``--peak-tflops`` (per device) times the device co
 """
 
 import argparse
+import functools
 import importlib.util
 import pathlib
 import shlex
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from danceopd_jax import build, parallel
-from danceopd_jax.core.rollout import _euler_step, rollout_query_states
+from danceopd_jax.core.rollout import euler_step, rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.models.dit import forward_flops
 from danceopd_jax.train import setup_run
@@ -61,17 +62,22 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def benchmark_config(preset: str, args):
-    """``configs/smoke.py`` resized, with student and experts at ``preset`` and only the edit route live."""
+def load_smoke_config():
+    """``get_config()`` of ``configs/smoke.py`` (``configs/`` is not a package)."""
     spec = importlib.util.spec_from_file_location("configs_smoke", SMOKE_CONFIG)
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
-    config = smoke.get_config()
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def benchmark_config(preset: str, args):
+    """The smoke config resized, with student and experts at ``preset`` and only the edit route live."""
+    config = load_smoke_config()
     config.image_size = args.image_size
     config.batch_size = args.batch_size
     config.rollout_steps = args.rollout_steps
-    for spec in [config.student, *config.experts.values()]:
-        spec.preset, spec.dtype, spec.zero_init = preset, args.dtype, False
+    for model in [config.student, *config.experts.values()]:
+        model.preset, model.dtype, model.zero_init = preset, args.dtype, False
     for field in config.fields.values():
         field.cfg_scale = args.cfg_scale
     config.routes.t2i.weight = 0.0
@@ -118,44 +124,55 @@ def time_steps(run, compiled, batches, warmup: int = 2) -> float:
     return statistics.median(times[warmup:])
 
 
-def rollout_comparison(run, batch, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of the jitted ``lax.scan`` rollout and of N jitted Euler steps called from Python.
+def rollout_pair(run, noise, cond, indices):
+    """Two rollouts of the run's student, each returning the pre-step states at ``indices`` [B, K, ...].
 
-    Same student params, noise, condition and query indices for both; returns
-    ``(scan seconds, loop seconds, max |scan - loop|)`` over the kept query states.
+    ``scan()``: ``core.rollout.rollout_query_states`` jitted as a whole (one ``lax.scan``).
+    ``loop()``: the same ``euler_step`` jitted alone and called N times from Python.
     """
     config = run.config
     graphdef = parallel.abstract_model_state(build.model_factory(config, config.student), run.mesh, run.rules)[0]
     apply = build.student_apply(graphdef)
     sigmas = sigma_grid(config.rollout_steps, config.shift)
     host_sigmas = [np.float32(s) for s in np.asarray(sigmas)]
-    params, cond = run.state.params, batch["cond"]
-    key_noise, key_index = jax.random.split(jax.random.key(config.seed))
-    noise = jax.random.normal(key_noise, batch["image"].shape, jnp.float32)
-    indices = sample_query_indices(key_index, noise.shape[0], config.queries_per_rollout, config.rollout_steps)
+    params = run.state.params
 
     @jax.jit
     def scan_rollout(params, noise, cond, indices):
-        field = lambda x, t, c: apply(params, x, t, c)  # noqa: E731
-        return rollout_query_states(field, noise, sigmas, cond, indices)[0]
+        return rollout_query_states(functools.partial(apply, params), noise, sigmas, cond, indices)[0]
 
     @jax.jit
     def euler_step(params, x, sigma, sigma_next, cond):
-        return _euler_step(lambda x, t, c: apply(params, x, t, c), x, sigma, sigma_next, cond)
+        return euler_step(functools.partial(apply, params), x, sigma, sigma_next, cond)
 
-    def loop_rollout():
+    def scan():
+        return scan_rollout(params, noise, cond, indices)
+
+    def loop():
         x, states = noise, []
         for sigma, sigma_next in zip(host_sigmas[:-1], host_sigmas[1:]):
             states.append(x)
             x = euler_step(params, x, sigma, sigma_next, cond)
-        return x, states
+        trajectory = jnp.stack(states, axis=1)  # [B, N, ...]: z_0 .. z_{N-1}
+        return jnp.take_along_axis(trajectory, indices.reshape(indices.shape + (1,) * (noise.ndim - 1)), axis=1)
 
-    scan_time = median_time(lambda: scan_rollout(params, noise, cond, indices), repeats)
-    loop_time = median_time(loop_rollout, repeats)
-    kept = scan_rollout(params, noise, cond, indices)
-    trajectory = jnp.stack(loop_rollout()[1], axis=1)  # [B, N, ...] pre-step states z_0 .. z_{N-1}
-    loop_kept = jnp.take_along_axis(trajectory, indices.reshape(indices.shape + (1,) * (noise.ndim - 1)), axis=1)
-    return scan_time, loop_time, float(jnp.max(jnp.abs(kept - loop_kept)))
+    return scan, loop
+
+
+def rollout_comparison(run, batch, repeats: int, tolerance: float) -> tuple[float, float, float, bool]:
+    """Median seconds of the scan and Python-loop rollouts on the same params, noise and query indices.
+
+    Returns ``(scan seconds, loop seconds, max |scan - loop|, allclose)`` over the kept states.
+    """
+    config = run.config
+    key_noise, key_index = jax.random.split(jax.random.key(config.seed))
+    noise = jax.random.normal(key_noise, batch["image"].shape, jnp.float32)
+    indices = sample_query_indices(key_index, noise.shape[0], config.queries_per_rollout, config.rollout_steps)
+    scan, loop = rollout_pair(run, noise, batch["cond"], indices)
+    scan_s, loop_s = median_time(scan, repeats), median_time(loop, repeats)
+    scan_states, loop_states = np.asarray(scan()), np.asarray(loop())
+    max_diff = float(np.max(np.abs(scan_states - loop_states)))
+    return scan_s, loop_s, max_diff, bool(np.allclose(scan_states, loop_states, rtol=tolerance, atol=tolerance))
 
 
 def median_time(fn, repeats: int) -> float:
@@ -178,9 +195,9 @@ def benchmark_preset(preset: str, args) -> dict:
         assert all(route == list(config.routes).index(ROUTE) for route, _ in batches)
         compiled, compile_s = compile_step(run, *batches[0])
         step_s = time_steps(run, compiled, batches)
-        scan_s, loop_s, max_diff = rollout_comparison(run, batches[0][1], args.steps)
+        tolerance = 1e-5 if args.dtype == "float32" else 1e-2
+        scan_s, loop_s, max_diff, allclose = rollout_comparison(run, batches[0][1], args.steps, tolerance)
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
-    tolerance = 1e-4 if args.dtype == "float32" else 5e-2
     return dict(
         preset=preset,
         batch_size=config.batch_size,
@@ -191,11 +208,18 @@ def benchmark_preset(preset: str, args) -> dict:
         scan_s=scan_s,
         loop_s=loop_s,
         max_diff=max_diff,
-        allclose=max_diff <= tolerance,
+        allclose=allclose,
     )
 
 
+def gflop(flops: int) -> str:
+    """GFLOP with three significant digits, or whole GFLOP from 100 up."""
+    gigaflops = flops / 1e9
+    return f"{gigaflops:.3g}" if gigaflops < 100 else f"{gigaflops:,.0f}"
+
+
 def format_row(result: dict, peak_tflops, num_devices: int) -> list[str]:
+    """One table row; utilisation only when the peak is known."""
     flops, step_s = result["flops"], result["step_s"]
     achieved = flops["total"] / step_s
     row = [
@@ -204,17 +228,18 @@ def format_row(result: dict, peak_tflops, num_devices: int) -> list[str]:
         f"{result['compile_s']:.1f}",
         f"{step_s * 1e3:.1f}",
         f"{result['batch_size'] / step_s:.2f}",
-        *(f"{flops[part] / 1e9:.3g}" for part in ("rollout", "teacher", "student", "total")),
+        *(gflop(flops[part]) for part in ("rollout", "teacher", "student", "total")),
         f"{achieved / 1e12:.3g}",
     ]
     if peak_tflops:
         row.append(f"{100 * achieved / (peak_tflops * 1e12 * num_devices):.1f}")
-    row += [f"{result['scan_s'] / result['loop_s']:.2f}", f"{'yes' if result['allclose'] else 'NO'} ({result['max_diff']:.1e})"]
+    same = "yes" if result["allclose"] else "NO"
+    row += [f"{result['scan_s'] / result['loop_s']:.2f}", f"{same} ({result['max_diff']:.1e})"]
     return row
 
 
 def print_table(results: list[dict], args) -> None:
-    header = ["preset", "params M", "compile s", "step ms", "samples/s", "rollout GF", "teacher GF", "student GF",
+    header = ["preset", "params M", "compile s", "step ms", "samples/s", "rollout GF", "teacher GF", "student f+b GF",
               "total GF", "TFLOP/s"]
     if args.peak_tflops:
         header.append("util %")

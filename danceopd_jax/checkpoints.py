@@ -46,15 +46,22 @@ def restore_model_params(workdir: str, abstract_params, shardings, use_ema: bool
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints under {directory}")
-    with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoints under {directory}")
-        metadata = manager.item_metadata(step).state
-        which = "ema_params" if use_ema and metadata.get("ema_params") is not None else "params"
+        saved = manager.item_metadata(step).state.tree
+        which = "ema_params" if use_ema and saved.get("ema_params") else "params"
         target = {which: abstract_like(abstract_params, shardings)}
         restored = manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True)),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
         )
     return restored.state[which]

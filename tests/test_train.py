@@ -121,3 +121,44 @@ def test_bad_config_stops_with_one_line_naming_the_key(overrides, key):
         setup_run(load_config(**overrides))
     message = str(error.value)
     assert message.startswith(key) and "\n" not in message, message
+
+
+def test_flow_matching_expert_with_ema_loads_as_an_expert(tmp_path):
+    """Train a model from data (flow matching, EMA), then use its checkpoint as a frozen expert."""
+    from danceopd_jax.train import train_and_evaluate
+
+    trained = train_and_evaluate(
+        load_config(
+            method="flow_matching",
+            num_train_steps=3,
+            condition_dropout=0.2,
+            **{"student.zero_init": False, "optimizer.ema_decay": 0.5, "optimizer.warmup_steps": 0},
+        ),
+        str(tmp_path),
+    )
+    params, ema = jax.tree.leaves(trained.params), jax.tree.leaves(trained.ema_params)
+    assert any(np.any(np.asarray(p) != np.asarray(e)) for p, e in zip(params, ema))
+    config = load_config(
+        **{"experts.edit_expert.init": "checkpoint", "experts.edit_expert.checkpoint": str(tmp_path)}
+    )
+    loaded = jax.tree.leaves(setup_run(config).experts["edit_expert"])
+    for a, b in zip(loaded, ema):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ema_is_the_decayed_average():
+    run = setup_run(load_config(**{"optimizer.ema_decay": 0.9, "optimizer.warmup_steps": 0, "student.zero_init": False}))
+    p0 = _host_copy(run.state.params)
+    route, batch = run.global_batch(0)
+    state, _ = run.train_step(run.state, run.experts, batch, jnp.int32(route))
+    for e, a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(p0), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(e), 0.9 * a + 0.1 * np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_learning_rate_warms_up_then_decays():
+    from danceopd_jax.core.step import make_lr_schedule
+
+    schedule = make_lr_schedule(1e-3, 4, 20, "cosine")
+    np.testing.assert_allclose([schedule(s) for s in (0, 2, 4)], [0.0, 5e-4, 1e-3], rtol=1e-6)
+    assert float(schedule(12)) == pytest.approx(5e-4, rel=1e-5)  # half-way through the cosine
+    assert float(schedule(20)) == pytest.approx(0.0, abs=1e-9)

@@ -12,7 +12,8 @@ from danceopd_jax.core.conditioning import Condition
 from danceopd_jax.core.fields import Field
 
 
-def _euler_step(field: Field, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array, cond: Condition):
+def euler_step(field: Field, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array, cond: Condition):
+    """One Euler step ``x + (sigma_next - sigma) * v(x, sigma, cond)``."""
     t = jnp.full((x.shape[0],), sigma, dtype=jnp.float32)
     v = field(x, t, cond).astype(x.dtype)
     return x + (sigma_next - sigma).astype(x.dtype) * v
@@ -33,7 +34,7 @@ def rollout_query_states(
         x, kept = carry
         hit = (query_indices == i)[expand]
         kept = jnp.where(hit, x[:, None], kept)
-        return (_euler_step(field, x, sigmas[i], sigmas[i + 1], cond), kept), None
+        return (euler_step(field, x, sigmas[i], sigmas[i + 1], cond), kept), None
 
     kept0 = jnp.zeros((batch, k) + noise.shape[1:], noise.dtype)
     num_steps = sigmas.shape[0] - 1
@@ -47,7 +48,7 @@ def rollout_trajectory(
     """All pre-step states ``[N, B, ...]`` (z_0..z_{N-1}) and the final sample z_N ``[B, ...]``."""
 
     def body(x, i):
-        return _euler_step(field, x, sigmas[i], sigmas[i + 1], cond), x
+        return euler_step(field, x, sigmas[i], sigmas[i + 1], cond), x
 
     final, states = jax.lax.scan(body, noise, jnp.arange(sigmas.shape[0] - 1))
     return jax.lax.stop_gradient(states), jax.lax.stop_gradient(final)
@@ -57,7 +58,7 @@ def sample(field: Field, noise: jax.Array, sigmas: jax.Array, cond: Condition) -
     """The clean sample z_N of an Euler rollout (inference)."""
 
     def body(x, i):
-        return _euler_step(field, x, sigmas[i], sigmas[i + 1], cond), None
+        return euler_step(field, x, sigmas[i], sigmas[i + 1], cond), None
 
     final, _ = jax.lax.scan(body, noise, jnp.arange(sigmas.shape[0] - 1))
     return final
