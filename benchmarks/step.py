@@ -142,7 +142,7 @@ def rollout_pair(run, noise, cond, indices):
         return rollout_query_states(functools.partial(apply, params), noise, sigmas, cond, indices)[0]
 
     @jax.jit
-    def euler_step(params, x, sigma, sigma_next, cond):
+    def one_step(params, x, sigma, sigma_next, cond):
         return euler_step(functools.partial(apply, params), x, sigma, sigma_next, cond)
 
     def scan():
@@ -152,7 +152,7 @@ def rollout_pair(run, noise, cond, indices):
         x, states = noise, []
         for sigma, sigma_next in zip(host_sigmas[:-1], host_sigmas[1:]):
             states.append(x)
-            x = euler_step(params, x, sigma, sigma_next, cond)
+            x = one_step(params, x, sigma, sigma_next, cond)
         trajectory = jnp.stack(states, axis=1)  # [B, N, ...]: z_0 .. z_{N-1}
         return jnp.take_along_axis(trajectory, indices.reshape(indices.shape + (1,) * (noise.ndim - 1)), axis=1)
 
