@@ -14,7 +14,7 @@ from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec
-from danceopd_jax.data.synthetic import make_bucket_source
+from danceopd_jax.data.sources import make_bucket_source
 from danceopd_jax.models.dit import DiT, dit_config
 
 

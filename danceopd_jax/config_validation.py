@@ -5,7 +5,7 @@ from ml_collections import ConfigDict
 from danceopd_jax.core.objectives import OBJECTIVES
 from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
-from danceopd_jax.data.synthetic import BUCKET_KINDS
+from danceopd_jax.data.sources import BUCKET_KINDS
 from danceopd_jax.models.dit import PRESETS
 
 FIELD_KINDS = ("expert", "combination")

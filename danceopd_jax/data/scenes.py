@@ -130,9 +130,9 @@ def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Sc
 
 def local_edit(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, Scene]:
     """``(instruction, edited scene)``: one object recoloured, reshaped, added or removed."""
-    kinds = [k for k in LOCAL_EDITS if _local_edit_possible(scene, k)]
+    kinds = [k for k in LOCAL_EDITS if local_edit_possible(scene, k)]
     kind = kinds[rng.integers(len(kinds))] if kind is None else kind
-    if not _local_edit_possible(scene, kind):
+    if not local_edit_possible(scene, kind):
         raise ValueError(f"local edit {kind!r} is not possible on {scene}")
     objects = list(scene.objects)
     if kind == "add":
@@ -155,7 +155,7 @@ def local_edit(scene: Scene, rng: np.random.Generator, kind: str | None = None) 
     return f"turn {target.name()} into a {shape}", dataclasses.replace(scene, objects=tuple(objects))
 
 
-def _local_edit_possible(scene: Scene, kind: str) -> bool:
+def local_edit_possible(scene: Scene, kind: str) -> bool:
     if kind not in LOCAL_EDITS:
         raise ValueError(f"unknown local edit {kind!r}; valid: {', '.join(LOCAL_EDITS)}")
     if kind == "add":
