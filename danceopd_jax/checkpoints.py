@@ -5,14 +5,33 @@ optimizer state, EMA, step, rng); ``data`` is the JSON state of the per-bucket g
 Experts are never written: a config records where they come from.
 """
 
+import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+CONFIG_FILE = "config.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def save_run_config(config: ConfigDict, workdir: str) -> None:
+    """Record the run's config beside its checkpoints (what sampling and experts rebuild from)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(config.to_json(indent=2))
+
+
+def load_run_config(workdir: str) -> ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
+    with open(path, encoding="utf-8") as f:
+        return ConfigDict(json.load(f))
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:

@@ -163,6 +163,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     _log(f"student: {num_params:,} parameters; experts: {', '.join(run.experts) or 'none'} (frozen)")
 
     # ---------------------------------------------------------------- checkpoint / resume
+    if jax.process_index() == 0:
+        checkpoints.save_run_config(config, workdir)
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
     start = manager.latest_step() or 0
     if start:

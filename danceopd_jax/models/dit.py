@@ -43,6 +43,7 @@ FREQUENCY_DIM = 256  # sinusoidal timestep frequencies (DiT's TimestepEmbedder)
 
 PRESETS = {
     "tiny": dict(hidden_size=32, depth=2, num_heads=2),
+    "mini": dict(hidden_size=64, depth=4, num_heads=4),  # the shapes world on a CPU
     "S": dict(hidden_size=384, depth=12, num_heads=6),
     "B": dict(hidden_size=768, depth=12, num_heads=12),
     "L": dict(hidden_size=1024, depth=24, num_heads=16),

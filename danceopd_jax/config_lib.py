@@ -1,0 +1,58 @@
+"""Building blocks of run configs (``configs/*.py``): a model spec and a base config with every key."""
+
+from ml_collections import ConfigDict
+
+
+def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
+    """A DiT spec: preset plus overrides; ``init`` is ``random`` (with ``seed``) or ``checkpoint``.
+
+    ``zero_init=False`` makes a random model a non-zero field (adaLN-Zero would output zero).
+    ``checkpoint`` is a workdir of an earlier run (its latest checkpoint, EMA weights if kept).
+    """
+    spec = dict(
+        preset=preset, patch_size=2, dtype="float32", use_source=False, zero_init=True, init="random", seed=0, checkpoint=""
+    )
+    spec.update(overrides)
+    return ConfigDict(spec)
+
+
+def expert_field(expert: str, cfg_scale: float = 1.0) -> dict:
+    """A field that is one expert (with CFG when ``cfg_scale != 1``)."""
+    return dict(kind="expert", expert=expert, cfg_scale=cfg_scale, terms={})
+
+
+def base_config() -> ConfigDict:
+    """Every key a run reads, with defaults; configs fill in models, fields, routes and data."""
+    config = ConfigDict()
+    config.seed = 0
+    config.num_train_steps = 100
+    config.batch_size = 8  # global samples per step
+
+    config.method = "danceopd"  # danceopd | diffusionopd | offpolicy | flow_matching
+    config.routing = "per_step"  # per_step | per_sample | soft
+    config.rollout_steps = 16
+    config.shift = 1.0
+    config.query_sampler = "low_t"
+    config.queries_per_rollout = 1
+    config.condition_dropout = 0.0  # flow_matching only
+
+    config.image_size = 32
+    config.channels = 3
+    config.condition = ConfigDict(dict(text_len=0, text_dim=0, num_classes=0, use_source=False))
+
+    config.student = model_spec()
+    config.experts = ConfigDict()
+    config.fields = ConfigDict()
+    config.routes = ConfigDict()
+    config.data = ConfigDict(dict(buckets={}))
+
+    config.optimizer = ConfigDict(
+        dict(learning_rate=1e-3, warmup_steps=0, decay="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, ema_decay=0.0)
+    )
+    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.logical_axis_rules = ConfigDict(dict(embed="fsdp", heads="tensor", mlp="tensor"))
+
+    config.log_every = 10
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 3
+    return config
