@@ -22,6 +22,7 @@ setup(
         "transformers>=5.0",
         "safetensors>=0.6",
         "numpy>=2.0",
+        "scipy>=1.13",  # connected components and filters in the capability scorers
         "pillow>=11.0",
         "tensorflow-cpu>=2.21",  # clu.metric_writers (TensorBoard summaries)
         "tensorboard>=2.21",

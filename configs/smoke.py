@@ -28,7 +28,7 @@ def get_config() -> ConfigDict:
             "edit_expert": model_spec(use_source=True, seed=2, zero_init=False),
         }
     )
-    config.fields = ConfigDict({"t2i": expert_field("t2i_expert"), "edit": expert_field("edit_expert")})
+    config.fields = ConfigDict({"t2i": expert_field("t2i_expert"), "edit": expert_field("edit_expert", needs_source=True)})
     config.routes = ConfigDict(
         {"t2i": dict(field="t2i", bucket="t2i", weight=1.0), "edit": dict(field="edit", bucket="edit", weight=1.0)}
     )

@@ -16,9 +16,13 @@ def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
     return ConfigDict(spec)
 
 
-def expert_field(expert: str, cfg_scale: float = 1.0) -> dict:
-    """A field that is one expert (with CFG when ``cfg_scale != 1``)."""
-    return dict(kind="expert", expert=expert, cfg_scale=cfg_scale, terms={})
+def expert_field(expert: str, cfg_scale: float = 1.0, needs_source: bool = False) -> dict:
+    """A field that is one expert (with CFG when ``cfg_scale != 1``).
+
+    ``needs_source``: the field is an editing field, so its routes must draw from a bucket with
+    source images (a model may read source tokens and still serve T2I, with no source).
+    """
+    return dict(kind="expert", expert=expert, cfg_scale=cfg_scale, needs_source=needs_source, terms={})
 
 
 def base_config() -> ConfigDict:

@@ -89,14 +89,9 @@ def _check_routes(config: ConfigDict) -> None:
             continue
         if route.field not in config.fields:
             _fail(f"{key}.field", f"unknown field {route.field!r}; valid: {', '.join(config.fields) or '(none)'}")
-        provides = BUCKET_KINDS[config.data.buckets[route.bucket].kind]
-        for expert in sorted(field_experts(config, route.field)):
-            if config.experts[expert].use_source and "source" not in provides:
-                _fail(
-                    f"{key}.bucket",
-                    f"field {route.field!r} reads source images (expert {expert!r}) "
-                    f"but bucket {route.bucket!r} has none",
-                )
+        if config.fields[route.field].get("needs_source", False):
+            if "source" not in BUCKET_KINDS[config.data.buckets[route.bucket].kind]:
+                _fail(f"{key}.bucket", f"field {route.field!r} needs source images but bucket {route.bucket!r} has none")
     if sum(weights) <= 0:
         _fail("routes", "route weights are all zero")
 

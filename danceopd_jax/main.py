@@ -1,7 +1,8 @@
 """Command line: ``python -m danceopd_jax.main --config configs/NAME.py --workdir DIR [--config.KEY=VALUE]``.
 
 Trains with the config (see ``train.train_and_evaluate``), resuming from the latest checkpoint
-in ``DIR/checkpoints`` when there is one. A bad flag or config value stops with one line on
+in ``DIR/checkpoints`` when there is one; a config with ``stages`` runs a pipeline of
+trainings and an evaluation (``pipeline.run_pipeline``). A bad flag or config value stops with one line on
 stderr and exit code 2, before anything is built.
 """
 
@@ -15,7 +16,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from danceopd_jax import train  # noqa: E402
+from danceopd_jax import pipeline, train  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
@@ -49,8 +50,12 @@ def main(argv):
     config_path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
     if not os.path.isfile(config_path):
         _usage_error(f"--config: no such file {config_path!r}")
+    config = _CONFIG.value
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        if "stages" in config:
+            pipeline.run_pipeline(config, _WORKDIR.value)
+        else:
+            train.train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as error:
         _usage_error(error)
 

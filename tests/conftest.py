@@ -8,12 +8,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name: str = "smoke", **overrides):
-    """``configs/NAME.py``'s ``get_config()`` with dotted-key overrides (``{"optimizer.learning_rate": 0.1}``)."""
+def load_config(name: str = "smoke", config_arg: str | None = None, **overrides):
+    """``configs/NAME.py``'s ``get_config([config_arg])`` with dotted-key overrides (``{"optimizer.learning_rate": 0.1}``)."""
     spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config() if config_arg is None else module.get_config(config_arg)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config

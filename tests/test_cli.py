@@ -35,7 +35,7 @@ def test_smoke_trains_then_resumes(tmp_path):
         (["--config.rollout_steps=0"], "error: config.rollout_steps: must be an integer >= 1"),
         (["--config.metod=danceopd"], "error: bad config override: 'metod' Did you mean \"method\""),
         (["--config.rollout_steps=many"], "error: flag --config.rollout_steps=many"),
-        (["--config.routes.edit.bucket=t2i"], "error: config.routes.edit.bucket: field 'edit' reads source images"),
+        (["--config.routes.edit.bucket=t2i"], "error: config.routes.edit.bucket: field 'edit' needs source images"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):

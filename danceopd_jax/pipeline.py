@@ -1,0 +1,136 @@
+"""Multi-stage runs in one workdir: train experts, distil a student, evaluate capabilities.
+
+A pipeline config has ``stages`` (name -> a full run config) and ``evaluation``. A model spec
+whose ``checkpoint`` is ``@NAME`` starts from stage NAME's result (``WORKDIR/NAME``), which fixes
+the order. Each stage resumes like any run, so a finished stage is reused, not retrained.
+Evaluation samples every listed model on held-out examples of every listed capability and
+writes ``WORKDIR/metrics.json``, ``WORKDIR/metrics.md`` and ``WORKDIR/grids/CAPABILITY.png``.
+"""
+
+import copy
+import json
+import os
+import time
+
+from ml_collections import ConfigDict
+
+from danceopd_jax.config_validation import ConfigError, validate
+from danceopd_jax.evaluation import capabilities, metrics
+from danceopd_jax.sample import load_trained_model
+from danceopd_jax.train import train_and_evaluate
+
+STAGE_REF = "@"
+
+
+def _model_specs(stage: ConfigDict):
+    yield "student", stage.student
+    for name, spec in stage.experts.items():
+        yield f"experts.{name}", spec
+
+
+def stage_order(config: ConfigDict) -> list[str]:
+    """Stages in dependency order (a stage after every stage it references; ties by name)."""
+    needs = {}
+    for name, stage in config.stages.items():
+        needs[name] = set()
+        for key, spec in _model_specs(stage):
+            if spec.init == "checkpoint" and spec.checkpoint.startswith(STAGE_REF):
+                ref = spec.checkpoint[len(STAGE_REF) :]
+                if ref not in config.stages:
+                    raise ConfigError(f"config.stages.{name}.{key}.checkpoint: unknown stage {spec.checkpoint!r}")
+                needs[name].add(ref)
+    order: list[str] = []
+    while len(order) < len(needs):
+        ready = sorted(n for n in needs if n not in order and needs[n] <= set(order))
+        if not ready:
+            raise ConfigError(f"config.stages: the stages {sorted(set(needs) - set(order))} reference each other in a cycle")
+        order.append(ready[0])
+    return order
+
+
+def resolve_stage(stage: ConfigDict, workdir: str) -> ConfigDict:
+    """The stage's config with ``@NAME`` checkpoints turned into ``WORKDIR/NAME``."""
+    resolved = copy.deepcopy(stage)
+    for _, spec in _model_specs(resolved):
+        if spec.checkpoint.startswith(STAGE_REF):
+            spec.checkpoint = os.path.join(workdir, spec.checkpoint[len(STAGE_REF) :])
+    return resolved
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def validate_pipeline(config: ConfigDict) -> list[str]:
+    """Check every stage and the evaluation section before any training; returns the stage order."""
+    order = stage_order(config)
+    for name in order:
+        try:
+            validate(resolve_stage(config.stages[name], "/pipeline-workdir"))
+        except ConfigError as error:
+            raise ConfigError(str(error).replace("config.", f"config.stages.{name}.", 1)) from None
+    evaluation = config.evaluation
+    for model in _names(evaluation.models):
+        if model not in config.stages:
+            raise ConfigError(f"config.evaluation.models: unknown stage {model!r}; valid: {', '.join(order)}")
+    for capability in _names(evaluation.capabilities):
+        if capability not in capabilities.CAPABILITY_BUCKETS:
+            valid = ", ".join(capabilities.CAPABILITY_BUCKETS)
+            raise ConfigError(f"config.evaluation.capabilities: unknown capability {capability!r}; valid: {valid}")
+    if evaluation.num_examples < 1:
+        raise ConfigError(f"config.evaluation.num_examples: must be >= 1, got {evaluation.num_examples}")
+    return order
+
+
+def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    """Sample and score each evaluated stage; write metrics and grids; ``{model: {metric: value}}``."""
+    evaluation = config.evaluation
+    models = _names(evaluation.models)
+    loaded = {name: load_trained_model(os.path.join(workdir, name)) for name in models}
+    results: dict[str, dict[str, float]] = {name: {} for name in models}
+    os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
+    for capability in _names(evaluation.capabilities):
+        examples = capabilities.evaluation_examples(capability, evaluation.num_examples, evaluation.seed)
+        outputs = {}
+        for name, (run_config, graphdef, params) in loaded.items():
+            started = time.perf_counter()
+            sampling = capabilities.Sampling(
+                steps=evaluation.steps, shift=run_config.shift, cfg_scale=evaluation.cfg_scale, seed=evaluation.seed
+            )
+            outputs[name] = capabilities.sample_examples(run_config, graphdef, params, examples, sampling)
+            results[name].update(capabilities.score(capability, outputs[name], examples))
+            print(f"evaluated {name} on {capability}: {len(examples)} samples in {time.perf_counter() - started:.1f}s", flush=True)
+        grid = capabilities.comparison_grid(capability, examples, outputs, loaded[models[0]][0].image_size)
+        grid.save(os.path.join(workdir, "grids", f"{capability}.png"))
+    with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, "metrics.md"), "w", encoding="utf-8") as f:
+        f.write(metrics_table(results))
+    return results
+
+
+def metrics_table(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table (models x metrics) followed by one line per metric saying what it measures."""
+    columns = sorted({key for values in results.values() for key in values})
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model, values in results.items():
+        lines.append(f"| {model} | " + " | ".join(f"{values[c]:.3f}" if c in values else "" for c in columns) + " |")
+    lines.append("")
+    for column in columns:
+        capability, name = column.split("/", 1)
+        doc = metrics.METRIC_DOCS.get(name.removeprefix("t2i_"), "")
+        lines.append(f"- `{column}`: {doc}")
+    return "\n".join(lines) + "\n"
+
+
+def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    order = validate_pipeline(config)
+    for index, name in enumerate(order, 1):
+        stage = resolve_stage(config.stages[name], workdir)
+        print(f"== stage {index}/{len(order)}: {name} ({stage.method}, {stage.num_train_steps} steps) ==", flush=True)
+        train_and_evaluate(stage, os.path.join(workdir, name))
+    print("== evaluation ==", flush=True)
+    results = evaluate(config, workdir)
+    print(metrics_table(results), flush=True)
+    print(f"metrics: {os.path.join(workdir, 'metrics.md')}; grids: {os.path.join(workdir, 'grids')}", flush=True)
+    return results
