@@ -27,14 +27,19 @@ SIZES = {
 
 
 def shapes_world(config: ConfigDict) -> ConfigDict:
-    """The shapes world's image and condition space, shared by every stage."""
-    config.image_size = 32
+    """The shapes world's image and condition space, shared by every stage.
+
+    16 px with 2 px patches: on a 2-core CPU a small DiT forms objects far sooner than at 32 px
+    with 4 px patches, for the same number of tokens (measured in this project: 400 steps of
+    memorising 4 scenes reached a nearest-image MSE of 0.004-0.16 at 16/2 against 0.08-0.24 at 32/4).
+    """
+    config.image_size = 16
     config.condition = ConfigDict(dict(text_len=24, text_dim=32, num_classes=0, use_source=True))
     return config
 
 
 def shapes_model(**overrides) -> ConfigDict:
-    return model_spec("mini", patch_size=4, use_source=True, **overrides)
+    return model_spec("mini", patch_size=2, use_source=True, **overrides)
 
 
 def flow_matching_stage(steps: int, batch: int, buckets: dict, init: str = "", lr: float = 1e-3) -> ConfigDict:

@@ -97,6 +97,7 @@ def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphde
         sampler=config.query_sampler,
         shift=config.shift,
         condition_dropout=config.condition_dropout,
+        fm_time_sampler=config.fm_time_sampler,
     )
 
 

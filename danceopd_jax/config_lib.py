@@ -39,6 +39,7 @@ def base_config() -> ConfigDict:
     config.query_sampler = "low_t"
     config.queries_per_rollout = 1
     config.condition_dropout = 0.0  # flow_matching only
+    config.fm_time_sampler = "logit_normal"  # flow_matching only: logit_normal | uniform
 
     config.image_size = 32
     config.channels = 3

@@ -2,7 +2,7 @@
 
 from ml_collections import ConfigDict
 
-from danceopd_jax.core.objectives import OBJECTIVES
+from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
 from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
 from danceopd_jax.data.sources import BUCKET_KINDS
@@ -101,6 +101,7 @@ def validate(config: ConfigDict) -> None:
     _choice(config, "method", OBJECTIVES)
     _choice(config, "routing", ROUTING_MODES)
     _choice(config, "query_sampler", QUERY_SAMPLERS)
+    _choice(config, "fm_time_sampler", FLOW_MATCHING_TIMES)
     _positive_int(config, "rollout_steps")
     _positive_int(config, "queries_per_rollout")
     _positive_int(config, "batch_size")

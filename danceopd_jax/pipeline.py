@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.evaluation import capabilities, metrics
-from danceopd_jax.sample import load_trained_model
+from danceopd_jax.sampling import load_trained_model
 from danceopd_jax.train import train_and_evaluate
 
 STAGE_REF = "@"

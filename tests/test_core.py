@@ -289,7 +289,17 @@ def test_flow_matching_target_is_noise_minus_data_and_drops_conditions():
         return jnp.zeros_like(x)
 
     key = jax.random.key(2)
-    loss = objectives.flow_matching_loss(student, {}, {"image": x0, "cond": _cond()}, key, condition_dropout=1.0 - 1e-7)
+    loss = objectives.flow_matching_loss(
+        student, {}, {"image": x0, "cond": _cond()}, key, condition_dropout=1.0 - 1e-7, time_sampler="uniform"
+    )
     noise = jax.random.normal(jax.random.split(key, 3)[0], SHAPE)
     np.testing.assert_allclose(loss, np.mean(np.square(noise - x0), axis=(1, 2, 3)), rtol=1e-5)
     assert np.all(np.asarray(seen["cond"]["label"]) == NULL_LABEL)
+
+
+def test_logit_normal_training_times():
+    u = np.asarray(objectives.sample_training_times(jax.random.key(0), 20000, "logit_normal"))
+    z = np.log(u / (1 - u))
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+    with pytest.raises(ValueError, match="unknown flow-matching time sampler"):
+        objectives.sample_training_times(jax.random.key(0), 4, "beta")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from danceopd_jax import checkpoints
-from danceopd_jax.sample import encode_conditions, generate, load_trained_model
+from danceopd_jax.sampling import encode_conditions, generate, load_trained_model
 from danceopd_jax.train import train_and_evaluate
 
 from conftest import load_config

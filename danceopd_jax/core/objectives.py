@@ -24,6 +24,7 @@ from danceopd_jax.core.schedule import sample_query_indices, shift_sigma
 Student = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
 
 OBJECTIVES = ("danceopd", "diffusionopd", "offpolicy", "flow_matching")
+FLOW_MATCHING_TIMES = ("uniform", "logit_normal")
 
 
 def per_sample_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
@@ -87,16 +88,28 @@ def offpolicy_loss(student, params, target, batch, key, *, sigmas, num_queries=1
     return _distill_states(student, params, target, states, times, batch["cond"])
 
 
-def flow_matching_loss(student, params, batch, key, *, shift=1.0, condition_dropout=0.0):
+def sample_training_times(key, batch_size: int, kind: str = "logit_normal") -> jax.Array:
+    """Flow-matching times ``u`` in (0, 1): ``uniform``, or ``logit_normal`` (``sigmoid(n)``,
+    ``n ~ N(0, 1)``: SD3's default, Esser et al. 2024, Sec. 3.1), which puts more training on
+    the middle of the path where the layout forms."""
+    if kind == "uniform":
+        return jax.random.uniform(key, (batch_size,), jnp.float32)
+    if kind == "logit_normal":
+        return jax.nn.sigmoid(jax.random.normal(key, (batch_size,), jnp.float32))
+    raise ValueError(f"unknown flow-matching time sampler {kind!r}; valid: {', '.join(FLOW_MATCHING_TIMES)}")
+
+
+def flow_matching_loss(student, params, batch, key, *, shift=1.0, condition_dropout=0.0, time_sampler="logit_normal"):
     """Conditional flow matching: ``|| v(x_s, s, c) - (eps - x0) ||^2``, ``x_s = (1-s) x0 + s eps``.
 
-    ``s = shift(u)``, ``u ~ U(0, 1)``; the condition is dropped (null prompt/label, source kept)
-    with probability ``condition_dropout`` per sample, so the model also learns the CFG branch.
+    ``s = shift(u)`` with ``u`` from ``sample_training_times``; the condition is dropped (null
+    prompt/label, source kept) with probability ``condition_dropout`` per sample, so the model
+    also learns the CFG branch.
     """
     x0 = batch["image"].astype(jnp.float32)
     noise_key, time_key, drop_key = jax.random.split(key, 3)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    sigma = shift_sigma(jax.random.uniform(time_key, (x0.shape[0],), jnp.float32), shift)
+    sigma = shift_sigma(sample_training_times(time_key, x0.shape[0], time_sampler), shift)
     expand = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
     states = (1.0 - expand) * x0 + expand * noise
     drop = jax.random.bernoulli(drop_key, condition_dropout, (x0.shape[0],))

@@ -78,6 +78,7 @@ def make_loss_fn(
     sampler: str = "low_t",
     shift: float = 1.0,
     condition_dropout: float = 0.0,
+    fm_time_sampler: str = "logit_normal",
 ) -> LossFn:
     """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key)``.
 
@@ -99,7 +100,7 @@ def make_loss_fn(
     def loss(params, experts, batch, route, key):
         if method == "flow_matching":
             return objectives.flow_matching_loss(
-                student, params, batch, key, shift=shift, condition_dropout=condition_dropout
+                student, params, batch, key, shift=shift, condition_dropout=condition_dropout, time_sampler=fm_time_sampler
             )
         target = target_field(experts, route)
         if method == "danceopd":

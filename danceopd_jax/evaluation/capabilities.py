@@ -15,7 +15,7 @@ from danceopd_jax.data import scenes
 from danceopd_jax.data.scene_buckets import SceneExample, scene_examples
 from danceopd_jax.evaluation import metrics
 from danceopd_jax.evaluation.grids import caption_grid
-from danceopd_jax.sample import encode_conditions, generate
+from danceopd_jax.sampling import encode_conditions, generate
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation examples never share a seed with training buckets
 

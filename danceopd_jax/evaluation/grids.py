@@ -3,13 +3,11 @@
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from danceopd_jax.sampling import to_uint8
+
 CELL_SCALE = 3  # nearest-neighbour upscaling of each (small) image
 PAD = 4
 CAPTION_HEIGHT = 14
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.round((np.asarray(image, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def caption_grid(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str]) -> Image.Image:
@@ -31,7 +29,7 @@ def caption_grid(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[s
         draw.text((PAD, y), caption, fill=(60, 60, 60), font=font)
         y += CAPTION_HEIGHT
         for column, image in enumerate(images):
-            cell = Image.fromarray(_to_uint8(image)).resize((cell_w, cell_h), Image.NEAREST)
+            cell = Image.fromarray(to_uint8(image)).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(cell, (PAD + column * (cell_w + PAD), y))
         y += cell_h + PAD
     return canvas

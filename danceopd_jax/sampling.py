@@ -1,0 +1,73 @@
+"""Sampling from a trained model (the API behind ``python -m danceopd_jax.sample``).
+
+The run's ``config.json`` (written by training) says how to rebuild the model and encode the
+condition; weights are the latest checkpoint's (EMA when the run kept one).
+"""
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+from PIL import Image
+
+from danceopd_jax import build, checkpoints, parallel
+from danceopd_jax.core.fields import cfg_field, model_field
+from danceopd_jax.core.rollout import sample
+from danceopd_jax.core.schedule import sigma_grid
+from danceopd_jax.data.pipeline import RecordEncoder
+from danceopd_jax.models.dit import LOGICAL_AXES
+
+
+
+def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
+    """``(config, graphdef, weights)`` of the student of a training run, on the local devices."""
+    config = checkpoints.load_run_config(workdir)
+    mesh = parallel.make_mesh({"data": -1})
+    rules = parallel.axis_rules({}, LOGICAL_AXES)
+    graphdef, abstract, shardings = parallel.abstract_model_state(
+        build.model_factory(config, config.student), mesh, rules
+    )
+    return config, graphdef, checkpoints.restore_model_params(workdir, abstract, shardings)
+
+
+def encode_conditions(config: ConfigDict, prompts: Sequence[str], sources: Sequence[np.ndarray] | None = None) -> dict:
+    """Batch the condition pytree of prompts (and edit sources) as the run's data pipeline does."""
+    image_shape = (config.image_size, config.image_size, config.channels)
+    encode = RecordEncoder(build.condition_spec(config), image_shape)
+    records = []
+    for index, prompt in enumerate(prompts):
+        record = {"prompt": prompt}
+        if sources is not None and sources[index] is not None:
+            record["source"] = sources[index]
+        records.append(encode(record)["cond"])
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *records)
+
+
+def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps: int, shift: float = 1.0, cfg_scale: float = 1.0):
+    """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` (CFG when ``cfg_scale != 1``)."""
+    batch = jax.tree.leaves(cond)[0].shape[0]
+
+    @jax.jit
+    def run(params, cond, key):
+        field = cfg_field(model_field(graphdef, params), cfg_scale)
+        noise = jax.random.normal(key, (batch,) + tuple(image_shape), jnp.float32)
+        return jnp.clip(sample(field, noise, sigma_grid(steps, shift), cond), -1.0, 1.0)
+
+    return np.asarray(run(params, cond, key))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.round((np.asarray(images) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def read_image(path: str, image_size: int) -> np.ndarray:
+    """An RGB image file resized to the model's resolution, float32 in [-1, 1]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such image {path!r}")
+    with Image.open(path) as image:
+        resized = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(resized, np.float32) / 127.5 - 1.0
