@@ -21,7 +21,7 @@ from danceopd_jax.config_lib import base_config, expert_field, model_spec
 
 # (full, quick) sizes
 SIZES = {
-    "full": dict(anchor_steps=1500, teacher_steps=600, student_steps=400, batch=32, rollout=8, examples=64, bucket=20000),
+    "full": dict(anchor_steps=1200, teacher_steps=500, student_steps=250, batch=32, rollout=8, examples=64, bucket=20000),
     "quick": dict(anchor_steps=30, teacher_steps=20, student_steps=10, batch=8, rollout=4, examples=8, bucket=256),
 }
 

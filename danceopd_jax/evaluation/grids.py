@@ -5,7 +5,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from danceopd_jax.sampling import to_uint8
 
-CELL_SCALE = 3  # nearest-neighbour upscaling of each (small) image
+MIN_CELL = 80  # pixels: small images are upscaled (nearest neighbour) to at least this width
 PAD = 4
 CAPTION_HEIGHT = 14
 
@@ -13,7 +13,8 @@ CAPTION_HEIGHT = 14
 def caption_grid(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str]) -> Image.Image:
     """``rows`` = ``[(caption, [image per column])]`` with images float in [-1, 1], all one size."""
     height, width = rows[0][1][0].shape[:2]
-    cell_h, cell_w = height * CELL_SCALE, width * CELL_SCALE
+    scale = max(1, -(-MIN_CELL // width))
+    cell_h, cell_w = height * scale, width * scale
     columns = len(column_titles)
     grid_w = PAD + columns * (cell_w + PAD)
     grid_h = CAPTION_HEIGHT + PAD + len(rows) * (CAPTION_HEIGHT + cell_h + PAD)
