@@ -45,19 +45,16 @@ def _check_model(config: ConfigDict, key: str, model: ConfigDict) -> None:
         _fail(f"{key}.use_source", "the model reads source images but config.condition.use_source is False")
 
 
-def field_experts(config: ConfigDict, field_name: str, seen: tuple[str, ...] = ()) -> set[str]:
-    """The experts a field reads, following combinations (cycles are an error)."""
+def _check_terms(config: ConfigDict, field_name: str, seen: tuple[str, ...] = ()) -> None:
+    """A combination's terms name existing fields, with no cycle through combinations."""
     if field_name in seen:
         _fail(f"fields.{field_name}", f"combination cycle through {' -> '.join(seen + (field_name,))}")
     if field_name not in config.fields:
-        _fail(f"fields.{seen[-1]}.terms" if seen else "fields", f"unknown field {field_name!r}; valid: {', '.join(config.fields)}")
+        _fail(f"fields.{seen[-1]}.terms", f"unknown field {field_name!r}; valid: {', '.join(config.fields)}")
     field = config.fields[field_name]
-    if field.kind == "expert":
-        return {field.expert}
-    experts = set()
-    for term in field.terms:
-        experts |= field_experts(config, term, seen + (field_name,))
-    return experts
+    if field.kind == "combination":
+        for term in field.terms:
+            _check_terms(config, term, seen + (field_name,))
 
 
 def _check_fields(config: ConfigDict) -> None:
@@ -71,7 +68,7 @@ def _check_fields(config: ConfigDict) -> None:
             _fail(f"{key}.terms", "a combination needs at least one term")
         if field.get("cfg_scale", 1.0) < 0:
             _fail(f"{key}.cfg_scale", f"must be >= 0, got {field.cfg_scale}")
-        field_experts(config, name)
+        _check_terms(config, name)
 
 
 def _check_routes(config: ConfigDict) -> None:

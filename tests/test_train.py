@@ -114,6 +114,8 @@ def test_soft_mixing_targets_the_weighted_sum():
         ({"query_sampler": "late"}, "config.query_sampler:"),
         ({"student.preset": "huge"}, "config.student.preset:"),
         ({"batch_size": 3, "mesh.data": 2}, "config.mesh"),
+        ({"fields.t2i.kind": "combination", "fields.t2i.terms": {"nope": 1.0}}, "config.fields.t2i.terms:"),
+        ({"fields.t2i.kind": "combination", "fields.t2i.terms": {"t2i": 1.0}}, "config.fields.t2i: combination cycle"),
     ],
 )
 def test_bad_config_stops_with_one_line_naming_the_key(overrides, key):
@@ -162,3 +164,20 @@ def test_learning_rate_warms_up_then_decays():
     np.testing.assert_allclose([schedule(s) for s in (0, 2, 4)], [0.0, 5e-4, 1e-3], rtol=1e-6)
     assert float(schedule(12)) == pytest.approx(5e-4, rel=1e-5)  # half-way through the cosine
     assert float(schedule(20)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_combination_field_is_the_weighted_sum_of_its_terms():
+    """A route to ``0.5 * t2i`` has a quarter of the plain t2i route's loss (zero-init student: |target|^2)."""
+    from ml_collections import ConfigDict
+
+    plain = load_config(routing="per_sample")
+    mixed = load_config(routing="per_sample", **{"routes.t2i.field": "half"})
+    mixed.fields.half = ConfigDict(dict(kind="combination", expert="", cfg_scale=1.0, needs_source=False, terms={"t2i": 0.5}))
+    run_plain, run_mixed = setup_run(plain), setup_run(mixed)
+    _, batch = run_plain.global_batch(0)
+    key = jax.random.key(0)
+    a = run_plain.loss_fn(run_plain.state.params, run_plain.experts, batch, jnp.int32(0), key)
+    b = run_mixed.loss_fn(run_plain.state.params, run_plain.experts, batch, jnp.int32(0), key)
+    t2i_rows = np.repeat([name == "t2i" for name in plain.routes], 2)
+    np.testing.assert_allclose(np.asarray(b)[t2i_rows], np.asarray(a)[t2i_rows] / 4.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(b)[~t2i_rows], np.asarray(a)[~t2i_rows], rtol=1e-6)
