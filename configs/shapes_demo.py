@@ -42,7 +42,9 @@ def shapes_model(**overrides) -> ConfigDict:
     return model_spec("mini", patch_size=2, use_source=True, **overrides)
 
 
-def flow_matching_stage(steps: int, batch: int, buckets: dict, init: str = "", lr: float = 1e-3) -> ConfigDict:
+def flow_matching_stage(steps: int, batch: int, buckets: dict, init: str = "", lr: float = 3e-3) -> ConfigDict:
+    """Flow matching from data. lr 3e-3: memorising 4 scenes in 400 steps reached a nearest-image
+    MSE of 0.004-0.031 against 0.004-0.156 at 1e-3 (this project's measurement, mini DiT)."""
     config = shapes_world(base_config())
     config.method = "flow_matching"
     config.condition_dropout = 0.1
@@ -80,7 +82,7 @@ def distillation_stage(steps: int, batch: int, rollout: int, bucket_size: int) -
     config.data.buckets = ConfigDict(
         {"t2i": dict(kind="scenes_t2i", size=bucket_size, seed=10), "edit": dict(kind="scenes_edit", size=bucket_size, seed=11)}
     )
-    config.optimizer.learning_rate = 2e-4
+    config.optimizer.learning_rate = 3e-4
     config.optimizer.warmup_steps = min(20, steps // 10)
     config.optimizer.ema_decay = 0.0
     config.log_every = max(1, min(20, steps // 5))
@@ -103,7 +105,7 @@ def get_config(size: str = "full") -> ConfigDict:
                 s["batch"],
                 {"edit": dict(kind="scenes_edit", size=s["bucket"], seed=1)},
                 init="@anchor",
-                lr=5e-4,
+                lr=1e-3,
             ),
             "student": distillation_stage(s["student_steps"], s["batch"], s["rollout"], s["bucket"]),
         }
