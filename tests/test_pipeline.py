@@ -62,3 +62,18 @@ def test_quick_demo_end_to_end(tmp_path):
     # A second run reuses every stage (no retraining) and evaluates again.
     again = pipeline.run_pipeline(quick_demo(), str(tmp_path))
     assert again == results
+
+
+def test_composition_config_is_valid_and_compares_like_with_like():
+    config = load_config("shapes_composition", "quick")
+    order = pipeline.validate_pipeline(config)
+    assert order[:2] == ["anchor", "edit_teacher"]
+    rows = [name for name in order if name not in ("anchor", "edit_teacher")]
+    assert {config.stages[name].method for name in rows} == {"flow_matching", "offpolicy", "diffusionopd", "danceopd"}
+    for name in rows:  # same steps, batch and init for every row
+        stage = config.stages[name]
+        assert stage.num_train_steps == config.stages.danceopd_low_t.num_train_steps
+        assert stage.batch_size == config.stages.danceopd_low_t.batch_size
+        assert stage.student.checkpoint == "@anchor"
+    assert config.stages.danceopd_mid_t.query_sampler == "mid_t"
+    assert config.stages.soft_mixing.routing == "soft"
