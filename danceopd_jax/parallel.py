@@ -14,6 +14,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from danceopd_jax.config_validation import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -24,21 +26,21 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
     """Resolve the ``-1`` (fill) entry of ``axis_sizes`` against ``num_devices``; errors name the axis."""
     unknown = sorted(set(axis_sizes) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"config.mesh: unknown axis {unknown[0]!r}; valid: {', '.join(MESH_AXES)}")
+        raise ConfigError(f"config.mesh: unknown axis {unknown[0]!r}; valid: {', '.join(MESH_AXES)}")
     sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
     fills = [name for name, size in zip(MESH_AXES, sizes) if size == -1]
     bad = [name for name, size in zip(MESH_AXES, sizes) if size == 0 or size < -1]
     if bad:
-        raise ValueError(f"config.mesh.{bad[0]}: size must be >= 1 or -1 (fill), got {axis_sizes[bad[0]]}")
+        raise ConfigError(f"config.mesh.{bad[0]}: size must be >= 1 or -1 (fill), got {axis_sizes[bad[0]]}")
     if len(fills) > 1:
-        raise ValueError(f"config.mesh: only one axis may be -1 (fill), got {', '.join(fills)}")
+        raise ConfigError(f"config.mesh: only one axis may be -1 (fill), got {', '.join(fills)}")
     fixed = math.prod(size for size in sizes if size != -1)
     if fills:
         if num_devices % fixed:
-            raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' product {fixed}")
+            raise ConfigError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' product {fixed}")
         sizes[sizes.index(-1)] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(f"config.mesh: axes multiply to {fixed} but there are {num_devices} devices")
+        raise ConfigError(f"config.mesh: axes multiply to {fixed} but there are {num_devices} devices")
     return tuple(sizes)
 
 
@@ -56,11 +58,11 @@ def axis_rules(rules: Mapping[str, Any], logical_axes: Sequence[str]) -> Rules:
     resolved = []
     for logical, target in rules.items():
         if logical not in logical_axes:
-            raise ValueError(f"config.logical_axis_rules.{logical}: unknown logical axis; valid: {', '.join(logical_axes)}")
+            raise ConfigError(f"config.logical_axis_rules.{logical}: unknown logical axis; valid: {', '.join(logical_axes)}")
         targets = target if isinstance(target, (tuple, list)) else (target,)
         unknown = [axis for axis in targets if axis is not None and axis not in MESH_AXES]
         if unknown:
-            raise ValueError(f"config.logical_axis_rules.{logical}: unknown mesh axis {unknown[0]!r}; valid: {', '.join(MESH_AXES)}")
+            raise ConfigError(f"config.logical_axis_rules.{logical}: unknown mesh axis {unknown[0]!r}; valid: {', '.join(MESH_AXES)}")
         resolved.append((logical, tuple(target) if isinstance(target, (tuple, list)) else target))
     resolved += [(logical, None) for logical in logical_axes if logical not in rules]
     return tuple(resolved)

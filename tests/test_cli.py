@@ -68,3 +68,9 @@ def test_single_host_launcher_dry_run_prints_the_command(tmp_path):
     bad = subprocess.run(["bash", str(script), "configs/smoke.py", str(tmp_path), "extra"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unexpected argument 'extra'" in bad.stderr
+
+
+def test_bad_mesh_is_one_line(tmp_path):
+    result = _main(tmp_path / "w", "--config.mesh.tensor=3", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: config.mesh: 1 devices do not divide by the fixed axes' product 3"
