@@ -43,6 +43,14 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict) -> 
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
 
+def latest_step(workdir: str) -> int | None:
+    """The step of the newest checkpoint in ``workdir``, or None when it has none."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("state", "data")) as manager:
+        return manager.latest_step()
+
+
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings: orbax restores straight into that layout."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

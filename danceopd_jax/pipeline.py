@@ -2,7 +2,7 @@
 
 A pipeline config has ``stages`` (name -> a full run config) and ``evaluation``. A model spec
 whose ``checkpoint`` is ``@NAME`` starts from stage NAME's result (``WORKDIR/NAME``), which fixes
-the order. Each stage resumes like any run, so a finished stage is reused, not retrained.
+the order. Each stage resumes like any run; a finished stage is reused without being rebuilt.
 Evaluation samples every listed model on held-out examples of every listed capability and
 writes ``WORKDIR/metrics.json``, ``WORKDIR/metrics.md`` and ``WORKDIR/grids/CAPABILITY.png``.
 """
@@ -14,6 +14,7 @@ import time
 
 from ml_collections import ConfigDict
 
+from danceopd_jax import checkpoints
 from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.evaluation import capabilities, metrics
 from danceopd_jax.sampling import load_trained_model
@@ -127,8 +128,13 @@ def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]
     order = validate_pipeline(config)
     for index, name in enumerate(order, 1):
         stage = resolve_stage(config.stages[name], workdir)
+        stage_dir = os.path.join(workdir, name)
+        done = checkpoints.latest_step(stage_dir)
+        if done is not None and done >= stage.num_train_steps:
+            print(f"== stage {index}/{len(order)}: {name} finished earlier (step {done}), reused ==", flush=True)
+            continue
         print(f"== stage {index}/{len(order)}: {name} ({stage.method}, {stage.num_train_steps} steps) ==", flush=True)
-        train_and_evaluate(stage, os.path.join(workdir, name))
+        train_and_evaluate(stage, stage_dir)
     print("== evaluation ==", flush=True)
     results = evaluate(config, workdir)
     print(metrics_table(results), flush=True)

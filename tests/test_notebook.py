@@ -1,6 +1,5 @@
 """The Colab notebook runs end to end (tiny size) and shows the grids, samples and metrics table."""
 
-import os
 import pathlib
 
 import pytest

@@ -49,7 +49,7 @@ def test_resolve_points_references_into_the_workdir():
     assert stage.experts.edit_teacher.checkpoint == os.path.join("/w", "edit_teacher")
 
 
-def test_quick_demo_end_to_end(tmp_path):
+def test_quick_demo_end_to_end(tmp_path, capsys):
     results = pipeline.run_pipeline(quick_demo(), str(tmp_path))
     assert set(results) == {"anchor", "edit_teacher", "student"}
     for values in results.values():
@@ -60,8 +60,11 @@ def test_quick_demo_end_to_end(tmp_path):
     for capability in ("t2i", "local_edit", "global_edit"):
         assert (tmp_path / "grids" / f"{capability}.png").stat().st_size > 1000
     # A second run reuses every stage (no retraining) and evaluates again.
+    capsys.readouterr()
     again = pipeline.run_pipeline(quick_demo(), str(tmp_path))
     assert again == results
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 3 and "compiled and ran" not in out
 
 
 def test_composition_config_is_valid_and_compares_like_with_like():
