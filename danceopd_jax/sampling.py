@@ -26,12 +26,10 @@ from danceopd_jax.models.dit import LOGICAL_AXES
 def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
     """``(config, graphdef, weights)`` of the student of a training run, on the local devices."""
     config = checkpoints.load_run_config(workdir)
+    spec = ConfigDict(dict(config.student.to_dict(), init="checkpoint", checkpoint=workdir))
     mesh = parallel.make_mesh({"data": -1})
-    rules = parallel.axis_rules({}, LOGICAL_AXES)
-    graphdef, abstract, shardings = parallel.abstract_model_state(
-        build.model_factory(config, config.student), mesh, rules
-    )
-    return config, graphdef, checkpoints.restore_model_params(workdir, abstract, shardings)
+    graphdef, params, _ = build.load_model(config, spec, mesh, parallel.axis_rules({}, LOGICAL_AXES))
+    return config, graphdef, params
 
 
 def encode_conditions(config: ConfigDict, prompts: Sequence[str], sources: Sequence[np.ndarray] | None = None) -> dict:
