@@ -24,6 +24,7 @@ setup(
         "numpy>=2.0",
         "scipy>=1.13",  # connected components and filters in the capability scorers
         "pillow>=11.0",
+        "matplotlib>=3.9",  # plots of the results report (experiments/)
         "tensorflow-cpu>=2.21",  # clu.metric_writers (TensorBoard summaries)
         "tensorboard>=2.21",
     ],

@@ -17,29 +17,33 @@ teacher's editing better than the baselines, and better than mid_t / high_t.
 from ml_collections import ConfigDict
 
 from danceopd_jax.shapes_configs import (
+    STUDENT_DATA_SEED,
+    bucket,
+    composition_routes,
     distillation_stage,
-    edit_bucket,
     evaluation,
     expert_stages,
     flow_matching_stage,
     sizes,
-    t2i_bucket,
 )
 
 
 def get_config(size: str = "full") -> ConfigDict:
     s = sizes(size)
-    steps, batch, rollout, bucket = s["student_steps"], s["batch"], s["rollout"], s["bucket"]
+    steps, batch, rollout, size, preset = s["student_steps"], s["student_batch"], s["rollout"], s["bucket"], s["preset"]
+    routes = composition_routes(size)
+    multitask_data = {
+        "t2i": bucket("scenes_t2i", size, STUDENT_DATA_SEED),
+        "edit": bucket("scenes_edit", size, STUDENT_DATA_SEED + 1),
+    }
     rows = {
-        "multitask": flow_matching_stage(
-            steps, batch, {**t2i_bucket(bucket, seed=10), **edit_bucket(bucket, seed=11)}, init="@anchor", lr=3e-4
-        ),
-        "offpolicy": distillation_stage(steps, batch, rollout, bucket, method="offpolicy", routing="per_step"),
-        "diffusionopd": distillation_stage(steps, batch, rollout, bucket, method="diffusionopd", routing="per_sample"),
-        "soft_mixing": distillation_stage(steps, batch, rollout, bucket, routing="soft"),
+        "multitask": flow_matching_stage(steps, batch, multitask_data, init="@anchor", lr=3e-4, preset=preset),
+        "offpolicy": distillation_stage(steps, batch, rollout, routes, method="offpolicy", preset=preset),
+        "diffusionopd": distillation_stage(steps, batch, rollout, routes, method="diffusionopd", routing="per_sample", preset=preset),
+        "soft_mixing": distillation_stage(steps, batch, rollout, routes, routing="soft", preset=preset),
     }
     for sampler in ("low_t", "mid_t", "high_t"):
-        rows[f"danceopd_{sampler}"] = distillation_stage(steps, batch, rollout, bucket, sampler=sampler)
+        rows[f"danceopd_{sampler}"] = distillation_stage(steps, batch, rollout, routes, sampler=sampler, preset=preset)
     config = ConfigDict()
     config.stages = ConfigDict({**expert_stages(s), **rows})
     models = ["anchor", "edit_teacher", "multitask", "offpolicy", "diffusionopd", "soft_mixing"]

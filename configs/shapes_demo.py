@@ -17,14 +17,15 @@ PAPER.md); the student keeps most of the anchor's T2I accuracy and gains the tea
 
 from ml_collections import ConfigDict
 
-from danceopd_jax.shapes_configs import distillation_stage, evaluation, expert_stages, sizes
+from danceopd_jax.shapes_configs import composition_routes, distillation_stage, evaluation, expert_stages, sizes
 
 
 def get_config(size: str = "full") -> ConfigDict:
     s = sizes(size)
     config = ConfigDict()
-    config.stages = ConfigDict(
-        {**expert_stages(s), "student": distillation_stage(s["student_steps"], s["batch"], s["rollout"], s["bucket"])}
+    student = distillation_stage(
+        s["student_steps"], s["student_batch"], s["rollout"], composition_routes(s["bucket"]), preset=s["preset"]
     )
+    config.stages = ConfigDict({**expert_stages(s), "student": student})
     config.evaluation = evaluation(["anchor", "edit_teacher", "student"], s)
     return config

@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 from danceopd_jax import checkpoints, parallel
 from danceopd_jax.core import routing
 from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model_field
+from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec
@@ -98,6 +99,15 @@ def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphde
         shift=config.shift,
         condition_dropout=config.condition_dropout,
         fm_time_sampler=config.fm_time_sampler,
+        flowopd_options=flowopd_options(config),
+    )
+
+
+def flowopd_options(config: ConfigDict) -> FlowOPDOptions:
+    """``config.flowopd`` as the options ``make_loss_fn`` passes to ``flowopd_loss``."""
+    f = config.flowopd
+    return FlowOPDOptions(
+        eta=float(f.eta), kl_scale=float(f.kl_scale), advantage_clip=float(f.advantage_clip), ppo_clip=float(f.ppo_clip)
     )
 
 

@@ -32,7 +32,7 @@ def base_config() -> ConfigDict:
     config.num_train_steps = 100
     config.batch_size = 8  # global samples per step
 
-    config.method = "danceopd"  # danceopd | diffusionopd | offpolicy | flow_matching
+    config.method = "danceopd"  # danceopd | diffusionopd | flowopd | offpolicy | flow_matching
     config.routing = "per_step"  # per_step | per_sample | soft
     config.rollout_steps = 16
     config.shift = 1.0
@@ -40,6 +40,9 @@ def base_config() -> ConfigDict:
     config.queries_per_rollout = 1
     config.condition_dropout = 0.0  # flow_matching only
     config.fm_time_sampler = "logit_normal"  # flow_matching only: logit_normal | uniform
+    # flowopd only (PAPER.md baselines; core/flowopd.py): SDE noise level, advantage =
+    # clip(kl_scale * KL, +-advantage_clip), PPO ratio clip. The paper's "group size 16" is the batch.
+    config.flowopd = ConfigDict({"eta": 0.7, "kl_scale": -1.0, "advantage_clip": 5.0, "ppo_clip": 1e-4})
 
     config.image_size = 32
     config.channels = 3

@@ -93,6 +93,15 @@ def _check_routes(config: ConfigDict) -> None:
         _fail("routes", "route weights are all zero")
 
 
+def _check_flowopd(options: ConfigDict) -> None:
+    if not options.eta > 0:
+        _fail("flowopd.eta", f"must be > 0, got {options.eta}")
+    if not options.advantage_clip > 0:
+        _fail("flowopd.advantage_clip", f"must be > 0, got {options.advantage_clip}")
+    if not 0.0 < options.ppo_clip < 1.0:
+        _fail("flowopd.ppo_clip", f"must be in (0, 1), got {options.ppo_clip}")
+
+
 def validate(config: ConfigDict) -> None:
     """Raise ``ConfigError`` on the first problem found."""
     _choice(config, "method", OBJECTIVES)
@@ -108,6 +117,7 @@ def validate(config: ConfigDict) -> None:
         _fail("shift", f"must be > 0, got {config.shift}")
     if not 0.0 <= config.condition_dropout < 1.0:
         _fail("condition_dropout", f"must be in [0, 1), got {config.condition_dropout}")
+    _check_flowopd(config.flowopd)
     for name, bucket in config.data.buckets.items():
         if bucket.kind not in BUCKET_KINDS:
             _fail(f"data.buckets.{name}.kind", f"unknown value {bucket.kind!r}; valid: {', '.join(BUCKET_KINDS)}")

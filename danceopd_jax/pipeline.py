@@ -62,14 +62,20 @@ def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
-def validate_pipeline(config: ConfigDict) -> list[str]:
-    """Check every stage and the evaluation section before any training; returns the stage order."""
+def validate_stages(config: ConfigDict) -> list[str]:
+    """Check every stage's config; returns the stage order."""
     order = stage_order(config)
     for name in order:
         try:
             validate(resolve_stage(config.stages[name], "/pipeline-workdir"))
         except ConfigError as error:
             raise ConfigError(str(error).replace("config.", f"config.stages.{name}.", 1)) from None
+    return order
+
+
+def validate_pipeline(config: ConfigDict) -> list[str]:
+    """Check every stage and the evaluation section before any training; returns the stage order."""
+    order = validate_stages(config)
     evaluation = config.evaluation
     for model in _names(evaluation.models):
         if model not in config.stages:
@@ -83,13 +89,15 @@ def validate_pipeline(config: ConfigDict) -> list[str]:
     return order
 
 
-def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
-    """Sample and score each evaluated stage; write metrics and grids; ``{model: {metric: value}}``."""
-    evaluation = config.evaluation
-    models = _names(evaluation.models)
-    loaded = {name: load_trained_model(os.path.join(workdir, name)) for name in models}
-    results: dict[str, dict[str, float]] = {name: {} for name in models}
-    os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
+def evaluate_models(model_dirs: dict[str, str], evaluation: ConfigDict, out_dir: str) -> dict[str, dict[str, float]]:
+    """Sample and score trained models (``{name: workdir}``) on every listed capability.
+
+    Writes ``OUT_DIR/metrics.json``, ``OUT_DIR/metrics.md`` and ``OUT_DIR/grids/CAPABILITY.png``;
+    returns ``{model: {metric: value}}``.
+    """
+    loaded = {name: load_trained_model(path) for name, path in model_dirs.items()}
+    results: dict[str, dict[str, float]] = {name: {} for name in model_dirs}
+    os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     for capability in _names(evaluation.capabilities):
         examples = capabilities.evaluation_examples(capability, evaluation.num_examples, evaluation.seed)
         outputs = {}
@@ -101,13 +109,21 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
             outputs[name] = capabilities.sample_examples(run_config, graphdef, params, examples, sampling)
             results[name].update(capabilities.score(capability, outputs[name], examples))
             print(f"evaluated {name} on {capability}: {len(examples)} samples in {time.perf_counter() - started:.1f}s", flush=True)
-        grid = capabilities.comparison_grid(capability, examples, outputs, loaded[models[0]][0].image_size)
-        grid.save(os.path.join(workdir, "grids", f"{capability}.png"))
-    with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+        image_size = next(iter(loaded.values()))[0].image_size
+        capabilities.comparison_grid(capability, examples, outputs, image_size).save(
+            os.path.join(out_dir, "grids", f"{capability}.png")
+        )
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
-    with open(os.path.join(workdir, "metrics.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as f:
         f.write(metrics_table(results))
     return results
+
+
+def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    """Evaluate the pipeline's listed stages (``config.evaluation``); outputs go to ``workdir``."""
+    model_dirs = {name: os.path.join(workdir, name) for name in _names(config.evaluation.models)}
+    return evaluate_models(model_dirs, config.evaluation, workdir)
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:
@@ -124,8 +140,9 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
-    order = validate_pipeline(config)
+def train_stages(config: ConfigDict, workdir: str) -> None:
+    """Train every stage in dependency order into ``WORKDIR/STAGE``, reusing finished ones."""
+    order = validate_stages(config)
     for index, name in enumerate(order, 1):
         stage = resolve_stage(config.stages[name], workdir)
         stage_dir = os.path.join(workdir, name)
@@ -135,6 +152,11 @@ def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]
             continue
         print(f"== stage {index}/{len(order)}: {name} ({stage.method}, {stage.num_train_steps} steps) ==", flush=True)
         train_and_evaluate(stage, stage_dir)
+
+
+def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    validate_pipeline(config)
+    train_stages(config, workdir)
     print("== evaluation ==", flush=True)
     results = evaluate(config, workdir)
     print(metrics_table(results), flush=True)

@@ -4,6 +4,7 @@ The run's ``config.json`` (written by training) says how to rebuild the model an
 condition; weights are the latest checkpoint's (EMA when the run kept one).
 """
 
+import functools
 import os
 from typing import Sequence
 
@@ -20,7 +21,6 @@ from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.pipeline import RecordEncoder
 from danceopd_jax.models.dit import LOGICAL_AXES
-
 
 
 def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
@@ -45,16 +45,24 @@ def encode_conditions(config: ConfigDict, prompts: Sequence[str], sources: Seque
     return jax.tree.map(lambda *leaves: np.stack(leaves), *records)
 
 
-def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps: int, shift: float = 1.0, cfg_scale: float = 1.0):
-    """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` (CFG when ``cfg_scale != 1``)."""
-    batch = jax.tree.leaves(cond)[0].shape[0]
+@functools.lru_cache(maxsize=32)
+def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: float, cfg_scale: float):
+    """The jitted sampler of one architecture and setting, compiled once and shared by every model
+    of that architecture (evaluation samples many models of one DiT)."""
 
     @jax.jit
     def run(params, cond, key):
+        batch = jax.tree.leaves(cond)[0].shape[0]
         field = cfg_field(model_field(graphdef, params), cfg_scale)
-        noise = jax.random.normal(key, (batch,) + tuple(image_shape), jnp.float32)
+        noise = jax.random.normal(key, (batch,) + image_shape, jnp.float32)
         return jnp.clip(sample(field, noise, sigma_grid(steps, shift), cond), -1.0, 1.0)
 
+    return run
+
+
+def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps: int, shift: float = 1.0, cfg_scale: float = 1.0):
+    """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` (CFG when ``cfg_scale != 1``)."""
+    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), float(cfg_scale))
     return np.asarray(run(params, cond, key))
 
 

@@ -1,17 +1,29 @@
 """Config builders for the shapes world (the capability benchmark): stages of pipeline configs.
 
-Used by ``configs/shapes_*.py``. Every model is the same ``mini`` DiT (16 px, 2 px patches, text
-and source tokens), so a student can start from the anchor and any row compares like with like.
+Used by ``configs/shapes_*.py`` and ``experiments/``. Every model is the same ``mini`` DiT (16 px,
+2 px patches, text and source tokens), so a student can start from the anchor and any row
+compares like with like. A model reference is ``@STAGE`` (a stage of the same pipeline) or a
+workdir path (a model trained elsewhere, e.g. experts shared by several pipelines).
 """
+
+import os
 
 from ml_collections import ConfigDict
 
 from danceopd_jax.config_lib import base_config, expert_field, model_spec
 
-SIZES = {  # training and evaluation sizes: the full run and a toy ``quick`` run for CI
-    "full": dict(anchor_steps=1200, teacher_steps=500, student_steps=250, batch=32, rollout=8, examples=64, bucket=20000),
-    "quick": dict(anchor_steps=30, teacher_steps=20, student_steps=10, batch=8, rollout=4, examples=8, bucket=256),
-}
+SIZES = {  # training and evaluation sizes of the demo: the full run and a toy ``quick`` run for CI
+    "full": dict(
+        preset="mini", anchor_steps=1200, teacher_steps=500, student_steps=250, batch=32, student_batch=32, rollout=8,
+        examples=64, bucket=20000,
+    ),
+    "quick": dict(
+        preset="tiny", anchor_steps=30, teacher_steps=20, student_steps=10, batch=8, student_batch=8, rollout=4,
+        examples=8, bucket=256,
+    ),
+}  # fmt: skip
+EDIT_KINDS = frozenset({"scenes_edit", "scenes_local_edit", "scenes_global_edit"})
+STUDENT_DATA_SEED = 10  # bucket seeds of student stages; experts train on buckets seeded 0..4
 
 
 def shapes_world(config: ConfigDict) -> ConfigDict:
@@ -26,21 +38,35 @@ def shapes_world(config: ConfigDict) -> ConfigDict:
     return config
 
 
-def shapes_model(**overrides) -> ConfigDict:
-    return model_spec("mini", patch_size=2, use_source=True, **overrides)
+def shapes_model(preset: str = "mini", **overrides) -> ConfigDict:
+    """A DiT of the shapes world: ``mini`` for real runs, ``tiny`` for toy runs (CI)."""
+    return model_spec(preset, patch_size=2, use_source=True, **overrides)
 
 
-def flow_matching_stage(steps: int, batch: int, buckets: dict, init: str = "", lr: float = 3e-3) -> ConfigDict:
-    """Flow matching from data. lr 3e-3: memorising 4 scenes in 400 steps reached a nearest-image
-    MSE of 0.004-0.031 against 0.004-0.156 at 1e-3 (this project's measurement, mini DiT)."""
+def bucket(kind: str, size: int, seed: int, weight: float = 1.0) -> dict:
+    """A data bucket of a shapes-world kind, with the weight of the route that draws from it."""
+    return dict(kind=kind, size=size, seed=seed, weight=weight)
+
+
+def flow_matching_stage(
+    steps: int, batch: int, buckets: dict, init: str = "", lr: float = 3e-3, seed: int = 0, preset: str = "mini"
+) -> ConfigDict:
+    """Flow matching from data; one route per bucket, drawn with the bucket's weight each step.
+
+    lr 3e-3: memorising 4 scenes in 400 steps reached a nearest-image MSE of 0.004-0.031 against
+    0.004-0.156 at 1e-3 (this project's measurement, mini DiT).
+    """
     config = shapes_world(base_config())
+    config.seed = seed
     config.method = "flow_matching"
     config.condition_dropout = 0.1
     config.num_train_steps = steps
     config.batch_size = batch
-    config.student = shapes_model(init="checkpoint", checkpoint=init) if init else shapes_model()
-    config.routes = ConfigDict({name: dict(field="", bucket=name, weight=1.0) for name in buckets})
-    config.data.buckets = ConfigDict(buckets)
+    config.student = shapes_model(preset, init="checkpoint", checkpoint=init) if init else shapes_model(preset)
+    config.routes = ConfigDict({name: dict(field="", bucket=name, weight=b["weight"]) for name, b in buckets.items()})
+    config.data.buckets = ConfigDict(
+        {name: {k: v for k, v in b.items() if k != "weight"} for name, b in buckets.items()}
+    )
     config.optimizer.learning_rate = lr
     config.optimizer.warmup_steps = min(100, steps // 10)
     config.optimizer.ema_decay = 0.99
@@ -49,36 +75,50 @@ def flow_matching_stage(steps: int, batch: int, buckets: dict, init: str = "", l
     return config
 
 
+def expert_name(ref: str) -> str:
+    """The expert's name in a student config: the stage name of ``@STAGE``, else the workdir's name."""
+    return os.path.basename(os.path.normpath(ref.removeprefix("@")))
+
+
+def route(expert: str, kind: str, size: int, seed: int = STUDENT_DATA_SEED, cfg_scale: float = 1.0) -> dict:
+    """A distillation route: the field of ``expert`` (a model reference, CFG at ``cfg_scale``) on a bucket."""
+    return dict(expert=expert, cfg_scale=cfg_scale, bucket=bucket(kind, size, seed))
+
+
 def distillation_stage(
     steps: int,
     batch: int,
     rollout: int,
-    bucket_size: int,
+    routes: dict,
+    *,
+    student: str = "@anchor",
     method: str = "danceopd",
     routing: str = "per_step",
     sampler: str = "low_t",
+    seed: int = 0,
+    preset: str = "mini",
 ) -> ConfigDict:
-    """A student from the anchor distilled from the anchor (T2I route) and the edit teacher (edit route)."""
+    """A student (from ``student``) distilled from the routes' fields (``route(...)`` values)."""
     config = shapes_world(base_config())
+    config.seed = seed
     config.method = method
     config.routing = routing
     config.query_sampler = sampler
     config.rollout_steps = rollout
     config.num_train_steps = steps
     config.batch_size = batch
-    config.student = shapes_model(init="checkpoint", checkpoint="@anchor")
-    config.experts = ConfigDict(
+    config.student = shapes_model(preset, init="checkpoint", checkpoint=student)
+    refs = {expert_name(r["expert"]): r["expert"] for r in routes.values()}
+    config.experts = ConfigDict({name: shapes_model(preset, init="checkpoint", checkpoint=ref) for name, ref in refs.items()})
+    config.fields = ConfigDict(
         {
-            "anchor": shapes_model(init="checkpoint", checkpoint="@anchor"),
-            "edit_teacher": shapes_model(init="checkpoint", checkpoint="@edit_teacher"),
+            name: expert_field(expert_name(r["expert"]), r["cfg_scale"], needs_source=r["bucket"]["kind"] in EDIT_KINDS)
+            for name, r in routes.items()
         }
     )
-    config.fields = ConfigDict({"t2i": expert_field("anchor"), "edit": expert_field("edit_teacher", needs_source=True)})
-    config.routes = ConfigDict(
-        {"t2i": dict(field="t2i", bucket="t2i", weight=1.0), "edit": dict(field="edit", bucket="edit", weight=1.0)}
-    )
+    config.routes = ConfigDict({name: dict(field=name, bucket=name, weight=r["bucket"]["weight"]) for name, r in routes.items()})
     config.data.buckets = ConfigDict(
-        {"t2i": dict(kind="scenes_t2i", size=bucket_size, seed=10), "edit": dict(kind="scenes_edit", size=bucket_size, seed=11)}
+        {name: {k: v for k, v in r["bucket"].items() if k != "weight"} for name, r in routes.items()}
     )
     config.optimizer.learning_rate = 3e-4
     config.optimizer.warmup_steps = min(20, steps // 10)
@@ -88,29 +128,27 @@ def distillation_stage(
     return config
 
 
-
-
-def t2i_bucket(size: int, seed: int = 0) -> dict:
-    return {"t2i": dict(kind="scenes_t2i", size=size, seed=seed)}
-
-
-def edit_bucket(size: int, seed: int = 1) -> dict:
-    return {"edit": dict(kind="scenes_edit", size=size, seed=seed)}
+def composition_routes(size: int, anchor: str = "@anchor", edit_teacher: str = "@edit_teacher") -> dict:
+    """T2I prompts to the anchor's field, edit pairs (local and global) to the edit teacher's."""
+    return {"t2i": route(anchor, "scenes_t2i", size), "edit": route(edit_teacher, "scenes_edit", size, STUDENT_DATA_SEED + 1)}
 
 
 def expert_stages(s: dict) -> dict:
     """The T2I anchor and the edit teacher fine-tuned from it on edit pairs only."""
     return {
-        "anchor": flow_matching_stage(s["anchor_steps"], s["batch"], t2i_bucket(s["bucket"])),
-        "edit_teacher": flow_matching_stage(
-            s["teacher_steps"], s["batch"], edit_bucket(s["bucket"]), init="@anchor", lr=1e-3
+        "anchor": flow_matching_stage(
+            s["anchor_steps"], s["batch"], {"t2i": bucket("scenes_t2i", s["bucket"], 0)}, preset=s["preset"]
         ),
-    }
+        "edit_teacher": flow_matching_stage(
+            s["teacher_steps"], s["batch"], {"edit": bucket("scenes_edit", s["bucket"], 1)}, init="@anchor", lr=1e-3,
+            preset=s["preset"],
+        ),
+    }  # fmt: skip
 
 
-def evaluation(models: list[str], s: dict, capabilities: str = "t2i,local_edit,global_edit") -> ConfigDict:
+def evaluation(models: list[str], s: dict, capabilities: str = "t2i,local_edit,global_edit", seed: int = 0) -> ConfigDict:
     return ConfigDict(
-        dict(models=",".join(models), capabilities=capabilities, num_examples=s["examples"], steps=16, cfg_scale=1.0, seed=0)
+        dict(models=",".join(models), capabilities=capabilities, num_examples=s["examples"], steps=16, cfg_scale=1.0, seed=seed)
     )
 
 

@@ -6,6 +6,9 @@ teacher field (see ``routing``). Batches are dicts ``{"image": x0 [B,...], "cond
 * ``danceopd``: K states of the student's own rollout at Beta-biased query indices,
   ``|| v_student(z_i, t_i, c) - sg(v_target(z_i, t_i, c)) ||^2`` in float32 (PAPER.md steps 2-5).
 * ``diffusionopd``: every rollout state, the MSE of state i weighted by ``(sigma_{i+1}-sigma_i)^2 / 2``.
+* ``flowopd`` (``flowopd.flowopd_loss``): SDE rollout (noise level ``eta``); the per-step KL
+  between the student's and the routed field's transition means is the (clipped, negated)
+  advantage of a PPO-clipped policy-gradient objective over all N steps.
 * ``offpolicy``: states ``(1 - sigma) x0 + sigma eps`` forward-noised from dataset images, no rollout.
 * ``flow_matching``: conditional flow matching from data, target ``eps - x0``, with condition
   dropout so that a CFG (unconditional) branch exists.
@@ -23,7 +26,7 @@ from danceopd_jax.core.schedule import sample_query_indices, shift_sigma
 
 Student = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
 
-OBJECTIVES = ("danceopd", "diffusionopd", "offpolicy", "flow_matching")
+OBJECTIVES = ("danceopd", "diffusionopd", "flowopd", "offpolicy", "flow_matching")
 FLOW_MATCHING_TIMES = ("uniform", "logit_normal")
 
 

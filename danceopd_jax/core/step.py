@@ -5,6 +5,7 @@
 student's parameters are differentiated and updated; the expert states enter as frozen inputs.
 """
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from danceopd_jax.core import objectives, routing
+from danceopd_jax.core import flowopd, objectives, routing
 from danceopd_jax.core.fields import Field
 
 # (params, experts, batch, route, key) -> per-sample float32 loss [B]
@@ -79,13 +80,16 @@ def make_loss_fn(
     shift: float = 1.0,
     condition_dropout: float = 0.0,
     fm_time_sampler: str = "logit_normal",
+    flowopd_options: flowopd.FlowOPDOptions | None = None,
 ) -> LossFn:
     """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key)``.
 
     ``route_fields(experts)`` builds the M route fields from the frozen expert states inside the
     traced step. ``group_sizes`` are the per-sample route groups of one host's batch and
     ``group_blocks`` the number of hosts whose batches are concatenated (``routing.split_groups``).
+    ``flowopd_options`` are read by ``method == "flowopd"`` only (default: the paper's values).
     """
+    flowopd_kwargs = dataclasses.asdict(flowopd_options or flowopd.FlowOPDOptions())
 
     def target_field(experts, route) -> Field:
         fields = route_fields(experts)
@@ -109,6 +113,8 @@ def make_loss_fn(
             )
         if method == "diffusionopd":
             return objectives.diffusionopd_loss(student, params, target, batch, key, sigmas=sigmas)
+        if method == "flowopd":
+            return flowopd.flowopd_loss(student, params, target, batch, key, sigmas=sigmas, **flowopd_kwargs)
         if method == "offpolicy":
             return objectives.offpolicy_loss(
                 student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler

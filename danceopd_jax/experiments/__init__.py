@@ -1,0 +1,1 @@
+"""The capability benchmark's experiments: ``python -m danceopd_jax.experiments.reproduce``."""

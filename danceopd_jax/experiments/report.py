@@ -1,0 +1,309 @@
+"""The results report: tables (mean and spread over seeds), the paper's claims checked, plots, grids.
+
+``write_report(output, path)`` turns ``results.json`` (see ``reproduce``) into Markdown at ``path``
+with its figures in ``DIR(path)/results/``. Verdicts compare two rows on one metric: the
+difference of means against twice its standard error, where a row's standard error is its
+seed spread over sqrt(seeds), or, for a row with one run, the binomial error of a proportion
+over the evaluation examples (sqrt(p (1 - p) / examples)).
+"""
+
+import math
+import os
+import shutil
+
+import numpy as np
+
+from danceopd_jax.evaluation.metrics import METRIC_DOCS
+from danceopd_jax.experiments import settings
+
+COLUMNS = {
+    "composition": [
+        ("t2i/overall", "T2I overall"),
+        ("local_edit/success", "local edit"),
+        ("local_edit/preservation", "local kept"),
+        ("global_edit/success", "global edit"),
+        ("global_edit/preservation", "global kept"),
+        ("edit/success", "edit (mean)"),
+    ],
+    "local_global": [
+        ("local_edit/success", "local edit"),
+        ("local_edit/preservation", "local kept"),
+        ("global_edit/success", "global edit"),
+        ("global_edit/preservation", "global kept"),
+        ("edit/success", "edit (mean)"),
+    ],
+    "realism": [("realism/realism", "realism"), ("realism/t2i_overall", "T2I overall"), ("realism/gap_closed", "gap closed")],
+}
+DERIVED_DOCS = {
+    "edit/success": "mean of local-edit and global-edit success (the composition's editing score, as GEditBench's average)",
+    "realism/gap_closed": "(realism of the row - anchor's) / (realism teacher's - anchor's), per seed",
+}
+
+
+def _with_derived(per_model: dict) -> dict:
+    """Per-seed metrics plus ``edit/success`` and, with a realism teacher, ``realism/gap_closed``."""
+    out = {model: dict(values) for model, values in per_model.items()}
+    for values in out.values():
+        if "local_edit/success" in values and "global_edit/success" in values:
+            values["edit/success"] = (values["local_edit/success"] + values["global_edit/success"]) / 2
+    if "realism_teacher" in out and "anchor" in out:
+        base, top = out["anchor"]["realism/realism"], out["realism_teacher"]["realism/realism"]
+        for values in out.values():
+            values["realism/gap_closed"] = (values["realism/realism"] - base) / (top - base) if top != base else math.nan
+    return out
+
+
+def aggregate(per_seed: dict) -> dict:
+    """``{seed: {model: {metric: v}}}`` -> ``{model: {metric: (mean, std, runs)}}`` (std 0 for one run)."""
+    runs: dict = {}
+    for per_model in per_seed.values():
+        for model, values in _with_derived(per_model).items():
+            for metric, value in values.items():
+                runs.setdefault(model, {}).setdefault(metric, []).append(value)
+    return {
+        model: {metric: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for metric, v in metrics.items()}
+        for model, metrics in runs.items()
+    }
+
+
+def standard_error(stat: tuple, examples: int) -> float:
+    mean, std, runs = stat
+    if runs > 1:
+        return std / math.sqrt(runs)
+    p = min(max(mean, 0.0), 1.0)
+    return math.sqrt(max(p * (1 - p), 1.0 / examples) / examples)
+
+
+def verdict(a: tuple, b: tuple, examples: int) -> tuple[float, str]:
+    """``(mean a - mean b, 'holds' | 'reversed' | 'within noise')`` at two standard errors."""
+    diff = a[0] - b[0]
+    se = math.hypot(standard_error(a, examples), standard_error(b, examples))
+    if diff > 2 * se:
+        return diff, "holds"
+    if diff < -2 * se:
+        return diff, "reversed"
+    return diff, "within noise"
+
+
+def _cell(stat: tuple | None) -> str:
+    if stat is None:
+        return ""
+    mean, std, runs = stat
+    return f"{mean:.3f} ± {std:.3f}" if runs > 1 else f"{mean:.3f}"
+
+
+def table(stats: dict, columns: list[tuple[str, str]], rows: list[str]) -> list[str]:
+    lines = ["| row | runs | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for row in rows:
+        if row not in stats:
+            continue
+        runs = max(stat[2] for stat in stats[row].values())
+        lines.append(f"| {row} | {runs} | " + " | ".join(_cell(stats[row].get(key)) for key, _ in columns) + " |")
+    return lines
+
+
+def _row_order(setting: settings.Setting, stats: dict) -> list[str]:
+    first = list(setting.experts) + list(setting.averages)
+    return first + sorted(row for row in stats if row not in first)
+
+
+# ---------------------------------------------------------------------------- claims
+
+
+def claims(all_stats: dict, examples: int) -> list[str]:
+    """The paper's claims (PAPER.md, "Reported results") checked on these numbers, one line each."""
+    lines = []
+
+    def check(text: str, paper: str, setting: str, a: str, b: str, metric: str) -> None:
+        stats = all_stats.get(setting, {})
+        if a not in stats or b not in stats or metric not in stats[a] or metric not in stats[b]:
+            return
+        diff, word = verdict(stats[a][metric], stats[b][metric], examples)
+        lines.append(
+            f"| {text} | {paper} | `{a}` {stats[a][metric][0]:.3f} vs `{b}` {stats[b][metric][0]:.3f} on `{metric}` "
+            f"| {diff:+.3f} | **{word}** |"
+        )
+
+    check("Edit teacher loses T2I against the anchor", "GenEval 0.711 vs 0.832", "composition", "anchor", "edit_teacher", "t2i/overall")
+    for baseline in ("diffusionopd", "flowopd", "offpolicy", "multitask", "weight_average"):
+        check(f"DanceOPD edits better than {baseline} (T2I + edit)", "5.347 vs 4.947 (DiffusionOPD)", "composition", "danceopd", baseline, "edit/success")
+    check("DanceOPD keeps the anchor's T2I", "0.849 vs 0.832", "composition", "danceopd", "anchor", "t2i/overall")
+    check("Hard routing beats soft mixing", "5.751 vs 4.994", "composition", "danceopd", "soft_mixing", "edit/success")
+    check("low_t beats mid_t", "5.751 vs 4.649", "composition", "danceopd", "danceopd_mid_t", "edit/success")
+    check("low_t beats high_t", "5.751 vs 4.813", "composition", "danceopd", "danceopd_high_t", "edit/success")
+    check("Per-step routing vs per-sample routing", "(authors' default: per step)", "composition", "danceopd", "danceopd_per_sample", "edit/success")
+    for baseline in ("offpolicy", "flowopd", "multitask", "weight_average"):
+        check(f"DanceOPD edits better than {baseline} (local + global)", "5.498 vs 4.736 (off-policy), 4.679 (Flow-OPD)", "local_global", "danceopd", baseline, "edit/success")
+    check("Realism absorption raises realism over the anchor", "+9.9% realism reward", "realism", "danceopd", "anchor", "realism/realism")
+    if not lines:
+        return []
+    return ["| claim | paper | here | difference | verdict |", "|---|---|---|---|---|"] + lines
+
+
+# ---------------------------------------------------------------------------- CFG grid
+
+
+def cfg_tables(per_seed: dict, examples: int) -> list[str]:
+    """T2I accuracy and effective guidance over train scale alpha x eval scale beta, beside the anchor at alpha*beta."""
+    stats = aggregate(per_seed)
+    anchor = {stats[k]["guidance/beta"][0]: stats[k] for k in stats if k.startswith("anchor@")}
+    lines = [
+        "| train alpha | eval beta | alpha x beta | effective guidance | T2I overall | anchor's T2I at alpha x beta |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in sorted(stats, key=lambda k: (stats[k]["guidance/alpha"][0], stats[k]["guidance/beta"][0])):
+        alpha, beta = stats[key]["guidance/alpha"][0], stats[key]["guidance/beta"][0]
+        if beta not in settings.CFG_EVAL_SCALES:
+            continue
+        reference = anchor.get(alpha * beta)
+        lines.append(
+            f"| {alpha:g}{' (anchor)' if key.startswith('anchor@') else ''} | {beta:g} | {alpha * beta:g} "
+            f"| {_cell(stats[key]['guidance/gamma'])} | {_cell(stats[key]['t2i/overall'])} | {_cell(reference and reference['t2i/overall'])} |"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _plots(results: dict, all_stats: dict, assets: str) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = {}
+    for name in ("composition", "local_global"):
+        stats = all_stats.get(name)
+        if not stats:
+            continue
+        metrics = [m for m in ("t2i/overall", "edit/success") if any(m in v for v in stats.values())]
+        rows = [r for r in _row_order(settings.SETTINGS[name], stats) if r in stats]
+        fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 3.2))
+        width = 0.8 / len(metrics)
+        for i, metric in enumerate(metrics):
+            values = [stats[r].get(metric, (np.nan, 0, 1)) for r in rows]
+            ax.bar(np.arange(len(rows)) + i * width, [v[0] for v in values], width, yerr=[v[1] for v in values], label=metric, capsize=2)
+        ax.set_xticks(np.arange(len(rows)) + width * (len(metrics) - 1) / 2, rows, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title(settings.SETTINGS[name].title + " (mean ± std over seeds)", fontsize=9)
+        made[name] = _save(fig, assets, f"{name}.png")
+    if "composition" in all_stats:
+        stats = all_stats["composition"]
+        steps = sorted(
+            [(int(r.removeprefix("danceopd_n")), r) for r in stats if r.startswith("danceopd_n")]
+            + [(results["meta"]["sizes"]["rollout"], "danceopd")]
+        )
+        if len(steps) > 1:
+            fig, ax = plt.subplots(figsize=(4.5, 3))
+            for metric in ("t2i/overall", "edit/success"):
+                ax.plot([n for n, _ in steps], [stats[r][metric][0] for _, r in steps], marker="o", label=metric)
+            ax.set_xlabel("rollout steps N")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=8)
+            ax.set_title("DanceOPD: rollout steps (first seed)", fontsize=9)
+            made["rollout"] = _save(fig, assets, "rollout_steps.png")
+    if "cfg" in results["results"]:
+        stats = aggregate(results["results"]["cfg"])
+        fig, ax = plt.subplots(figsize=(4, 3.5))
+        for key, values in stats.items():
+            product = values["guidance/alpha"][0] * values["guidance/beta"][0]
+            ax.errorbar(product, values["guidance/gamma"][0], yerr=values["guidance/gamma"][1], fmt="o" if key.startswith("anchor@") else "s", color="grey" if key.startswith("anchor@") else "C0")
+        top = max(v["guidance/alpha"][0] * v["guidance/beta"][0] for v in stats.values())
+        ax.plot([0, top], [0, top], "k--", lw=0.8, label="gamma = alpha x beta")
+        ax.set_xlabel("alpha x beta")
+        ax.set_ylabel("effective guidance gamma")
+        ax.legend(fontsize=8)
+        ax.set_title("CFG absorption (grey: anchor, blue: students)", fontsize=9)
+        made["cfg"] = _save(fig, assets, "cfg_product_rule.png")
+    return made
+
+
+def _save(fig, assets: str, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(assets, name), dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return name
+
+
+def _copy_grids(workdir: str, assets: str) -> dict[str, list[str]]:
+    """The first seed's sample grids, per setting, copied beside the report."""
+    copied: dict[str, list[str]] = {}
+    for name in settings.SETTINGS:
+        grid_dirs = [os.path.join(workdir, name, "seed0", "grids")]
+        grid_dirs += [os.path.join(workdir, name, "seed0", f"cfg{b:g}", "grids") for b in settings.CFG_EVAL_SCALES]
+        for grid_dir in grid_dirs:
+            if not os.path.isdir(grid_dir):
+                continue
+            for file in sorted(os.listdir(grid_dir)):
+                tag = os.path.basename(os.path.dirname(grid_dir))
+                target = f"{name}_{file}" if tag == "seed0" else f"{name}_{tag}_{file}"
+                shutil.copyfile(os.path.join(grid_dir, file), os.path.join(assets, target))
+                copied.setdefault(name, []).append(target)
+    return copied
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def write_report(output: dict, path: str) -> None:
+    meta, results = output["meta"], output["results"]
+    examples = meta["sizes"]["examples"]
+    assets = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
+    os.makedirs(assets, exist_ok=True)
+    all_stats = {name: aggregate(per_seed) for name, per_seed in results.items() if name != "cfg"}
+    plots = _plots(output, all_stats, assets)
+    grids = _copy_grids(meta["workdir"], assets)
+    lines = [
+        "# Results: the capability benchmark (shapes world)",
+        "",
+        "Generated by `danceopd_jax/experiments/reproduce.py`; do not edit by hand.",
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Device: {meta['device']}, {meta['cpus']} CPU cores, jax {meta['jax']}; wall time {meta['wall_minutes']} min",
+        f"- Sizes ({meta['size']}): {', '.join(f'{k} {v}' for k, v in meta['sizes'].items())}",
+        f"- Seeds: {meta['seeds']} per student row (ablation rows: the first seed only). Experts and weight averages"
+        " are trained once; their spread is evaluation noise only (each seed draws its own held-out examples and noise).",
+        f"- Cells: mean ± sample std over runs; one number when there was one run. {examples} held-out examples per"
+        " capability and run.",
+        "",
+        "## The paper's claims",
+        "",
+        "A claim holds when the difference exceeds twice its standard error (module docstring of"
+        " `experiments/report.py`), is reversed below minus twice, and is otherwise within noise.",
+        "",
+        *claims(all_stats, examples),
+        "",
+    ]
+    for name, stats in all_stats.items():
+        setting = settings.SETTINGS[name]
+        lines += [f"## {setting.title}", "", *table(stats, COLUMNS[name], _row_order(setting, stats)), ""]
+        if name in plots:
+            lines += [f"![{setting.title}](results/{plots[name]})", ""]
+        if name == "composition" and "rollout" in plots:
+            lines += [f"![rollout steps](results/{plots['rollout']})", ""]
+        lines += [f"![{name} {grid}](results/{grid})" for grid in grids.get(name, [])] + [""]
+    if "cfg" in results:
+        lines += [
+            "## CFG absorption",
+            "",
+            "Students distilled from the anchor's CFG field at train scale alpha, sampled at CFG scale beta.",
+            "Effective guidance: `evaluation/guidance.py` (least-squares scale of the anchor's CFG direction in the"
+            " model's guided velocity; the anchor at beta shows exactly beta). The product rule predicts alpha x beta.",
+            "",
+            *cfg_tables(results["cfg"], examples),
+            "",
+        ]
+        if "cfg" in plots:
+            lines += [f"![CFG product rule](results/{plots['cfg']})", ""]
+        lines += [f"![cfg {grid}](results/{grid})" for grid in grids.get("cfg", [])] + [""]
+    lines += ["## Metrics", ""]
+    used = sorted({key for cols in COLUMNS.values() for key, _ in cols})
+    for key in used:
+        doc = DERIVED_DOCS.get(key) or METRIC_DOCS.get(key.split("/", 1)[1].removeprefix("t2i_"), "")
+        lines.append(f"- `{key}`: {doc}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
