@@ -1,5 +1,6 @@
-"""DanceOPD train-step benchmark: compile time, step time, samples/s, FLOPs, utilisation, and the
-``lax.scan`` rollout against a Python loop of jitted Euler steps.
+"""DanceOPD train-step benchmark: compile time, step time, samples/s, FLOPs, utilisation, the
+truncated rollout against the full-length ``lax.scan``, and the scan against a Python loop of
+jitted Euler steps.
 
     python benchmarks/step.py                                  # CPU defaults, a few minutes
     python benchmarks/step.py --presets S,B,L --image-size 64 --batch-size 32 \\
@@ -18,7 +19,8 @@ about 4x that): image 16, batch 2, 4 rollout steps, 3 timed steps; ``tiny,S,B`` 
 FLOPs per step are counted with ``models.dit.forward_flops`` (2*m*n*k per matmul, attention over
 image + ``condition.text_len`` text tokens + source tokens when the model ``use_source``):
 
-  rollout  N forwards of the student on B samples (the scan runs all N Euler steps)
+  rollout  the student's forwards on B samples that the truncated rollout runs: E[max query
+           index of the batch] (Monte Carlo over 2000 draws of the sampler), at most N - 1
   teacher  one forward of the routed expert on B*K query states, twice when ``cfg_scale != 1``
   student  forward + backward on B*K query states, counted as 3 forwards
 
@@ -84,15 +86,24 @@ def benchmark_config(preset: str, args):
     return config
 
 
+def expected_rollout_forwards(config, draws: int = 2000) -> float:
+    """Mean Euler steps of the truncated rollout: ``E[max(query indices of a batch)]``."""
+    b, k, n = config.batch_size, config.queries_per_rollout, config.rollout_steps
+    keys = jax.random.split(jax.random.key(0), draws)
+    maxima = jax.vmap(lambda key: jnp.max(sample_query_indices(key, b, k, n, config.query_sampler)))(keys)
+    return float(jnp.mean(maxima))
+
+
 def step_flops(config) -> dict[str, int]:
     """FLOPs of one DanceOPD step by part (see the module docstring), and their total."""
-    b, k, n = config.batch_size, config.queries_per_rollout, config.rollout_steps
+    b, k = config.batch_size, config.queries_per_rollout
+    n = expected_rollout_forwards(config)
     text_len = config.condition.text_len
     field = config.fields[config.routes[ROUTE].field]
     student = build.model_config(config, config.student)
     teacher = build.model_config(config, config.experts[field.expert])
     parts = {
-        "rollout": n * forward_flops(student, b, text_len),
+        "rollout": int(n * forward_flops(student, b, text_len)),
         "teacher": (2 if field.cfg_scale != 1.0 else 1) * forward_flops(teacher, b * k, text_len),
         "student": 3 * forward_flops(student, b * k, text_len),
     }
@@ -124,11 +135,13 @@ def time_steps(run, compiled, batches, warmup: int = 2) -> float:
     return statistics.median(times[warmup:])
 
 
-def rollout_pair(run, noise, cond, indices):
-    """Two rollouts of the run's student, each returning the pre-step states at ``indices`` [B, K, ...].
+def rollout_fns(run, noise, cond, indices):
+    """Three rollouts of the run's student, each returning the pre-step states at ``indices`` [B, K, ...].
 
-    ``scan()``: ``core.rollout.rollout_query_states`` jitted as a whole (one ``lax.scan``).
-    ``loop()``: the same ``euler_step`` jitted alone and called N times from Python.
+    ``truncated()``: ``core.rollout.rollout_query_states`` as the train step runs it (a
+    ``lax.while_loop`` that stops at the batch's last query index), jitted as a whole.
+    ``scan()``: the same with ``truncate=False`` (a ``lax.scan`` of all N - 1 steps).
+    ``loop()``: the same ``euler_step`` jitted alone and called N - 1 times from Python.
     """
     config = run.config
     graphdef = parallel.abstract_model_state(build.model_factory(config, config.student), run.mesh, run.rules)[0]
@@ -137,42 +150,43 @@ def rollout_pair(run, noise, cond, indices):
     host_sigmas = [np.float32(s) for s in np.asarray(sigmas)]
     params = run.state.params
 
-    @jax.jit
-    def scan_rollout(params, noise, cond, indices):
-        return rollout_query_states(functools.partial(apply, params), noise, sigmas, cond, indices)[0]
+    @functools.partial(jax.jit, static_argnames="truncate")
+    def jitted(params, noise, cond, indices, truncate):
+        return rollout_query_states(functools.partial(apply, params), noise, sigmas, cond, indices, truncate)[0]
 
     @jax.jit
     def one_step(params, x, sigma, sigma_next, cond):
         return euler_step(functools.partial(apply, params), x, sigma, sigma_next, cond)
 
-    def scan():
-        return scan_rollout(params, noise, cond, indices)
-
     def loop():
-        x, states = noise, []
-        for sigma, sigma_next in zip(host_sigmas[:-1], host_sigmas[1:]):
-            states.append(x)
+        x, states = noise, [noise]
+        for sigma, sigma_next in zip(host_sigmas[:-2], host_sigmas[1:-1], strict=True):
             x = one_step(params, x, sigma, sigma_next, cond)
+            states.append(x)
         trajectory = jnp.stack(states, axis=1)  # [B, N, ...]: z_0 .. z_{N-1}
         return jnp.take_along_axis(trajectory, indices.reshape(indices.shape + (1,) * (noise.ndim - 1)), axis=1)
 
-    return scan, loop
+    return {
+        "truncated": lambda: jitted(params, noise, cond, indices, truncate=True),
+        "scan": lambda: jitted(params, noise, cond, indices, truncate=False),
+        "loop": loop,
+    }
 
 
-def rollout_comparison(run, batch, repeats: int, tolerance: float) -> tuple[float, float, float, bool]:
-    """Median seconds of the scan and Python-loop rollouts on the same params, noise and query indices.
-
-    Returns ``(scan seconds, loop seconds, max |scan - loop|, allclose)`` over the kept states.
-    """
+def rollout_comparison(run, batch, repeats: int, tolerance: float) -> dict:
+    """Median seconds of the truncated, scan and Python-loop rollouts on the same params, noise and
+    query indices, and whether their kept states agree: ``{name}_s``, ``max_diff``, ``allclose``."""
     config = run.config
     key_noise, key_index = jax.random.split(jax.random.key(config.seed))
     noise = jax.random.normal(key_noise, batch["image"].shape, jnp.float32)
     indices = sample_query_indices(key_index, noise.shape[0], config.queries_per_rollout, config.rollout_steps)
-    scan, loop = rollout_pair(run, noise, batch["cond"], indices)
-    scan_s, loop_s = median_time(scan, repeats), median_time(loop, repeats)
-    scan_states, loop_states = np.asarray(scan()), np.asarray(loop())
-    max_diff = float(np.max(np.abs(scan_states - loop_states)))
-    return scan_s, loop_s, max_diff, bool(np.allclose(scan_states, loop_states, rtol=tolerance, atol=tolerance))
+    fns = rollout_fns(run, noise, batch["cond"], indices)
+    result = {f"{name}_s": median_time(fn, repeats) for name, fn in fns.items()}
+    states = {name: np.asarray(fn()) for name, fn in fns.items()}
+    diffs = [np.abs(states[name] - states["scan"]) for name in ("truncated", "loop")]
+    result["max_diff"] = float(max(np.max(d) for d in diffs))
+    result["allclose"] = all(np.allclose(states[n], states["scan"], rtol=tolerance, atol=tolerance) for n in ("truncated", "loop"))
+    return result
 
 
 def median_time(fn, repeats: int) -> float:
@@ -196,7 +210,7 @@ def benchmark_preset(preset: str, args) -> dict:
         compiled, compile_s = compile_step(run, *batches[0])
         step_s = time_steps(run, compiled, batches)
         tolerance = 1e-5 if args.dtype == "float32" else 1e-2
-        scan_s, loop_s, max_diff, allclose = rollout_comparison(run, batches[0][1], args.steps, tolerance)
+        rollouts = rollout_comparison(run, batches[0][1], args.steps, tolerance)
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
     return dict(
         preset=preset,
@@ -205,10 +219,7 @@ def benchmark_preset(preset: str, args) -> dict:
         compile_s=compile_s,
         step_s=step_s,
         flops=step_flops(config),
-        scan_s=scan_s,
-        loop_s=loop_s,
-        max_diff=max_diff,
-        allclose=allclose,
+        **rollouts,
     )
 
 
@@ -234,7 +245,11 @@ def format_row(result: dict, peak_tflops, num_devices: int) -> list[str]:
     if peak_tflops:
         row.append(f"{100 * achieved / (peak_tflops * 1e12 * num_devices):.1f}")
     same = "yes" if result["allclose"] else "NO"
-    row += [f"{result['scan_s'] / result['loop_s']:.2f}", f"{same} ({result['max_diff']:.1e})"]
+    row += [
+        f"{result['truncated_s'] / result['scan_s']:.2f}",
+        f"{result['scan_s'] / result['loop_s']:.2f}",
+        f"{same} ({result['max_diff']:.1e})",
+    ]
     return row
 
 
@@ -243,7 +258,7 @@ def print_table(results: list[dict], args) -> None:
               "total GF", "TFLOP/s"]
     if args.peak_tflops:
         header.append("util %")
-    header += ["scan/loop", "allclose (max diff)"]
+    header += ["trunc/full", "scan/loop", "allclose (max diff)"]
     rows = [header] + [format_row(r, args.peak_tflops, jax.device_count()) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -260,7 +275,7 @@ def main(argv) -> None:
           f"text_len {config.condition.text_len}, source tokens counted (use_source: student "
           f"{config.student.use_source}, {ROUTE} expert {config.experts.edit_expert.use_source}), "
           f"cfg {args.cfg_scale}, dtype {args.dtype}, route {ROUTE}; step = median of {args.steps} after 2 warm-up; "
-          f"scan/loop = rollout time ratio (< 1: scan faster)", flush=True)
+          f"trunc/full = truncated / full-scan rollout time, scan/loop = full scan / Python loop (< 1: first faster)", flush=True)
     results = [benchmark_preset(preset, args) for preset in args.presets.split(",")]
     print_table(results, args)
 

@@ -303,3 +303,30 @@ def test_logit_normal_training_times():
     assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
     with pytest.raises(ValueError, match="unknown flow-matching time sampler"):
         objectives.sample_training_times(jax.random.key(0), 4, "beta")
+
+
+@pytest.mark.parametrize("sampler", ["low_t", "high_t", "uniform"])
+def test_truncated_rollout_keeps_the_same_states(sampler):
+    """Stopping at the batch's last query index gives exactly the states of the full-length rollout."""
+    eps = jax.random.normal(jax.random.key(1), SHAPE)
+    sigmas = sigma_grid(12, 3.0)
+    indices = sample_query_indices(jax.random.key(2), SHAPE[0], 2, 12, sampler)
+    field = lambda x, t, c: jnp.tanh(x) * t[:, None, None, None] - 0.3 * x  # noqa: E731
+    full, full_times = rollout_query_states(field, eps, sigmas, {}, indices, truncate=False)
+    cut, cut_times = jax.jit(lambda e, i: rollout_query_states(field, e, sigmas, {}, i))(eps, indices)
+    np.testing.assert_array_equal(np.asarray(cut), np.asarray(full))
+    np.testing.assert_array_equal(np.asarray(cut_times), np.asarray(full_times))
+
+
+def test_truncated_rollout_runs_only_up_to_the_last_query():
+    """The field is called max(index) times (counted on the host through a callback)."""
+    calls = []
+
+    def field(x, t, c):
+        jax.debug.callback(lambda: calls.append(1))
+        return -x
+
+    eps = jnp.ones(SHAPE)
+    indices = jnp.array([[1], [4], [2]], jnp.int32)
+    jax.block_until_ready(rollout_query_states(field, eps, sigma_grid(10), {}, indices))
+    assert len(calls) == 4
