@@ -34,6 +34,19 @@ COLUMNS = {
     ],
     "realism": [("realism/realism", "realism"), ("realism/t2i_overall", "T2I overall"), ("realism/gap_closed", "gap closed")],
 }
+NOTES = [
+    "- The models are small (the `mini` DiT, 0.34M parameters, 16 px images with 2 px patches) so that every row"
+    " trains on a 2-core CPU; they draw soft blobs rather than crisp shapes, and local edits are weak for every model"
+    " (the scorers are exact: see `python -m danceopd_jax.evaluation.accuracy`). Claims about local editing rest on"
+    " small numbers.",
+    "- Flow-OPD as the authors define it (`core/flowopd.py`) uses an advantage that depends on the state but not on"
+    " the sampled transition, so its policy gradient is zero in expectation (`tests/test_flowopd.py` checks this);"
+    " the student moves only by gradient noise and stays close to its init, the anchor.",
+    "- Experts and weight averages are trained once and shared by all seeds; their spread is evaluation noise only.",
+    "- Seeds change the student's noise, routes and data order, and the evaluation examples and sampling noise;"
+    " ablation rows (query time, rollout steps, per-sample routing) have one run, so their verdicts use the"
+    " binomial error of the evaluation (module docstring of `experiments/report.py`).",
+]
 DERIVED_DOCS = {
     "edit/success": "mean of local-edit and global-edit success (the composition's editing score, as GEditBench's average)",
     "realism/gap_closed": "(realism of the row - anchor's) / (realism teacher's - anchor's), per seed",
@@ -300,7 +313,7 @@ def write_report(output: dict, path: str) -> None:
         if "cfg" in plots:
             lines += [f"![CFG product rule](results/{plots['cfg']})", ""]
         lines += [f"![cfg {grid}](results/{grid})" for grid in grids.get("cfg", [])] + [""]
-    lines += ["## Metrics", ""]
+    lines += ["## What to keep in mind", "", *NOTES, "", "## Metrics", ""]
     used = sorted({key for cols in COLUMNS.values() for key, _ in cols})
     for key in used:
         doc = DERIVED_DOCS.get(key) or METRIC_DOCS.get(key.split("/", 1)[1].removeprefix("t2i_"), "")

@@ -37,8 +37,14 @@ DEFAULT_REPORT = os.path.join("docs", "RESULTS.md")
 DEFAULT_SEEDS = {"full": 3, "quick": 1}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m danceopd_jax.experiments.reproduce", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m danceopd_jax.experiments.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="where models, evaluations and results.json go")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in minutes (CI)")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds per row (default: 3, quick: 1)")

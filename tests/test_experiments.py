@@ -1,0 +1,136 @@
+"""The reproduction: its report logic on known numbers, weight averaging, the effective-guidance
+measure, CLI errors, and the whole ``--quick`` pipeline through the real command."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from danceopd_jax import sampling
+from danceopd_jax.averaging import average_weights
+from danceopd_jax.evaluation.guidance import effective_guidance
+from danceopd_jax.experiments import report
+from danceopd_jax.train import train_and_evaluate
+
+from conftest import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _reproduce(*args, timeout=900):
+    cmd = [sys.executable, "-m", "danceopd_jax.experiments.reproduce", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def test_aggregate_mean_spread_and_derived_metrics():
+    per_seed = {
+        "0": {"anchor": {"realism/realism": 0.1}, "realism_teacher": {"realism/realism": 0.5}, "s": {"realism/realism": 0.4}},
+        "1": {"anchor": {"realism/realism": 0.1}, "realism_teacher": {"realism/realism": 0.5}, "s": {"realism/realism": 0.2}},
+    }
+    stats = report.aggregate(per_seed)
+    mean, std, runs = stats["s"]["realism/realism"]
+    assert (mean, runs) == (pytest.approx(0.3), 2) and std == pytest.approx(np.std([0.4, 0.2], ddof=1))
+    assert stats["s"]["realism/gap_closed"][0] == pytest.approx((0.75 + 0.25) / 2)  # (0.4-0.1)/0.4, (0.2-0.1)/0.4
+    edits = report.aggregate({"0": {"m": {"local_edit/success": 0.2, "global_edit/success": 0.6}}})
+    assert edits["m"]["edit/success"] == (pytest.approx(0.4), 0.0, 1)
+
+
+def test_verdicts_compare_against_twice_the_standard_error():
+    three = lambda mean, std: (mean, std, 3)  # noqa: E731
+    assert report.verdict(three(0.6, 0.01), three(0.5, 0.01), 64)[1] == "holds"
+    assert report.verdict(three(0.5, 0.01), three(0.6, 0.01), 64)[1] == "reversed"
+    assert report.verdict(three(0.6, 0.2), three(0.5, 0.2), 64)[1] == "within noise"
+    # One run each: the binomial error of a proportion over 64 examples (~0.06 at p=0.5) decides.
+    assert report.verdict((0.55, 0.0, 1), (0.5, 0.0, 1), 64)[1] == "within noise"
+    assert report.verdict((0.9, 0.0, 1), (0.5, 0.0, 1), 64)[1] == "holds"
+
+
+def _train(workdir, seed):
+    config = load_config(**{"num_train_steps": 2, "seed": seed, "student.seed": seed, "student.zero_init": False})
+    train_and_evaluate(config, str(workdir))
+
+
+def test_weight_average_is_the_weighted_mean_of_the_params(tmp_path):
+    _train(tmp_path / "a", 0)
+    _train(tmp_path / "b", 1)
+    average_weights({str(tmp_path / "a"): 1.0, str(tmp_path / "b"): 3.0}, str(tmp_path / "avg"))
+    (_, _, a), (_, _, b), (config, _, avg) = (sampling.load_trained_model(str(tmp_path / d)) for d in ("a", "b", "avg"))
+    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(avg), strict=True):
+        np.testing.assert_allclose(np.asarray(z), 0.25 * np.asarray(x) + 0.75 * np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert [w["weight"] for w in config.weight_average] == [0.25, 0.75]
+
+
+def test_weight_average_rejects_different_architectures(tmp_path):
+    _train(tmp_path / "a", 0)
+    config = load_config(**{"num_train_steps": 2, "student.preset": "mini"})
+    train_and_evaluate(config, str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="config.student differ"):
+        average_weights({str(tmp_path / "a"): 1.0, str(tmp_path / "b"): 1.0}, str(tmp_path / "avg"))
+    assert not (tmp_path / "avg").exists()
+
+
+def test_effective_guidance_of_the_reference_itself_is_its_scale(tmp_path):
+    """The anchor sampled at beta shows gamma = beta exactly; a different model shows something else."""
+    _train(tmp_path / "a", 0)
+    _train(tmp_path / "b", 1)
+    config, graph, params = sampling.load_trained_model(str(tmp_path / "a"))
+    _, other_graph, other_params = sampling.load_trained_model(str(tmp_path / "b"))
+    cond = sampling.encode_conditions(config, [f"prompt number {i}" for i in range(8)])
+    shape = (config.image_size, config.image_size, config.channels)
+    key = jax.random.key(0)
+    for beta in (1.0, 2.5):
+        gamma = effective_guidance((graph, params), (graph, params), cond, key, image_shape=shape, scale=beta, steps=4)
+        assert gamma == pytest.approx(beta, rel=1e-4)
+    other = effective_guidance((other_graph, other_params), (graph, params), cond, key, image_shape=shape, scale=2.5, steps=4)
+    assert math.isfinite(other) and other != pytest.approx(2.5, rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--settings", "composition,colour"], "error: --settings: unknown ['colour']; valid: composition, local_global"),
+        (["--seeds", "0"], "error: --seeds must be >= 1, got 0"),
+        (["--seeds", "two"], "error: argument --seeds: invalid int value: 'two'"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    result = _reproduce("--workdir", str(tmp_path), "--quick", *args, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
+    assert not any(tmp_path.iterdir())
+
+
+def test_quick_reproduction_end_to_end(tmp_path):
+    """Every setting at toy size through the real command: results, report, plots and grids."""
+    result = _reproduce("--workdir", str(tmp_path), "--quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads((tmp_path / "results.json").read_text())
+    results = output["results"]
+    assert set(results) == {"composition", "local_global", "realism", "cfg"}
+    composition = results["composition"]["0"]
+    for row in ("anchor", "edit_teacher", "weight_average", "multitask", "offpolicy", "diffusionopd", "flowopd",
+                "soft_mixing", "danceopd", "danceopd_mid_t", "danceopd_high_t", "danceopd_per_sample",
+                "danceopd_n4", "danceopd_n16", "danceopd_n28"):  # fmt: skip
+        assert {"t2i/overall", "local_edit/success", "global_edit/success"} <= set(composition[row]), row
+    assert set(results["local_global"]["0"]) >= {"local_teacher", "global_teacher", "danceopd", "offpolicy", "flowopd"}
+    assert "realism/realism" in results["realism"]["0"]["danceopd"]
+    cfg = results["cfg"]["0"]
+    for beta in (1, 2, 3, 4, 6, 9):  # the anchor at every alpha x beta; its own effective guidance is beta
+        assert cfg[f"anchor@{beta}"]["guidance/gamma"] == pytest.approx(beta, rel=1e-3)
+    assert {"danceopd_cfg2@3", "danceopd_cfg3@1"} <= set(cfg)
+    text = (tmp_path / "RESULTS.md").read_text()
+    for heading in ("## The paper's claims", "## T2I + edit composition", "## Local + global edit composition",
+                    "## Realism absorption", "## CFG absorption", "## Metrics"):  # fmt: skip
+        assert heading in text, heading
+    assert "--quick" in text and "wall time" in text
+    for image in ("composition.png", "local_global.png", "rollout_steps.png", "cfg_product_rule.png", "composition_t2i.png"):
+        assert (tmp_path / "results" / image).stat().st_size > 1000, image
+        assert f"results/{image}" in text
+    again = _reproduce("--workdir", str(tmp_path), "--quick", "--settings", "realism")
+    assert again.returncode == 0 and "finished earlier" in again.stdout  # trainings are reused, not redone
