@@ -259,15 +259,15 @@ def test_state_restores_the_same_batches(json_round_trip):
         assert_batches_equal(a, c)
 
 
-def test_hosts_see_disjoint_records():
-    seen = []
-    for process_index in (0, 1):
-        batches = index_batches({"a": (11, 0)}, process_index=process_index, process_count=2)
-        shard_size = (11 - process_index + 1) // 2
-        seen.append(set(batches.next({"a": shard_size})["cond"]["label"].tolist()))
-    assert len(seen[0]) == 6 and len(seen[1]) == 5
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(11))
+def test_hosts_split_the_global_draw():
+    """Two hosts drawing 3 each get the two halves of what one host drawing 6 gets, every step."""
+    one = index_batches({"a": (11, 0)})
+    hosts = [index_batches({"a": (11, 0)}, process_index=p, process_count=2) for p in (0, 1)]
+    for _ in range(5):  # past the end of the first epoch
+        whole = one.next({"a": 6})["cond"]["label"].tolist()
+        halves = [host.next({"a": 3})["cond"]["label"].tolist() for host in hosts]
+        assert halves[0] + halves[1] == whole
+    assert hosts[0].get_state() == hosts[1].get_state() == one.get_state() == {"a": {"next_index": 30}}
 
 
 def test_reshuffles_every_epoch_and_seed_matters():
@@ -293,5 +293,3 @@ def test_bucket_errors():
         batches.next({"a": 0})
     with pytest.raises(ValueError, match="bucket 'b' is empty"):
         index_batches({"a": (4, 0), "b": (0, 0)})
-    with pytest.raises(ValueError, match="bucket 'a'.*none for host 1"):
-        index_batches({"a": (1, 0)}, process_index=1, process_count=2)

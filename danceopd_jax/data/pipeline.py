@@ -1,11 +1,17 @@
 """Grain input pipelines for route buckets, and the batches one train step consumes.
 
-Every bucket (text-to-image prompts, edit pairs, class labels, ...) becomes one grain pipeline:
-per-host shard -> shuffle (reshuffled every epoch) -> repeat forever -> condition record.
+Every bucket (text-to-image prompts, edit pairs, class labels, ...) becomes one grain dataset:
+shuffle (reshuffled every epoch) -> repeat forever -> condition record, read by position.
 ``BucketBatches`` draws a fixed number of records from each named bucket and concatenates the
 groups in the order given, which serves both per-step routing (one bucket per step) and
 per-sample routing (one fixed-size group per bucket). All buckets emit the same keys, so one
-compiled step serves every route; the state of all iterators is one JSON-serialisable dict.
+compiled step serves every route; the state (each bucket's position in its stream) is one
+JSON-serialisable dict.
+
+Several hosts share each bucket's one global stream: when every host draws ``n`` records of a
+bucket, the draw is the stream's next ``P * n`` records and host ``p`` reads (and encodes) only
+its ``n``, the ``p``-th slice. The global batch is therefore the same for any number of hosts,
+and a run gives the same losses on 1 process x 4 devices as on 2 processes x 2 devices.
 """
 
 import dataclasses
@@ -21,10 +27,6 @@ from danceopd_jax.core.conditioning import NULL_LABEL
 from danceopd_jax.data.text import HashedTextEmbedder
 
 TextEmbedder = Callable[[str], tuple[np.ndarray, np.ndarray]]
-
-# The synthetic sources live in memory; grain recommends no reader threads for those.
-IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-
 
 @dataclasses.dataclass(frozen=True)
 class ConditionSpec:
@@ -115,29 +117,13 @@ class RecordEncoder:
         return {"image": image, "has_image": has_image, "cond": cond}
 
 
-def bucket_iterator(
-    source: Sequence,
-    encode: Callable[[Mapping[str, Any]], dict[str, Any]],
-    *,
-    seed: int,
-    process_index: int,
-    process_count: int,
-    read_options: grain.ReadOptions = IN_MEMORY_READ_OPTIONS,
-) -> grain.DatasetIterator:
-    """An endless iterator of encoded records over this host's shard of ``source``.
+def bucket_dataset(source: Sequence, encode: Callable[[Mapping[str, Any]], dict[str, Any]], *, seed: int) -> grain.MapDataset:
+    """The endless stream of encoded records of one bucket, by position (random access).
 
-    Hosts take the disjoint strided shards ``source[process_index::process_count]``; grain's
-    shuffle folds the epoch number into ``seed``, so every epoch has a fresh order. The iterator
-    has grain's ``get_state()`` / ``set_state()``.
+    grain's shuffle folds the epoch number into ``seed``, so every epoch has a fresh order;
+    records are read and encoded only when a position is asked for.
     """
-    dataset = grain.MapDataset.source(source)[process_index::process_count]
-    if len(dataset) == 0:
-        raise ValueError(
-            f"empty shard: {len(source)} records split over {process_count} hosts "
-            f"leave none for host {process_index}"
-        )
-    dataset = dataset.shuffle(seed=seed).repeat().map(encode)
-    return iter(dataset.to_iter_dataset(read_options))
+    return grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(encode)
 
 
 def _stack(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,12 +132,14 @@ def _stack(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class BucketBatches:
-    """Batches drawn from named buckets, with a checkpointable (JSON) iterator state.
+    """Batches drawn from named buckets, with a checkpointable (JSON) state.
 
     ``next({"t2i": 4, "edit": 2})`` draws 4 records from ``t2i`` then 2 from ``edit`` and returns
     ``{"image": f32[6, H, W, C], "has_image": bool[6], "cond": {key: [6, ...]}}``; the groups
-    appear in the order of the dict. Bucket seeds are derived from ``seed`` and the bucket name,
-    so adding a bucket does not change the order of the others.
+    appear in the order of the dict. The sizes are this host's; every host calls ``next`` with
+    the same sizes and gets its slice of the global draw (module docstring). Bucket seeds are
+    derived from ``seed`` and the bucket name, so adding a bucket does not change the order of
+    the others.
     """
 
     def __init__(
@@ -164,36 +152,26 @@ class BucketBatches:
         process_index: int | None = None,
         process_count: int | None = None,
         text_embedder: TextEmbedder | None = None,
-        read_options: grain.ReadOptions = IN_MEMORY_READ_OPTIONS,
     ):
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self._process_index = jax.process_index() if process_index is None else process_index
+        self._process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= self._process_index < self._process_count:
+            raise ValueError(f"process_index {self._process_index} not in [0, {self._process_count})")
         if not sources:
             raise ValueError("no buckets given")
         encode = RecordEncoder(spec, image_shape, text_embedder)
-        self._iterators = {}
+        self._datasets = {}
         for name, source in sources.items():
             if len(source) == 0:
                 raise ValueError(f"bucket {name!r} is empty")
-            try:
-                self._iterators[name] = bucket_iterator(
-                    source,
-                    encode,
-                    seed=zlib.crc32(name.encode("utf-8"), seed % 2**32),
-                    process_index=process_index,
-                    process_count=process_count,
-                    read_options=read_options,
-                )
-            except ValueError as error:
-                raise ValueError(f"bucket {name!r}: {error}") from error
+            self._datasets[name] = bucket_dataset(source, encode, seed=zlib.crc32(name.encode("utf-8"), seed % 2**32))
+        self._positions = dict.fromkeys(self._datasets, 0)
 
     def _check_names(self, names, what: str) -> None:
-        unknown = set(names) - set(self._iterators)
+        unknown = set(names) - set(self._datasets)
         if unknown:
             raise ValueError(
-                f"unknown bucket(s) {sorted(unknown)} in {what}; buckets: {list(self._iterators)}"
+                f"unknown bucket(s) {sorted(unknown)} in {what}; buckets: {list(self._datasets)}"
             )
 
     def next(self, sizes: Mapping[str, int]) -> dict[str, Any]:
@@ -201,18 +179,21 @@ class BucketBatches:
         self._check_names(sizes, "sizes")
         if any(size < 0 for size in sizes.values()) or sum(sizes.values()) == 0:
             raise ValueError(f"sizes must be >= 0 and draw at least one record, got {dict(sizes)}")
-        records = [next(self._iterators[name]) for name, size in sizes.items() for _ in range(size)]
+        records = []
+        for name, size in sizes.items():
+            start = self._positions[name] + self._process_index * size
+            records += [self._datasets[name][start + offset] for offset in range(size)]
+            self._positions[name] += self._process_count * size
         return _stack(records)
 
     def get_state(self) -> dict[str, Any]:
-        """``{bucket_name: grain iterator state}``, JSON-serialisable."""
-        return {name: iterator.get_state() for name, iterator in self._iterators.items()}
+        """``{bucket_name: {"next_index": position in the global stream}}``, JSON-serialisable."""
+        return {name: {"next_index": position} for name, position in self._positions.items()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore a state from ``get_state`` (e.g. after a JSON round trip); needs every bucket."""
         self._check_names(state, "state")
-        missing = set(self._iterators) - set(state)
+        missing = set(self._datasets) - set(state)
         if missing:
             raise ValueError(f"state lacks bucket(s) {sorted(missing)}")
-        for name, iterator in self._iterators.items():
-            iterator.set_state(state[name])
+        self._positions = {name: int(state[name]["next_index"]) for name in self._datasets}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run a config over the GPUs of a SLURM allocation (call it inside sbatch/salloc): srun starts one
+# process per GPU (default) or per host; every process joins jax.distributed with the job's first
+# node as coordinator.
+#   launch/gpu_multihost.sh CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]
+# WORKDIR must be on a filesystem every node sees (checkpoints are written by all processes).
+set -euo pipefail
+
+usage() { echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+config=$1 workdir=$2
+shift 2
+dry_run=0 per=gpu port=12355
+overrides=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry_run=1 ;;
+    --per=gpu | --per=host) per=${arg#--per=} ;;
+    --port=*) port=${arg#--port=} ;;
+    --config.*=*) overrides+=("$arg") ;;
+    *) echo "error: unexpected argument '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+  esac
+done
+[ -f "$config" ] || { echo "error: config file '$config' not found" >&2; exit 2; }
+[ -n "${SLURM_JOB_NODELIST:-}" ] || { echo "error: no SLURM allocation (SLURM_JOB_NODELIST unset): run inside sbatch or salloc" >&2; exit 2; }
+
+nodes=${SLURM_JOB_NUM_NODES:-1}
+gpus_per_node=${SLURM_GPUS_ON_NODE:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+[ "$gpus_per_node" -ge 1 ] || { echo "error: no GPUs found on this node" >&2; exit 2; }
+command -v scontrol >/dev/null || { echo "error: scontrol not found: run inside a SLURM allocation" >&2; exit 2; }
+coordinator=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+if [ "$per" = gpu ]; then
+  tasks_per_node=$gpus_per_node gpus_per_task=1
+else
+  tasks_per_node=1 gpus_per_task=$gpus_per_node
+fi
+# Each task expands its own rank: the single quotes keep $SLURM_PROCID for the task's shell.
+main=$(printf '%q ' python -m danceopd_jax.main --config "$config" --workdir "$workdir" "${overrides[@]}" \
+  "--coordinator_address=$coordinator:$port" "--num_processes=$((nodes * tasks_per_node))")
+cmd=(srun "--nodes=$nodes" "--ntasks-per-node=$tasks_per_node" "--gpus-per-task=$gpus_per_task" \
+  bash -c "exec $main--process_id=\$SLURM_PROCID")
+if [ "$dry_run" = 1 ]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Several JAX processes on this machine, each with its own CPU devices, joined by jax.distributed
+# (gloo collectives, coordinator on 127.0.0.1): a real multi-host run without a cluster.
+#   launch/local_multiprocess.sh PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]
+# Process 0 prints to this terminal; process i > 0 logs to WORKDIR/logs/process_i.log. Exits
+# non-zero when any process fails.
+set -euo pipefail
+
+usage() { echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]" >&2; exit 2; }
+[ $# -ge 4 ] || usage
+processes=$1 devices=$2 config=$3 workdir=$4
+shift 4
+[[ "$processes" =~ ^[1-9][0-9]*$ ]] || { echo "error: PROCESSES must be a positive integer, got '$processes'" >&2; exit 2; }
+[[ "$devices" =~ ^[1-9][0-9]*$ ]] || { echo "error: DEVICES_PER_PROCESS must be a positive integer, got '$devices'" >&2; exit 2; }
+dry_run=0 port=12355
+overrides=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry_run=1 ;;
+    --port=*) port=${arg#--port=} ;;
+    --config.*=*) overrides+=("$arg") ;;
+    *) echo "error: unexpected argument '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+  esac
+done
+[ -f "$config" ] || { echo "error: config file '$config' not found" >&2; exit 2; }
+
+command_of() {  # the command line of process $1
+  printf '%q ' env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices" \
+    python -m danceopd_jax.main --config "$config" --workdir "$workdir" "${overrides[@]}" \
+    "--coordinator_address=127.0.0.1:$port" "--num_processes=$processes" "--process_id=$1"
+}
+
+if [ "$dry_run" = 1 ]; then
+  for ((i = 0; i < processes; i++)); do command_of "$i"; echo; done
+  exit 0
+fi
+mkdir -p "$workdir/logs"
+pids=()
+for ((i = 1; i < processes; i++)); do
+  eval "$(command_of "$i")" >"$workdir/logs/process_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+eval "$(command_of 0)" || status=$?
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

