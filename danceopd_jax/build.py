@@ -30,6 +30,7 @@ def model_config(config: ConfigDict, spec: ConfigDict):
         text_dim=config.condition.text_dim,
         use_source=spec.use_source,
         dtype=spec.dtype,
+        remat=spec.get("remat", "none"),  # run configs saved before remat existed have no key
         zero_init=spec.zero_init,
     )
 

@@ -41,6 +41,15 @@ LOGICAL_AXES = ("embed", "heads", "mlp", "adaln", "patch", "text_embed", "vocab"
 
 FREQUENCY_DIM = 256  # sinusoidal timestep frequencies (DiT's TimestepEmbedder)
 
+# Which activations of a block the backward pass keeps (the rest are recomputed): ``none`` keeps
+# all (no remat), ``dots`` keeps the matmul outputs without batch dimensions (recomputes norms,
+# softmax, activations), ``full`` keeps only the block's input (recomputes the whole block).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 PRESETS = {
     "tiny": dict(hidden_size=32, depth=2, num_heads=2),
     "mini": dict(hidden_size=64, depth=4, num_heads=4),  # the shapes world on a CPU
@@ -70,6 +79,7 @@ class DiTConfig:
     use_source: bool = False
     dtype: str = "float32"
     zero_init: bool = True  # adaLN-Zero; False gives a random non-zero field (stand-in experts)
+    remat: str = "none"  # rematerialise each block in the backward pass: REMAT_POLICIES
 
     def __post_init__(self):
         for name in ("image_size", "channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -91,6 +101,8 @@ class DiTConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos embedding)"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"DiTConfig.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"DiTConfig.dtype must be a float dtype, got {self.dtype!r}")
 
@@ -291,8 +303,14 @@ class DiT(nnx.Module):
         h = jnp.concatenate(tokens, axis=1)
         key_mask = jnp.concatenate(masks, axis=1)
         c = nnx.silu(c)
+
+        def apply(block: DiTBlock, h: jax.Array) -> jax.Array:
+            return block(h, c, key_mask)
+
+        if cfg.remat != "none":
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
         for block in self.blocks:
-            h = block(h, c, key_mask)
+            h = apply(block, h)
 
         shift, scale = jnp.split(self.final_modulation(c), 2, -1)
         out = self.final_proj(modulate(layer_norm(h[:, : cfg.num_patches]), shift, scale))
