@@ -56,31 +56,36 @@ def _train(workdir, seed):
     train_and_evaluate(config, str(workdir))
 
 
-def test_weight_average_is_the_weighted_mean_of_the_params(tmp_path):
-    _train(tmp_path / "a", 0)
-    _train(tmp_path / "b", 1)
-    average_weights({str(tmp_path / "a"): 1.0, str(tmp_path / "b"): 3.0}, str(tmp_path / "avg"))
-    (_, _, a), (_, _, b), (config, _, avg) = (sampling.load_trained_model(str(tmp_path / d)) for d in ("a", "b", "avg"))
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two short smoke runs (seeds 0 and 1) of one architecture: their workdirs."""
+    root = tmp_path_factory.mktemp("runs")
+    _train(root / "a", 0)
+    _train(root / "b", 1)
+    return root / "a", root / "b"
+
+
+def test_weight_average_is_the_weighted_mean_of_the_params(two_runs, tmp_path):
+    run_a, run_b = two_runs
+    average_weights({str(run_a): 1.0, str(run_b): 3.0}, str(tmp_path / "avg"))
+    (_, _, a), (_, _, b), (config, _, avg) = (sampling.load_trained_model(str(d)) for d in (run_a, run_b, tmp_path / "avg"))
     for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(avg), strict=True):
         np.testing.assert_allclose(np.asarray(z), 0.25 * np.asarray(x) + 0.75 * np.asarray(y), rtol=1e-6, atol=1e-7)
     assert [w["weight"] for w in config.weight_average] == [0.25, 0.75]
 
 
-def test_weight_average_rejects_different_architectures(tmp_path):
-    _train(tmp_path / "a", 0)
+def test_weight_average_rejects_different_architectures(two_runs, tmp_path):
     config = load_config(**{"num_train_steps": 2, "student.preset": "mini"})
     train_and_evaluate(config, str(tmp_path / "b"))
     with pytest.raises(ValueError, match="config.student differ"):
-        average_weights({str(tmp_path / "a"): 1.0, str(tmp_path / "b"): 1.0}, str(tmp_path / "avg"))
+        average_weights({str(two_runs[0]): 1.0, str(tmp_path / "b"): 1.0}, str(tmp_path / "avg"))
     assert not (tmp_path / "avg").exists()
 
 
-def test_effective_guidance_of_the_reference_itself_is_its_scale(tmp_path):
+def test_effective_guidance_of_the_reference_itself_is_its_scale(two_runs):
     """The anchor sampled at beta shows gamma = beta exactly; a different model shows something else."""
-    _train(tmp_path / "a", 0)
-    _train(tmp_path / "b", 1)
-    config, graph, params = sampling.load_trained_model(str(tmp_path / "a"))
-    _, other_graph, other_params = sampling.load_trained_model(str(tmp_path / "b"))
+    config, graph, params = sampling.load_trained_model(str(two_runs[0]))
+    _, other_graph, other_params = sampling.load_trained_model(str(two_runs[1]))
     cond = sampling.encode_conditions(config, [f"prompt number {i}" for i in range(8)])
     shape = (config.image_size, config.image_size, config.channels)
     key = jax.random.key(0)

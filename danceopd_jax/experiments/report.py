@@ -1,12 +1,15 @@
 """The results report: tables (mean and spread over seeds), the paper's claims checked, plots, grids.
 
 ``write_report(output, path)`` turns ``results.json`` (see ``reproduce``) into Markdown at ``path``
-with its figures in ``DIR(path)/results/``. Verdicts compare two rows on one metric: the
+with its figures in ``DIR(path)/results/``; ``python -m danceopd_jax.experiments.report
+WORKDIR/results.json --report docs/RESULTS.md`` re-renders a finished run's report. Verdicts compare two rows on one metric: the
 difference of means against twice its standard error, where a row's standard error is its
 seed spread over sqrt(seeds), or, for a row with one run, the binomial error of a proportion
 over the evaluation examples (sqrt(p (1 - p) / examples)).
 """
 
+import argparse
+import json
 import math
 import os
 import shutil
@@ -40,8 +43,8 @@ NOTES = [
     " (the scorers are exact: see `python -m danceopd_jax.evaluation.accuracy`). Claims about local editing rest on"
     " small numbers.",
     "- Flow-OPD as the authors define it (`core/flowopd.py`) uses an advantage that depends on the state but not on"
-    " the sampled transition, so its policy gradient is zero in expectation (`tests/test_flowopd.py` checks this);"
-    " the student moves only by gradient noise and stays close to its init, the anchor.",
+    " the sampled transition, so its policy gradient is zero in expectation (`tests/test_flowopd.py` checks this):"
+    " its updates are gradient noise, and its rows show what that noise does to a student started from the anchor.",
     "- Experts and weight averages are trained once and shared by all seeds; their spread is evaluation noise only.",
     "- Seeds change the student's noise, routes and data order, and the evaluation examples and sampling noise;"
     " ablation rows (query time, rollout steps, per-sample routing) have one run, so their verdicts use the"
@@ -123,8 +126,13 @@ def _row_order(setting: settings.Setting, stats: dict) -> list[str]:
 # ---------------------------------------------------------------------------- claims
 
 
-def claims(all_stats: dict, examples: int) -> list[str]:
-    """The paper's claims (PAPER.md, "Reported results") checked on these numbers, one line each."""
+def claims(all_stats: dict, examples: int, cfg_stats: dict | None = None) -> list[str]:
+    """The paper's claims (PAPER.md, "Reported results") checked on these numbers, one line each.
+
+    Realism: the share of the anchor-to-teacher realism gap the student closes (holds from half).
+    CFG: the product rule holds where every student's effective guidance is within 0.8-1.25x of
+    alpha x beta.
+    """
     lines = []
 
     def check(text: str, paper: str, setting: str, a: str, b: str, metric: str) -> None:
@@ -148,6 +156,22 @@ def claims(all_stats: dict, examples: int) -> list[str]:
     for baseline in ("offpolicy", "flowopd", "multitask", "weight_average"):
         check(f"DanceOPD edits better than {baseline} (local + global)", "5.498 vs 4.736 (off-policy), 4.679 (Flow-OPD)", "local_global", "danceopd", baseline, "edit/success")
     check("Realism absorption raises realism over the anchor", "+9.9% realism reward", "realism", "danceopd", "anchor", "realism/realism")
+    realism = all_stats.get("realism", {}).get("danceopd", {}).get("realism/gap_closed")
+    if realism:
+        lines.append(
+            f"| Realism absorption closes most of the student-teacher gap | 85.3% | {100 * realism[0]:.1f}% ± "
+            f"{100 * realism[1]:.1f}% of the gap closed | {100 * (realism[0] - 0.853):+.1f} points | "
+            f"**{'holds' if realism[0] >= 0.5 else 'does not hold'}** |"
+        )
+    if cfg_stats:
+        ratios = [v["guidance/gamma"][0] / (v["guidance/alpha"][0] * v["guidance/beta"][0])
+                  for k, v in cfg_stats.items() if not k.startswith("anchor@")]  # fmt: skip
+        near = all(0.8 <= r <= 1.25 for r in ratios)
+        lines.append(
+            f"| CFG absorption: effective guidance ~ alpha x beta | best 5.833; alpha x beta = 49 collapsed | "
+            f"effective guidance / (alpha x beta) from {min(ratios):.2f} to {max(ratios):.2f} over the grid | | "
+            f"**{'holds' if near else 'weaker than the product'}** |"
+        )
     if not lines:
         return []
     return ["| claim | paper | here | difference | verdict |", "|---|---|---|---|---|"] + lines
@@ -288,7 +312,7 @@ def write_report(output: dict, path: str) -> None:
         "A claim holds when the difference exceeds twice its standard error (module docstring of"
         " `experiments/report.py`), is reversed below minus twice, and is otherwise within noise.",
         "",
-        *claims(all_stats, examples),
+        *claims(all_stats, examples, aggregate(results["cfg"]) if "cfg" in results else None),
         "",
     ]
     for name, stats in all_stats.items():
@@ -320,3 +344,18 @@ def write_report(output: dict, path: str) -> None:
         lines.append(f"- `{key}`: {doc}")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Re-render the report of a finished reproduction run.")
+    parser.add_argument("results", help="WORKDIR/results.json of a run of danceopd_jax.experiments.reproduce")
+    parser.add_argument("--report", required=True, help="where to write the Markdown (figures go beside it)")
+    args = parser.parse_args()
+    if not os.path.isfile(args.results):
+        parser.error(f"no such file {args.results!r}")
+    with open(args.results, encoding="utf-8") as f:
+        write_report(json.load(f), args.report)
+
+
+if __name__ == "__main__":
+    main()
