@@ -3,10 +3,17 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state,data}``. ``state`` is the ``TrainState`` (params,
 optimizer state, EMA, step, rng); ``data`` is the JSON state of the per-bucket grain iterators.
 Experts are never written: a config records where they come from.
+
+Saves are asynchronous: ``save`` returns once the arrays are copied off the devices and orbax
+writes them in a background thread into a temporary directory that is renamed when complete, so
+a killed run leaves no half-written ``<step>``. Orbax waits for the previous save before the next
+one; the caller waits (``wait_until_finished``) before it exits. A checkpoint that is complete but
+unreadable (a truncated or deleted file) is skipped on resume for the newest readable one.
 """
 
 import json
 import os
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,8 +41,13 @@ def load_run_config(workdir: str) -> ConfigDict:
         return ConfigDict(json.load(f))
 
 
+class CheckpointError(RuntimeError):
+    """None of a run's checkpoints can be read; the message is one line naming each step and why."""
+
+
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    """The run's manager: the last ``keep`` checkpoints, saved asynchronously."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data"))
 
 
@@ -62,6 +74,36 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
     )
     return restored.state, restored.data
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn: Callable[[str], None]):
+    """``(step, state, data_state)`` of the newest readable checkpoint, or None when there is none.
+
+    A newer checkpoint that fails to restore is reported through ``warn`` (one line naming its step)
+    and deleted once an older one restored, so that the resumed run can save that step again. When
+    no checkpoint restores, ``CheckpointError`` names every step tried; nothing is deleted then (the
+    cause may be the config rather than the files).
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, data_state = restore(manager, step, abstract_state)
+        except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise Exception, ValueError, OSError, JSON errors
+            failures.append((step, _one_line(error)))
+            continue
+        for bad, reason in failures:
+            warn(f"warning: checkpoint step {bad} is unreadable ({reason}); deleted it and resuming from step {step}")
+            manager.delete(bad)
+        return step, state, data_state
+    if failures:
+        tried = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+        raise CheckpointError(f"no readable checkpoint in {manager.directory} ({tried})")
+    return None
 
 
 def restore_model_params(workdir: str, abstract_params, shardings, use_ema: bool = True):

@@ -8,10 +8,13 @@ def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
 
     ``zero_init=False`` makes a random model a non-zero field (adaLN-Zero would output zero).
     ``checkpoint`` is a workdir of an earlier run (its latest checkpoint, EMA weights if kept).
+    ``dtype`` is the compute dtype (parameters stay float32); ``remat`` (none | dots | full) trades
+    the student's backward-pass memory for recomputation (``models.dit.REMAT_POLICIES``).
     """
     spec = dict(
-        preset=preset, patch_size=2, dtype="float32", use_source=False, zero_init=True, init="random", seed=0, checkpoint=""
-    )
+        preset=preset, patch_size=2, dtype="float32", remat="none", use_source=False, zero_init=True, init="random", seed=0,
+        checkpoint="",
+    )  # fmt: skip
     spec.update(overrides)
     return ConfigDict(spec)
 
@@ -57,10 +60,14 @@ def base_config() -> ConfigDict:
     config.optimizer = ConfigDict(
         dict(learning_rate=1e-3, warmup_steps=0, decay="cosine", weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.999, ema_decay=0.0)
     )
+    # A step whose loss or gradient norm is not finite: False stops the run with an error naming the
+    # step and route; True keeps the old params/optimizer state/EMA on device and counts it (skipped_steps).
+    config.skip_nonfinite_steps = False
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.logical_axis_rules = ConfigDict(dict(embed="fsdp", heads="tensor", mlp="tensor"))
 
     config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
+    config.loss_log = False  # append {"step", "loss", "route"} per step to WORKDIR/losses.jsonl (process 0)
     return config

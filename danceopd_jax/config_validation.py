@@ -1,15 +1,35 @@
-"""Checks a run config before anything is built or compiled; each problem is one line naming the key."""
+"""Checks a run config before anything is built or compiled; each problem is one line naming the key.
+
+First the key tree against ``config_lib.base_config()`` (every key a run reads, with a default
+whose type is the expected type): unknown keys (with the nearest valid name), missing keys and
+value types. Named maps (``experts``, ``fields``, ``routes``, ``data.buckets``, a field's
+``terms``) hold entries of one known shape each; ``logical_axis_rules`` is free-form (its names
+are checked against the model's logical axes by ``parallel.axis_rules``). Then values: ranges,
+choices, and the references between models, fields, routes and buckets.
+"""
+
+import dataclasses
+import difflib
+import math
+import numbers
+from typing import Any
 
 from ml_collections import ConfigDict
 
+from danceopd_jax.config_lib import base_config, expert_field, model_spec
 from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
 from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
+from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
 from danceopd_jax.data.sources import BUCKET_KINDS
 from danceopd_jax.models.dit import PRESETS
 
 FIELD_KINDS = ("expert", "combination")
 INIT_KINDS = ("random", "checkpoint")
+LR_DECAYS = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+ROUTE_TEMPLATE = dict(field="", bucket="", weight=1.0)
+BUCKET_TEMPLATE = dict(kind="", size=1, seed=0)
 
 
 class ConfigError(ValueError):
@@ -20,21 +40,126 @@ def _fail(key: str, problem: str):
     raise ConfigError(f"config.{key}: {problem}")
 
 
+# ---------------------------------------------------------------- the key tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Entries:
+    """A named map whose every entry fits ``template`` (a dict, or a leaf default)."""
+
+    template: Any
+
+
+FREE_FORM = object()  # a map whose keys are checked elsewhere
+
+
+def run_template() -> dict:
+    """``base_config()`` as a template, with the shapes of the named maps' entries."""
+    template = base_config().to_dict()
+    template["experts"] = Entries(model_spec().to_dict())
+    template["fields"] = Entries({**expert_field(""), "terms": Entries(1.0)})
+    template["routes"] = Entries(ROUTE_TEMPLATE)
+    template["data"] = {"buckets": Entries(BUCKET_TEMPLATE)}
+    template["logical_axis_rules"] = FREE_FORM
+    return template
+
+
+def _is_dict(node) -> bool:
+    return isinstance(node, (dict, ConfigDict))
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _type_name(default) -> str:
+    if isinstance(default, bool):
+        return "a bool"
+    if isinstance(default, numbers.Integral):
+        return "an integer"
+    if isinstance(default, numbers.Real):
+        return "a number"
+    return "a string" if isinstance(default, str) else type(default).__name__
+
+
+def _fits(value, default) -> bool:
+    """Whether ``value`` has the type of ``default`` (an integer is a number; a bool is neither)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, numbers.Integral):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if isinstance(default, numbers.Real):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def check_keys(node, template, key: str = "") -> None:
+    """Raise ``ConfigError`` at the first key under ``key`` (dotted, "" = the root) that ``template``
+    does not know, lacks, or whose value has another type."""
+    if template is FREE_FORM:
+        return
+    if isinstance(template, Entries):
+        if not _is_dict(node):
+            _fail(key, f"expected a dict of named entries, got {node!r}")
+        for name in node.keys():
+            check_keys(node[name], template.template, _join(key, name))
+        return
+    if isinstance(template, dict):
+        if not _is_dict(node):
+            _fail(key, f"expected a dict with keys {', '.join(template)}, got {node!r}")
+        for name in node.keys():
+            if name not in template:
+                close = difflib.get_close_matches(name, list(template), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(template)}"
+                _fail(_join(key, name), f"unknown key; {hint}")
+        for name, sub in template.items():
+            if name not in node:
+                _fail(_join(key, name), "missing key")
+            check_keys(node[name], sub, _join(key, name))
+        return
+    if not _fits(node, template):
+        _fail(key, f"expected {_type_name(template)}, got {node!r}")
+
+
+# ---------------------------------------------------------------- values
+
+
+def _get(config: ConfigDict, key: str):
+    """The value of a dotted key (``"optimizer.b1"``)."""
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
 def _choice(config: ConfigDict, key: str, valid) -> None:
-    value = config[key]
+    value = _get(config, key)
     if value not in valid:
         _fail(key, f"unknown value {value!r}; valid: {', '.join(map(str, valid))}")
 
 
 def _positive_int(config: ConfigDict, key: str, minimum: int = 1) -> None:
-    value = config[key]
+    value = _get(config, key)
     if not isinstance(value, int) or value < minimum:
         _fail(key, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _in_range(config: ConfigDict, key: str, low: float, high: float = math.inf, *, open_low=False, open_high=True) -> None:
+    """The number at ``key`` lies in the interval from ``low`` to ``high`` (open or closed ends); NaN never does."""
+    value = _get(config, key)
+    too_low = value <= low if open_low else value < low
+    too_high = value >= high if open_high else value > high
+    if math.isnan(value) or too_low or too_high:
+        left, right = "(" if open_low else "[", ")" if open_high else "]"
+        _fail(key, f"must be in {left}{low:g}, {high:g}{right}, got {value}")
 
 
 def _check_model(config: ConfigDict, key: str, model: ConfigDict) -> None:
     if model.preset not in PRESETS:
         _fail(f"{key}.preset", f"unknown preset {model.preset!r}; valid: {', '.join(PRESETS)}")
+    if model.dtype not in DTYPES:
+        _fail(f"{key}.dtype", f"unknown value {model.dtype!r}; valid: {', '.join(DTYPES)}")
+    if model.patch_size < 1:
+        _fail(f"{key}.patch_size", f"must be >= 1, got {model.patch_size}")
     if config.image_size % model.patch_size:
         _fail(f"{key}.patch_size", f"image_size {config.image_size} is not divisible by patch size {model.patch_size}")
     if model.init not in INIT_KINDS:
@@ -66,7 +191,7 @@ def _check_fields(config: ConfigDict) -> None:
             _fail(f"{key}.expert", f"unknown expert {field.expert!r}; valid: {', '.join(config.experts) or '(none)'}")
         if field.kind == "combination" and not field.terms:
             _fail(f"{key}.terms", "a combination needs at least one term")
-        if field.get("cfg_scale", 1.0) < 0:
+        if not 0 <= field.cfg_scale < math.inf:
             _fail(f"{key}.cfg_scale", f"must be >= 0, got {field.cfg_scale}")
         _check_terms(config, name)
 
@@ -79,50 +204,83 @@ def _check_routes(config: ConfigDict) -> None:
         key = f"routes.{name}"
         if route.bucket not in config.data.buckets:
             _fail(f"{key}.bucket", f"unknown bucket {route.bucket!r}; valid: {', '.join(config.data.buckets)}")
-        if route.weight < 0:
+        if not 0 <= route.weight < math.inf:
             _fail(f"{key}.weight", f"must be >= 0, got {route.weight}")
         weights.append(route.weight)
         if config.method == "flow_matching":
             continue
         if route.field not in config.fields:
             _fail(f"{key}.field", f"unknown field {route.field!r}; valid: {', '.join(config.fields) or '(none)'}")
-        if config.fields[route.field].get("needs_source", False):
+        if config.fields[route.field].needs_source:
             if "source" not in BUCKET_KINDS[config.data.buckets[route.bucket].kind]:
                 _fail(f"{key}.bucket", f"field {route.field!r} needs source images but bucket {route.bucket!r} has none")
     if sum(weights) <= 0:
         _fail("routes", "route weights are all zero")
 
 
-def _check_flowopd(options: ConfigDict) -> None:
-    if not options.eta > 0:
-        _fail("flowopd.eta", f"must be > 0, got {options.eta}")
-    if not options.advantage_clip > 0:
-        _fail("flowopd.advantage_clip", f"must be > 0, got {options.advantage_clip}")
-    if not 0.0 < options.ppo_clip < 1.0:
-        _fail("flowopd.ppo_clip", f"must be in (0, 1), got {options.ppo_clip}")
+def _check_buckets(config: ConfigDict) -> None:
+    """Kinds, sizes, and that the condition spec reads every field a bucket's records carry."""
+    c = config.condition
+    readers = {  # record field -> (the condition key that reads it, whether it does)
+        "prompt": ("condition.text_dim", c.text_dim > 0),
+        "source": ("condition.use_source", c.use_source),
+        "label": ("condition.num_classes", c.num_classes > 0),
+    }
+    for name, bucket in config.data.buckets.items():
+        key = f"data.buckets.{name}"
+        if bucket.kind not in BUCKET_KINDS:
+            _fail(f"{key}.kind", f"unknown value {bucket.kind!r}; valid: {', '.join(BUCKET_KINDS)}")
+        if bucket.size < 1:
+            _fail(f"{key}.size", f"must be >= 1 (an empty bucket has nothing to draw), got {bucket.size}")
+        _positive_int(config, f"{key}.seed", minimum=0)
+        unread = sorted(f for f in BUCKET_KINDS[bucket.kind] if f != "image" and not readers[f][1])
+        if unread:
+            _fail(f"{key}.kind", f"{bucket.kind!r} records carry {unread[0]!r}, which config.{readers[unread[0]][0]} turns off")
+        if bucket.kind in SCENE_KINDS and config.channels != 3:
+            _fail("channels", f"the shapes world (bucket {name!r}) renders RGB: must be 3, got {config.channels}")
+
+
+def _check_condition(config: ConfigDict) -> None:
+    c = config.condition
+    for key in ("text_len", "text_dim", "num_classes"):
+        _positive_int(config, f"condition.{key}", minimum=0)
+    if (c.text_len > 0) != (c.text_dim > 0):
+        _fail("condition.text_len", f"text_len and text_dim must both be 0 or both > 0, got {c.text_len} and {c.text_dim}")
+
+
+def _check_optimizer(config: ConfigDict) -> None:
+    _choice(config, "optimizer.decay", LR_DECAYS)
+    _in_range(config, "optimizer.learning_rate", 0.0)
+    _positive_int(config, "optimizer.warmup_steps", minimum=0)
+    _in_range(config, "optimizer.weight_decay", 0.0)
+    _in_range(config, "optimizer.grad_clip", 0.0, open_low=True)
+    for key in ("b1", "b2", "ema_decay"):
+        _in_range(config, f"optimizer.{key}", 0.0, 1.0)
+
+
+def _check_flowopd(config: ConfigDict) -> None:
+    _in_range(config, "flowopd.eta", 0.0, open_low=True)
+    _in_range(config, "flowopd.advantage_clip", 0.0, open_low=True)
+    _in_range(config, "flowopd.ppo_clip", 0.0, 1.0, open_low=True)
 
 
 def validate(config: ConfigDict) -> None:
     """Raise ``ConfigError`` on the first problem found."""
-    _choice(config, "method", OBJECTIVES)
-    _choice(config, "routing", ROUTING_MODES)
-    _choice(config, "query_sampler", QUERY_SAMPLERS)
-    _choice(config, "fm_time_sampler", FLOW_MATCHING_TIMES)
-    _positive_int(config, "rollout_steps")
-    _positive_int(config, "queries_per_rollout")
-    _positive_int(config, "batch_size")
+    check_keys(config, run_template())
+    for key, valid in (("method", OBJECTIVES), ("routing", ROUTING_MODES), ("query_sampler", QUERY_SAMPLERS),
+                       ("fm_time_sampler", FLOW_MATCHING_TIMES)):  # fmt: skip
+        _choice(config, key, valid)
+    for key in ("rollout_steps", "queries_per_rollout", "batch_size", "image_size", "channels", "log_every",
+                "checkpoint_every", "keep_checkpoints"):  # fmt: skip
+        _positive_int(config, key)
     _positive_int(config, "num_train_steps", minimum=0)
-    _positive_int(config, "image_size")
-    if config.shift <= 0:
-        _fail("shift", f"must be > 0, got {config.shift}")
-    if not 0.0 <= config.condition_dropout < 1.0:
-        _fail("condition_dropout", f"must be in [0, 1), got {config.condition_dropout}")
-    _check_flowopd(config.flowopd)
-    for name, bucket in config.data.buckets.items():
-        if bucket.kind not in BUCKET_KINDS:
-            _fail(f"data.buckets.{name}.kind", f"unknown value {bucket.kind!r}; valid: {', '.join(BUCKET_KINDS)}")
-        if bucket.size < 1:
-            _fail(f"data.buckets.{name}.size", f"must be >= 1, got {bucket.size}")
+    _positive_int(config, "seed", minimum=0)
+    _in_range(config, "shift", 0.0, open_low=True)
+    _in_range(config, "condition_dropout", 0.0, 1.0)
+    _check_condition(config)
+    _check_optimizer(config)
+    _check_flowopd(config)
+    _check_buckets(config)
     _check_model(config, "student", config.student)
     for name, expert in config.experts.items():
         _check_model(config, f"experts.{name}", expert)

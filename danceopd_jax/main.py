@@ -2,8 +2,11 @@
 
 Trains with the config (see ``train.train_and_evaluate``), resuming from the latest checkpoint
 in ``DIR/checkpoints`` when there is one; a config with ``stages`` runs a pipeline of
-trainings and an evaluation (``pipeline.run_pipeline``). A bad flag or config value stops with one line on
-stderr and exit code 2, before anything is built.
+trainings and an evaluation (``pipeline.run_pipeline``). ``--distributed`` or
+``--coordinator_address/--num_processes/--process_id`` join a multi-process run (``distributed``).
+A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
+SIGTERM saves a checkpoint and exits 0 (the same command resumes); a non-finite loss or a set of
+checkpoints none of which can be read is one line on stderr and exit code 1.
 """
 
 import os
@@ -16,17 +19,21 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from danceopd_jax import pipeline, train  # noqa: E402
+from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run that JAX detects itself (TPU pod, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Explicit multi-process run: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Explicit multi-process run: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Explicit multi-process run: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _usage_error(message: str) -> None:
+def _usage_error(message: str, code: int = 2) -> None:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -52,12 +59,20 @@ def main(argv):
         _usage_error(f"--config: no such file {config_path!r}")
     config = _CONFIG.value
     try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedError as error:
+        _usage_error(error)
+    try:
         if "stages" in config:
             pipeline.run_pipeline(config, _WORKDIR.value)
         else:
             train.train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as error:
         _usage_error(error)
+    except train.Preempted:
+        return  # the loop printed where it saved; exit code 0
+    except (FloatingPointError, checkpoints.CheckpointError) as error:
+        _usage_error(error, code=1)
 
 
 if __name__ == "__main__":

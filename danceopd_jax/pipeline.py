@@ -15,12 +15,17 @@ import time
 from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints
-from danceopd_jax.config_validation import ConfigError, validate
+from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate
 from danceopd_jax.evaluation import capabilities, metrics
 from danceopd_jax.sampling import load_trained_model
 from danceopd_jax.train import train_and_evaluate
 
 STAGE_REF = "@"
+# A pipeline config's keys (each stage is a run config, checked by ``validate``).
+PIPELINE_TEMPLATE = {
+    "stages": FREE_FORM,
+    "evaluation": dict(models="", capabilities="", num_examples=1, steps=16, cfg_scale=1.0, seed=0),
+}
 
 
 def _model_specs(stage: ConfigDict):
@@ -75,6 +80,7 @@ def validate_stages(config: ConfigDict) -> list[str]:
 
 def validate_pipeline(config: ConfigDict) -> list[str]:
     """Check every stage and the evaluation section before any training; returns the stage order."""
+    check_keys(config, PIPELINE_TEMPLATE)
     order = validate_stages(config)
     evaluation = config.evaluation
     for model in _names(evaluation.models):

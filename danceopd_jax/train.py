@@ -2,9 +2,20 @@
 
 Sections follow big_vision's ``train.py``: config check, mesh, input, models, optimizer and
 state, the jitted step, checkpoint/resume, loop. Only the student is trained and checkpointed.
+
+What a run survives (README, "What survives what"): a kill at any step (resume from the newest
+readable checkpoint reproduces the uninterrupted run bit-exactly), SIGTERM (finish the step, save,
+``Preempted``), a corrupt newest checkpoint (fall back to the one before), and non-finite losses
+(an error before anything is saved, or skipped steps with ``skip_nonfinite_steps``).
 """
 
 import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -20,9 +31,17 @@ from danceopd_jax.models.dit import LOGICAL_AXES
 from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
 
 
+LOSS_LOG = "losses.jsonl"
+
+
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _check_layout(config: ConfigDict, mesh) -> None:
@@ -40,28 +59,49 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+@dataclasses.dataclass
+class _Flushed:
+    """What a metric window gives at a log point."""
+
+    last: int  # the last step in the window
+    scalars: dict[str, float]  # averages over the window's steps (``skipped_steps``: their count)
+    rate: float  # steps/s
+    losses: list[dict]  # per step: {"step", "loss" (None when not finite), "route" (None unless per-step routing)}
+
+
 class _MetricWindow:
     """Per-step device metrics kept until the next log point, then fetched in one transfer."""
 
-    def __init__(self, route_names: list[str], per_step_routing: bool):
+    def __init__(self, route_names: list[str], per_step_routing: bool, skip_nonfinite: bool):
         self.route_names = route_names
         self.per_step_routing = per_step_routing
+        self.skip_nonfinite = skip_nonfinite
         self.pending: list[tuple[int, int, Any]] = []
         self.started = time.perf_counter()
 
     def add(self, step: int, route: int, metrics) -> None:
         self.pending.append((step, route, metrics))
 
-    def flush(self) -> tuple[int, dict[str, float], float]:
-        """``(last step, averaged scalars, steps/s)``; a non-finite loss is an error naming step and route."""
+    def _check_finite(self, step: int, route: int, metrics) -> None:
+        if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+            where = f"route {self.route_names[route]!r}" if self.per_step_routing else "the batch"
+            raise FloatingPointError(
+                f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {step} on {where}"
+            )
+
+    def flush(self) -> _Flushed:
+        """The window's summary; a non-finite loss is an error naming step and route (unless the step was skipped)."""
         fetched = jax.device_get([m for _, _, m in self.pending])
         sums: dict[str, list[float]] = {}
+        losses, skipped = [], 0
         for (step, route, _), metrics in zip(self.pending, fetched):
-            if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
-                where = f"route {self.route_names[route]!r}" if self.per_step_routing else "the batch"
-                raise FloatingPointError(
-                    f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at step {step} on {where}"
-                )
+            loss = float(metrics["loss"])
+            losses.append({"step": step, "loss": loss if np.isfinite(loss) else None,
+                           "route": self.route_names[route] if self.per_step_routing else None})  # fmt: skip
+            if metrics["skipped_steps"]:
+                skipped += 1
+                continue
+            self._check_finite(step, route, metrics)
             for key in ("loss", "grad_norm", "lr"):
                 sums.setdefault(key, []).append(float(metrics[key]))
             routes = [route] if self.per_step_routing else range(len(self.route_names))
@@ -73,7 +113,104 @@ class _MetricWindow:
         rate = len(self.pending) / max(now - self.started, 1e-9)
         last = self.pending[-1][0]
         self.pending, self.started = [], now
-        return last, {key: float(np.mean(values)) for key, values in sums.items()}, rate
+        scalars = {key: float(np.mean(values)) for key, values in sums.items()}
+        if self.skip_nonfinite:
+            scalars["skipped_steps"] = skipped
+        return _Flushed(last, scalars, rate, losses)
+
+
+class _LossLog:
+    """``WORKDIR/losses.jsonl``: one JSON line ``{"step", "loss", "route"}`` per step, from process 0.
+
+    Written at every log point. On resume from checkpoint step S, lines of steps after S (written
+    before the run was stopped) are dropped, so that every step appears once.
+    """
+
+    def __init__(self, workdir: str, resume_step: int, enabled: bool):
+        self.path = os.path.join(workdir, LOSS_LOG) if enabled and jax.process_index() == 0 else None
+        if self.path and os.path.exists(self.path):
+            self._truncate(resume_step)
+
+    def _truncate(self, step: int) -> None:
+        kept = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if entry["step"] <= step:
+                    kept.append(json.dumps(entry) + "\n")
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def write(self, losses: list[dict]) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(entry) + "\n" for entry in losses)
+
+
+class Preempted(Exception):
+    """The run got SIGTERM, saved a checkpoint at ``step`` and stopped; running it again resumes there."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step} in {directory}; "
+                         "run the same command again to resume")  # fmt: skip
+        self.step = step
+
+
+class _Preemption:
+    """SIGTERM (TPU VM maintenance, SLURM, Kubernetes) as a flag the loop reads after every step.
+
+    One process: a Python handler sets the flag; the previous handler comes back on exit. Several
+    processes: JAX's preemption service (started by ``jax.distributed.initialize``) catches the
+    signal, and orbax's ``reached_preemption(step)`` makes every process stop at the same step.
+    """
+
+    def __init__(self, manager):
+        self.manager = manager
+        self.requested = False
+        self.installed = False
+        self.previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGTERM)  # None: a handler not set from Python
+            signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(step)
+        return self.requested
+
+
+@jax.jit
+def _nonfinite_parts(state: TrainState) -> dict:
+    """Per part of the state, whether any floating-point value in it is NaN or infinite."""
+
+    def bad(tree):
+        leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return functools.reduce(jnp.logical_or, [~jnp.all(jnp.isfinite(x)) for x in leaves], jnp.bool_(False))
+
+    return {"params": bad(state.params), "opt_state": bad(state.opt_state), "ema_params": bad(state.ema_params)}
+
+
+def _save_checkpoint(manager, step: int, state: TrainState, batches) -> None:
+    """Start an asynchronous save, after checking on device that the state is finite: a NaN is never written."""
+    bad = [name for name, flag in jax.device_get(_nonfinite_parts(state)).items() if flag]
+    if bad:
+        raise FloatingPointError(f"non-finite values in {', '.join(bad)} after step {step}; checkpoint not written")
+    checkpoints.save(manager, step, state, batches.get_state())
 
 
 @dataclasses.dataclass
@@ -142,6 +279,7 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
         group_sizes=build.step_group_sizes(config),
         group_blocks=jax.process_count(),
         ema_decay=opt.ema_decay,
+        skip_nonfinite=config.skip_nonfinite_steps,
     )
     replicated = parallel.replicated(mesh)
     train_step = jax.jit(
@@ -153,11 +291,37 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
     return Run(config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step)
 
 
+def _resume(run: Run, manager, workdir: str) -> tuple[int, TrainState]:
+    """``(start step, state)``: the newest readable checkpoint's, with the data iterators set to it; else 0."""
+    abstract = checkpoints.abstract_like(run.abstract_state, run.state_shardings)
+    restored = checkpoints.restore_latest(manager, abstract, _warn)
+    if restored is None:
+        return 0, run.state
+    step, state, data_state = restored
+    run.batches.set_state(data_state)
+    _log(f"Resuming from step {step} (checkpoint in {checkpoints.checkpoint_dir(workdir)})")
+    return step, state
+
+
+def _progress_line(config: ConfigDict, done: int, flushed: _Flushed) -> str:
+    scalars = flushed.scalars
+    per_route = " ".join(f"{n}={scalars[f'loss/{n}']:.4f}" for n in config.routes if f"loss/{n}" in scalars)
+    skipped = f" skipped {scalars['skipped_steps']} non-finite steps" if scalars.get("skipped_steps") else ""
+    eta = _format_eta((config.num_train_steps - done) / flushed.rate)
+    return (f"step {done}/{config.num_train_steps} loss {scalars.get('loss', float('nan')):.4f} [{per_route}] "
+            f"grad_norm {scalars.get('grad_norm', float('nan')):.3f} lr {scalars.get('lr', float('nan')):.2e}{skipped} "
+            f"{flushed.rate:.2f} steps/s ETA {eta}")  # fmt: skip
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
+    """Train ``config`` in ``workdir``, resuming from its newest readable checkpoint; returns the final state.
+
+    Metrics are checked at every log point and before every checkpoint, so a non-finite loss stops
+    the run (``FloatingPointError`` naming step and route) before its state can be saved, unless
+    ``skip_nonfinite_steps``. SIGTERM finishes the current step, saves it and raises ``Preempted``.
+    """
     run = setup_run(config)
-    state, batches = run.state, run.batches
-    route_names = list(config.routes)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
     _log(f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
          f"{jax.process_count()} process(es); method {config.method}, routing {config.routing}")
     _log(f"student: {num_params:,} parameters; experts: {', '.join(run.experts) or 'none'} (frozen)")
@@ -166,45 +330,54 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     if jax.process_index() == 0:
         checkpoints.save_run_config(config, workdir)
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
-    start = manager.latest_step() or 0
-    if start:
-        abstract = checkpoints.abstract_like(run.abstract_state, run.state_shardings)
-        state, data_state = checkpoints.restore(manager, start, abstract)
-        batches.set_state(data_state)
-        _log(f"Resuming from step {start} (checkpoint in {checkpoints.checkpoint_dir(workdir)})")
-    if start >= config.num_train_steps:
-        _log(f"Nothing to do: checkpoint step {start} >= num_train_steps {config.num_train_steps}")
+    try:
+        start, state = _resume(run, manager, workdir)
+        if start >= config.num_train_steps:
+            _log(f"Nothing to do: checkpoint step {start} >= num_train_steps {config.num_train_steps}")
+            return state
+        with _Preemption(manager) as preemption:
+            state = _train_loop(run, state, start, manager, preemption, workdir)
+    finally:
+        manager.wait_until_finished()  # an asynchronous save in flight completes before the process exits
         manager.close()
-        return state
+    _log(f"done: step {config.num_train_steps}; checkpoints in {checkpoints.checkpoint_dir(workdir)}")
+    return state
 
-    # ---------------------------------------------------------------- loop
+
+def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _Preemption, workdir: str) -> TrainState:
+    """Steps ``start .. num_train_steps``: log points, loss log, checkpoints, preemption."""
+    config = run.config
     # TensorBoard scalars from process 0 only; progress lines are printed by ``_log``.
     writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
-    window = _MetricWindow(route_names, config.routing == "per_step")
+    window = _MetricWindow(list(config.routes), config.routing == "per_step", config.skip_nonfinite_steps)
+    loss_log = _LossLog(workdir, start, config.loss_log)
     compile_started = time.perf_counter()
-    with parallel.sharding_context(run.mesh, run.rules):
-        for step in range(start, config.num_train_steps):
-            route, batch = run.global_batch(step)
-            state, metrics = run.train_step(state, run.experts, batch, jnp.int32(route))
-            window.add(step + 1, route, metrics)
-            if step == start:
-                jax.block_until_ready(metrics)
-                _log(f"step {step + 1}: compiled and ran the first step in {time.perf_counter() - compile_started:.1f}s")
-                window.started = time.perf_counter()
-            done = step + 1
-            is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_train_steps
-            if done % config.log_every == 0 or is_checkpoint:
-                last, scalars, rate = window.flush()
-                scalars["steps_per_sec"] = rate
-                writer.write_scalars(last, scalars)
-                per_route = " ".join(f"{n}={scalars[f'loss/{n}']:.4f}" for n in route_names if f"loss/{n}" in scalars)
-                eta = _format_eta((config.num_train_steps - done) / rate)
-                _log(f"step {done}/{config.num_train_steps} loss {scalars['loss']:.4f} [{per_route}] "
-                     f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} {rate:.2f} steps/s ETA {eta}")
-            if is_checkpoint:
-                checkpoints.save(manager, done, state, batches.get_state())
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    _log(f"done: step {config.num_train_steps}; checkpoints in {checkpoints.checkpoint_dir(workdir)}")
+    try:
+        with parallel.sharding_context(run.mesh, run.rules):
+            for step in range(start, config.num_train_steps):
+                route, batch = run.global_batch(step)
+                state, metrics = run.train_step(state, run.experts, batch, jnp.int32(route))
+                window.add(step + 1, route, metrics)
+                if step == start:
+                    jax.block_until_ready(metrics)
+                    _log(f"step {step + 1}: compiled and ran the first step in {time.perf_counter() - compile_started:.1f}s")
+                    window.started = time.perf_counter()
+                done = step + 1
+                preempted = preemption.reached(done) and done < config.num_train_steps  # the last step ends anyway
+                is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_train_steps or preempted
+                if done % config.log_every == 0 or is_checkpoint:  # always before a save: a NaN stops it here
+                    flushed = window.flush()
+                    flushed.scalars["steps_per_sec"] = flushed.rate
+                    writer.write_scalars(flushed.last, flushed.scalars)
+                    loss_log.write(flushed.losses)
+                    _log(_progress_line(config, done, flushed))
+                if is_checkpoint:
+                    _save_checkpoint(manager, done, state, run.batches)
+                if preempted:
+                    manager.wait_until_finished()
+                    error = Preempted(done, checkpoints.checkpoint_dir(workdir))
+                    _log(str(error))
+                    raise error
+    finally:
+        writer.flush()
     return state

@@ -36,6 +36,8 @@ def test_smoke_trains_then_resumes(tmp_path):
         (["--config.metod=danceopd"], "error: bad config override: 'metod' Did you mean \"method\""),
         (["--config.rollout_steps=many"], "error: flag --config.rollout_steps=many"),
         (["--config.routes.edit.bucket=t2i"], "error: config.routes.edit.bucket: field 'edit' needs source images"),
+        (["--config.optimizer.learnig_rate=0.1"], "error: bad config override: 'learnig_rate' Did you mean \"learning_rate\""),
+        (["--config.data.buckets.t2i.size=0"], "error: config.data.buckets.t2i.size: must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):

@@ -138,8 +138,14 @@ def make_train_step(
     group_sizes: Sequence[int],
     group_blocks: int = 1,
     ema_decay: float = 0.0,
+    skip_nonfinite: bool = False,
 ):
-    """``step(state, experts, batch, route) -> (new_state, metrics)``; gradients reach only ``state.params``."""
+    """``step(state, experts, batch, route) -> (new_state, metrics)``; gradients reach only ``state.params``.
+
+    ``skip_nonfinite``: a step whose loss or gradient norm is not finite keeps the old params,
+    optimizer state and EMA (a ``jnp.where`` on device, no host round trip); the step counter still
+    advances and ``metrics["skipped_steps"]`` is 1 for it.
+    """
 
     def step(state: TrainState, experts, batch, route):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -154,11 +160,19 @@ def make_train_step(
         ema = state.ema_params
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        grad_norm = optax.tree.norm(grads)
+        skipped = jnp.zeros((), jnp.int32)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            old = (state.params, state.opt_state, state.ema_params)
+            params, opt_state, ema = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (params, opt_state, ema), old)
+            skipped = (~finite).astype(jnp.int32)
         metrics = {
             "loss": loss,
             "group_loss": group_means(per_sample, group_sizes, group_blocks),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": lr_schedule(state.step),
+            "skipped_steps": skipped,
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         return new_state, metrics
