@@ -9,13 +9,14 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints, parallel
-from danceopd_jax.core import routing
+from danceopd_jax.core import router, routing
+from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model_field
 from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
-from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec
-from danceopd_jax.data.sources import make_bucket_source
+from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder
+from danceopd_jax.data.sources import MixedSource, make_bucket_source
 from danceopd_jax.models.dit import DiT, dit_config
 
 
@@ -78,14 +79,14 @@ def route_weights(config: ConfigDict) -> list[float]:
 
 
 def step_group_sizes(config: ConfigDict) -> list[int]:
-    """Samples per route group in one host's batch: ``[B]`` for per-step routing, apportioned otherwise."""
+    """Samples per route group in one host's batch: ``[B]`` for per-step and learned routing, apportioned otherwise."""
     per_host = config.batch_size // jax.process_count()
-    if config.routing == "per_step":
+    if config.routing in ("per_step", "learned"):
         return [per_host]
     return routing.group_sizes(per_host, route_weights(config))
 
 
-def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs) -> LossFn:
+def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
     return make_loss_fn(
         config.method,
         student_apply(student_graphdef),
@@ -101,6 +102,8 @@ def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphde
         condition_dropout=config.condition_dropout,
         fm_time_sampler=config.fm_time_sampler,
         flowopd_options=flowopd_options(config),
+        router_params=router_params,
+        router_assign=config.router.assign,
     )
 
 
@@ -117,29 +120,92 @@ def condition_spec(config: ConfigDict) -> ConditionSpec:
     return ConditionSpec(text_len=c.text_len, text_dim=c.text_dim, num_classes=c.num_classes, use_source=c.use_source)
 
 
-def make_batches(config: ConfigDict) -> BucketBatches:
-    """One grain iterator per bucket, this host's shard of each."""
+POOL = "pool"  # the one bucket of a learned-router run: every route's bucket, unlabelled
+
+
+def make_sources(config: ConfigDict) -> dict:
+    """``{bucket: source}``; with a learned router the routes' buckets pooled as ``{POOL: MixedSource}``."""
     sources = {
         name: make_bucket_source(
             bucket.kind, bucket.size, bucket.seed, config.image_size, config.channels, config.condition.num_classes
         )
         for name, bucket in config.data.buckets.items()
     }
+    if config.routing != "learned":
+        return sources
+    routes = list(config.routes.values())
+    return {POOL: MixedSource([sources[route.bucket] for route in routes], route_weights(config), seed=config.seed)}
+
+
+def make_batches(config: ConfigDict, sources: dict) -> BucketBatches:
+    """One grain iterator per bucket of ``make_sources``, this host's shard of each."""
     image_shape = (config.image_size, config.image_size, config.channels)
     return BucketBatches(sources, condition_spec(config), image_shape, seed=config.seed)
 
 
-def step_route_and_groups(config: ConfigDict, step: int) -> tuple[int, list[tuple[str, int]]]:
+def train_router(config: ConfigDict, pool: MixedSource) -> tuple[router.RouterParams, dict]:
+    """Fit the learned router on the pool's first ``label_fraction`` labels; ``(params, report)``.
+
+    The last ``router.heldout`` positions of the pool are never labelled for training; the report
+    gives the router's accuracy on them (and on its own training labels), the label counts and
+    the held-out confusion matrix (rows: true route, columns: predicted).
+    """
+    r = config.router
+    image_shape = (config.image_size, config.image_size, config.channels)
+    encode = RecordEncoder(condition_spec(config), image_shape)
+    heldout = list(range(len(pool) - r.heldout, len(pool)))
+    labelled = list(range(int(r.label_fraction * (len(pool) - r.heldout))))
+
+    def features(positions):
+        conds = [encode(pool[i])["cond"] for i in positions]
+        return np.asarray(router.router_features(jax.tree.map(lambda *a: np.stack(a), *conds)))
+
+    train_x, train_y = features(labelled), pool.labels[labelled]
+    params = router.train_router(
+        train_x, train_y, len(config.routes), hidden=r.hidden, steps=r.train_steps, learning_rate=r.learning_rate,
+        weight_decay=r.weight_decay, seed=config.seed,
+    )  # fmt: skip
+    test_x, test_y = features(heldout), pool.labels[heldout]
+    predicted = np.asarray(router.router_logits(params, test_x)).argmax(axis=-1)
+    confusion = np.zeros((len(config.routes),) * 2, int)
+    np.add.at(confusion, (test_y, predicted), 1)
+    report = dict(
+        routes=list(config.routes),
+        labelled=len(labelled),
+        label_counts=np.bincount(train_y, minlength=len(config.routes)).tolist(),
+        heldout=len(heldout),
+        heldout_accuracy=float(np.mean(predicted == test_y)),
+        train_accuracy=router.router_accuracy(params, train_x, train_y),
+        confusion=confusion.tolist(),
+    )
+    return params, report
+
+
+def make_route_weights(config: ConfigDict) -> RouteWeights:
+    """The per-step route weight schedule of ``config.route_weights`` (fixed unless configured)."""
+    w = config.route_weights
+    end = [w.end[name] for name in config.routes] if w.schedule == "curriculum" else None
+    return RouteWeights(
+        route_weights(config), schedule=w.schedule, end=end, curriculum_steps=w.curriculum_steps,
+        ema_decay=w.ema_decay, temperature=w.temperature, floor=w.floor,
+    )  # fmt: skip
+
+
+def step_route_and_groups(config: ConfigDict, step: int, weights=None) -> tuple[int, list[tuple[str, int]]]:
     """The route index of ``step`` and this host's ``(bucket, samples)`` groups, in route order.
 
-    Per-step routing draws the whole batch from the routed bucket; the other modes draw each
-    route group from its route's bucket. Counts are per host (the global batch over processes).
+    Per-step routing draws the whole batch from the routed bucket, the route drawn with
+    ``weights`` (default: the route weights); a learned router's batch comes from the pool; the
+    other modes draw each route group from its route's bucket. Counts are per host (the global
+    batch over processes).
     """
     routes = list(config.routes.values())
     per_host = config.batch_size // jax.process_count()
     if config.routing == "per_step":
-        route = routing.route_for_step(config.seed, step, route_weights(config))
+        route = routing.route_for_step(config.seed, step, route_weights(config) if weights is None else weights)
         return route, [(routes[route].bucket, per_host)]
+    if config.routing == "learned":
+        return 0, [(POOL, per_host)]
     sizes = routing.group_sizes(per_host, route_weights(config))
     return 0, [(route.bucket, size) for route, size in zip(routes, sizes) if size]
 

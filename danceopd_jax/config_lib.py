@@ -36,7 +36,21 @@ def base_config() -> ConfigDict:
     config.batch_size = 8  # global samples per step
 
     config.method = "danceopd"  # danceopd | diffusionopd | flowopd | offpolicy | flow_matching
-    config.routing = "per_step"  # per_step | per_sample | soft
+    config.routing = "per_step"  # per_step | per_sample | soft | learned
+    # routing == "learned" (core/router.py): the routes' buckets are pooled into one unlabelled
+    # stream (a position comes from route m's bucket with probability weight_m); an MLP router,
+    # trained on the labels of the pool's first label_fraction (heldout positions at the end are
+    # kept apart to measure its accuracy), picks the field of every sample inside the step:
+    # argmax | sample (hard) or soft (sum_m p_m v_m, the comparison row).
+    config.router = ConfigDict(
+        dict(label_fraction=0.05, assign="argmax", hidden=64, train_steps=500, learning_rate=1e-2, weight_decay=1e-4, heldout=512)
+    )
+    # How per-step routes are drawn (core/route_weights.py): fixed route weights; adaptive (weights
+    # follow each route's running loss, never below floor x its base weight); or a curriculum that
+    # moves them linearly to ``end`` (route name -> weight) over curriculum_steps.
+    config.route_weights = ConfigDict(
+        dict(schedule="fixed", ema_decay=0.9, temperature=1.0, floor=0.2, curriculum_steps=0, end=ConfigDict())
+    )
     config.rollout_steps = 16
     config.shift = 1.0
     config.query_sampler = "low_t"

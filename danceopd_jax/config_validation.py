@@ -18,6 +18,8 @@ from ml_collections import ConfigDict
 
 from danceopd_jax.config_lib import base_config, expert_field, model_spec
 from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
+from danceopd_jax.core.route_weights import SCHEDULES
+from danceopd_jax.core.router import ASSIGNMENTS
 from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
@@ -60,6 +62,7 @@ def run_template() -> dict:
     template["fields"] = Entries({**expert_field(""), "terms": Entries(1.0)})
     template["routes"] = Entries(ROUTE_TEMPLATE)
     template["data"] = {"buckets": Entries(BUCKET_TEMPLATE)}
+    template["route_weights"]["end"] = Entries(1.0)
     template["logical_axis_rules"] = FREE_FORM
     return template
 
@@ -218,6 +221,46 @@ def _check_routes(config: ConfigDict) -> None:
         _fail("routes", "route weights are all zero")
 
 
+def _check_router(config: ConfigDict) -> None:
+    """``routing == "learned"``: a distillation method, a condition the router can read, sane training."""
+    if config.method == "flow_matching":
+        _fail("routing", "'learned' routes samples to expert fields; method 'flow_matching' has none")
+    if not (config.condition.text_dim > 0 or config.condition.use_source):
+        _fail("routing", "'learned' reads the prompt embedding or the source flag; config.condition has neither")
+    _choice(config, "router.assign", ASSIGNMENTS)
+    _in_range(config, "router.label_fraction", 0.0, 1.0, open_low=True, open_high=False)
+    for key in ("hidden", "train_steps", "heldout"):
+        _positive_int(config, f"router.{key}")
+    _in_range(config, "router.learning_rate", 0.0, open_low=True)
+    _in_range(config, "router.weight_decay", 0.0)
+    pool = sum(config.data.buckets[route.bucket].size for route in config.routes.values())
+    labelled = int(config.router.label_fraction * (pool - config.router.heldout))
+    if labelled < 1:
+        _fail("router.label_fraction", f"leaves {labelled} labelled records of a pool of {pool} ({config.router.heldout} held out)")
+
+
+def _check_route_weights(config: ConfigDict) -> None:
+    """Non-fixed schedules reweight per-step routes; their own parameters in range."""
+    _choice(config, "route_weights.schedule", SCHEDULES)
+    _in_range(config, "route_weights.floor", 0.0, 1.0, open_low=True, open_high=False)
+    _in_range(config, "route_weights.temperature", 0.0, open_low=True)
+    _in_range(config, "route_weights.ema_decay", 0.0, 1.0)
+    w = config.route_weights
+    if w.schedule == "fixed":
+        return
+    if config.routing != "per_step":
+        _fail("route_weights.schedule", f"{w.schedule!r} reweights the route drawn each step; needs routing 'per_step', got {config.routing!r}")
+    if w.schedule == "adaptive":
+        return
+    _positive_int(config, "route_weights.curriculum_steps")
+    if set(w.end) != set(config.routes):
+        _fail("route_weights.end", f"needs one weight per route ({', '.join(config.routes)}), got {', '.join(w.end) or 'none'}")
+    for name, weight in w.end.items():
+        _in_range(config, f"route_weights.end.{name}", 0.0)
+    if sum(w.end.values()) <= 0:
+        _fail("route_weights.end", "weights are all zero")
+
+
 def _check_buckets(config: ConfigDict) -> None:
     """Kinds, sizes, and that the condition spec reads every field a bucket's records carry."""
     c = config.condition
@@ -286,6 +329,9 @@ def validate(config: ConfigDict) -> None:
         _check_model(config, f"experts.{name}", expert)
     _check_fields(config)
     _check_routes(config)
+    if config.routing == "learned":
+        _check_router(config)
+    _check_route_weights(config)
     if config.method in ("offpolicy", "flow_matching"):
         for name, route in config.routes.items():
             if "image" not in BUCKET_KINDS[config.data.buckets[route.bucket].kind]:

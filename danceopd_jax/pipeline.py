@@ -96,13 +96,17 @@ def validate_pipeline(config: ConfigDict) -> list[str]:
 
 
 def evaluate_models(model_dirs: dict[str, str], evaluation: ConfigDict, out_dir: str) -> dict[str, dict[str, float]]:
-    """Sample and score trained models (``{name: workdir}``) on every listed capability.
+    """Sample and score trained models (``{name: workdir}``) on every listed capability (``evaluate_loaded``)."""
+    return evaluate_loaded({name: load_trained_model(path) for name, path in model_dirs.items()}, evaluation, out_dir)
+
+
+def evaluate_loaded(loaded: dict, evaluation: ConfigDict, out_dir: str) -> dict[str, dict[str, float]]:
+    """Sample and score loaded models (``{name: load_trained_model(...)}``) on every listed capability.
 
     Writes ``OUT_DIR/metrics.json``, ``OUT_DIR/metrics.md`` and ``OUT_DIR/grids/CAPABILITY.png``;
     returns ``{model: {metric: value}}``.
     """
-    loaded = {name: load_trained_model(path) for name, path in model_dirs.items()}
-    results: dict[str, dict[str, float]] = {name: {} for name in model_dirs}
+    results: dict[str, dict[str, float]] = {name: {} for name in loaded}
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     for capability in _names(evaluation.capabilities):
         examples = capabilities.evaluation_examples(capability, evaluation.num_examples, evaluation.seed)

@@ -1,7 +1,8 @@
 """Sampling from a trained model (the API behind ``python -m danceopd_jax.sample``).
 
 The run's ``config.json`` (written by training) says how to rebuild the model and encode the
-condition; weights are the latest checkpoint's (EMA when the run kept one).
+condition; weights are the latest checkpoint's (EMA when the run kept one). ``sample_task`` is
+the one-call API: a task flag (``tasks.TASKS``), prompts and edit sources -> uint8 images.
 """
 
 import functools
@@ -21,6 +22,7 @@ from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.pipeline import RecordEncoder
 from danceopd_jax.models.dit import LOGICAL_AXES
+from danceopd_jax.tasks import Task, check_task, task_conditions
 
 
 def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
@@ -64,6 +66,44 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
     """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` (CFG when ``cfg_scale != 1``)."""
     run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), float(cfg_scale))
     return np.asarray(run(params, cond, key))
+
+
+def sample_task(
+    model: str | os.PathLike | tuple,
+    task: str | Task,
+    prompts: Sequence[str],
+    sources: Sequence[np.ndarray] | None = None,
+    *,
+    steps: int | None = None,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """uint8 samples ``[B, H, W, C]`` of ``task`` (see ``tasks.py``) on ``prompts`` and, for edit
+    tasks, one source image per prompt (float32 in [-1, 1] at the model's resolution, e.g. from
+    ``read_image``).
+
+    ``model`` is a training run's workdir (the task is checked before the weights are loaded) or
+    the ``(config, graphdef, params)`` of ``load_trained_model``. ``steps`` defaults to the run's
+    rollout steps. A task that cannot run on these inputs is a one-line ``ValueError``.
+    """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(model, (str, os.PathLike)):
+        check_task(checkpoints.load_run_config(os.fspath(model)), task, prompts, sources)
+        model = load_trained_model(os.fspath(model))
+    config, graphdef, params = model
+    cond = task_conditions(config, task, prompts, sources)
+    images = generate(
+        graphdef,
+        params,
+        cond,
+        jax.random.key(seed),
+        image_shape=(config.image_size, config.image_size, config.channels),
+        steps=steps or config.rollout_steps,
+        shift=config.shift,
+        cfg_scale=cfg_scale,
+    )
+    return to_uint8(images)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

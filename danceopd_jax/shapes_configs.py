@@ -48,6 +48,13 @@ def bucket(kind: str, size: int, seed: int, weight: float = 1.0) -> dict:
     return dict(kind=kind, size=size, seed=seed, weight=weight)
 
 
+def _set_routes(config: ConfigDict, fields: dict, buckets: dict) -> None:
+    """One route per bucket (``bucket(...)`` values): route NAME draws from bucket NAME with the
+    bucket's weight and targets ``fields[NAME]`` (empty for flow matching)."""
+    config.routes = ConfigDict({name: dict(field=fields[name], bucket=name, weight=b["weight"]) for name, b in buckets.items()})
+    config.data.buckets = ConfigDict({name: {k: v for k, v in b.items() if k != "weight"} for name, b in buckets.items()})
+
+
 def flow_matching_stage(
     steps: int, batch: int, buckets: dict, init: str = "", lr: float = 3e-3, seed: int = 0, preset: str = "mini"
 ) -> ConfigDict:
@@ -63,10 +70,7 @@ def flow_matching_stage(
     config.num_train_steps = steps
     config.batch_size = batch
     config.student = shapes_model(preset, init="checkpoint", checkpoint=init) if init else shapes_model(preset)
-    config.routes = ConfigDict({name: dict(field="", bucket=name, weight=b["weight"]) for name, b in buckets.items()})
-    config.data.buckets = ConfigDict(
-        {name: {k: v for k, v in b.items() if k != "weight"} for name, b in buckets.items()}
-    )
+    _set_routes(config, {name: "" for name in buckets}, buckets)
     config.optimizer.learning_rate = lr
     config.optimizer.warmup_steps = min(100, steps // 10)
     config.optimizer.ema_decay = 0.99
@@ -97,12 +101,20 @@ def distillation_stage(
     sampler: str = "low_t",
     seed: int = 0,
     preset: str = "mini",
+    router: dict | None = None,
+    route_weights: dict | None = None,
 ) -> ConfigDict:
-    """A student (from ``student``) distilled from the routes' fields (``route(...)`` values)."""
+    """A student (from ``student``) distilled from the routes' fields (``route(...)`` values).
+
+    ``router`` / ``route_weights`` override keys of ``config.router`` (``routing="learned"``) and
+    ``config.route_weights`` (``config_lib.base_config``).
+    """
     config = shapes_world(base_config())
     config.seed = seed
     config.method = method
     config.routing = routing
+    config.router.update(router or {})
+    config.route_weights.update(route_weights or {})
     config.query_sampler = sampler
     config.rollout_steps = rollout
     config.num_train_steps = steps
@@ -116,10 +128,7 @@ def distillation_stage(
             for name, r in routes.items()
         }
     )
-    config.routes = ConfigDict({name: dict(field=name, bucket=name, weight=r["bucket"]["weight"]) for name, r in routes.items()})
-    config.data.buckets = ConfigDict(
-        {name: {k: v for k, v in r["bucket"].items() if k != "weight"} for name, r in routes.items()}
-    )
+    _set_routes(config, {name: name for name in routes}, {name: r["bucket"] for name, r in routes.items()})
     config.optimizer.learning_rate = 3e-4
     config.optimizer.warmup_steps = min(20, steps // 10)
     config.optimizer.ema_decay = 0.0

@@ -28,10 +28,12 @@ from ml_collections import ConfigDict
 from danceopd_jax import build, checkpoints, parallel
 from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.models.dit import LOGICAL_AXES
+from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
 
 
 LOSS_LOG = "losses.jsonl"
+ROUTER_REPORT = "router.json"  # a learned router's accuracy, label counts and confusion matrix
 
 
 def _log(message: str) -> None:
@@ -66,21 +68,24 @@ class _Flushed:
     last: int  # the last step in the window
     scalars: dict[str, float]  # averages over the window's steps (``skipped_steps``: their count)
     rate: float  # steps/s
-    losses: list[dict]  # per step: {"step", "loss" (None when not finite), "route" (None unless per-step routing)}
+    losses: list[dict]  # per step: {"step", "loss" (None when not finite), "route" (None unless per-step routing)[, "weights"]}
 
 
 class _MetricWindow:
     """Per-step device metrics kept until the next log point, then fetched in one transfer."""
 
-    def __init__(self, route_names: list[str], per_step_routing: bool, skip_nonfinite: bool):
+    def __init__(self, route_names: list[str], per_step_routing: bool, skip_nonfinite: bool, log_weights: bool):
         self.route_names = route_names
         self.per_step_routing = per_step_routing
         self.skip_nonfinite = skip_nonfinite
+        self.log_weights = log_weights  # a route schedule that changes the weights: log them per step
         self.pending: list[tuple[int, int, Any]] = []
+        self.weights: list[np.ndarray] = []
         self.started = time.perf_counter()
 
-    def add(self, step: int, route: int, metrics) -> None:
+    def add(self, step: int, route: int, metrics, weights: np.ndarray) -> None:
         self.pending.append((step, route, metrics))
+        self.weights.append(weights)
 
     def _check_finite(self, step: int, route: int, metrics) -> None:
         if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
@@ -94,10 +99,12 @@ class _MetricWindow:
         fetched = jax.device_get([m for _, _, m in self.pending])
         sums: dict[str, list[float]] = {}
         losses, skipped = [], 0
-        for (step, route, _), metrics in zip(self.pending, fetched):
+        for (step, route, _), metrics, weights in zip(self.pending, fetched, self.weights):
             loss = float(metrics["loss"])
             losses.append({"step": step, "loss": loss if np.isfinite(loss) else None,
                            "route": self.route_names[route] if self.per_step_routing else None})  # fmt: skip
+            if self.log_weights:
+                losses[-1]["weights"] = [round(float(w), 6) for w in weights]
             if metrics["skipped_steps"]:
                 skipped += 1
                 continue
@@ -112,8 +119,10 @@ class _MetricWindow:
         now = time.perf_counter()
         rate = len(self.pending) / max(now - self.started, 1e-9)
         last = self.pending[-1][0]
-        self.pending, self.started = [], now
         scalars = {key: float(np.mean(values)) for key, values in sums.items()}
+        if self.log_weights:
+            scalars.update({f"route_weight/{name}": float(w) for name, w in zip(self.route_names, self.weights[-1])})
+        self.pending, self.weights, self.started = [], [], now
         if self.skip_nonfinite:
             scalars["skipped_steps"] = skipped
         return _Flushed(last, scalars, rate, losses)
@@ -205,12 +214,15 @@ def _nonfinite_parts(state: TrainState) -> dict:
     return {"params": bad(state.params), "opt_state": bad(state.opt_state), "ema_params": bad(state.ema_params)}
 
 
-def _save_checkpoint(manager, step: int, state: TrainState, batches) -> None:
-    """Start an asynchronous save, after checking on device that the state is finite: a NaN is never written."""
+def _save_checkpoint(manager, step: int, state: TrainState, run: "Run") -> None:
+    """Start an asynchronous save, after checking on device that the state is finite: a NaN is never written.
+
+    Beside the train state go the host states: the data streams' positions and the route schedule.
+    """
     bad = [name for name, flag in jax.device_get(_nonfinite_parts(state)).items() if flag]
     if bad:
         raise FloatingPointError(f"non-finite values in {', '.join(bad)} after step {step}; checkpoint not written")
-    checkpoints.save(manager, step, state, batches.get_state())
+    checkpoints.save(manager, step, state, {"buckets": run.batches.get_state(), "route_weights": run.route_weights.get_state()})
 
 
 @dataclasses.dataclass
@@ -228,10 +240,14 @@ class Run:
     batch_sharding: Any
     loss_fn: Callable  # (params, experts, batch, route, key) -> per-sample loss [B], unjitted
     train_step: Callable
+    route_weights: RouteWeights  # the per-step route schedule (host state, checkpointed)
+    router_report: dict | None  # a learned router's accuracy and label counts (``build.train_router``)
 
-    def global_batch(self, step: int) -> tuple[int, dict]:
-        """The route of ``step`` and its batch as global arrays sharded over (data, fsdp)."""
-        route, groups = build.step_route_and_groups(self.config, step)
+    def global_batch(self, step: int, weights=None) -> tuple[int, dict]:
+        """The route of ``step`` (drawn with ``weights``, default: the schedule's) and its batch as
+        global arrays sharded over (data, fsdp)."""
+        weights = self.route_weights.weights(step) if weights is None else weights
+        route, groups = build.step_route_and_groups(self.config, step, weights)
         local = build.draw_batch(self.batches, groups)
         batch = jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a), local)
         return route, batch
@@ -245,9 +261,15 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
     rules = parallel.axis_rules(config.logical_axis_rules, LOGICAL_AXES)
     _check_layout(config, mesh)
 
-    # ---------------------------------------------------------------- input
-    batches = build.make_batches(config)
+    # ---------------------------------------------------------------- input, router
+    sources = build.make_sources(config)
+    batches = build.make_batches(config, sources)
     batch_sharding = parallel.batch_sharding(mesh)
+    router_params, router_report = None, None
+    if config.routing == "learned":
+        router_params, router_report = build.train_router(config, sources[build.POOL])
+        _log(f"router: {router_report['labelled']} labelled samples (per route {router_report['label_counts']}), "
+             f"held-out accuracy {router_report['heldout_accuracy']:.3f} on {router_report['heldout']}")  # fmt: skip
 
     # ---------------------------------------------------------------- models
     student_graphdef, student_params, _ = build.load_model(config, config.student, mesh, rules)
@@ -271,7 +293,7 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
         state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(student_params)
 
     # ---------------------------------------------------------------- the jitted step
-    loss_fn = build.make_loss(config, student_graphdef, expert_graphdefs)
+    loss_fn = build.make_loss(config, student_graphdef, expert_graphdefs, router_params)
     step_fn = make_train_step(
         loss_fn,
         optimizer,
@@ -280,6 +302,7 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
         group_blocks=jax.process_count(),
         ema_decay=opt.ema_decay,
         skip_nonfinite=config.skip_nonfinite_steps,
+        router_params=router_params,
     )
     replicated = parallel.replicated(mesh)
     train_step = jax.jit(
@@ -288,7 +311,10 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    return Run(config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step)
+    return Run(
+        config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step,
+        build.make_route_weights(config), router_report,
+    )  # fmt: skip
 
 
 def _resume(run: Run, manager, workdir: str) -> tuple[int, TrainState]:
@@ -297,8 +323,9 @@ def _resume(run: Run, manager, workdir: str) -> tuple[int, TrainState]:
     restored = checkpoints.restore_latest(manager, abstract, _warn)
     if restored is None:
         return 0, run.state
-    step, state, data_state = restored
-    run.batches.set_state(data_state)
+    step, state, host_state = restored
+    run.batches.set_state(host_state["buckets"])
+    run.route_weights.set_state(host_state["route_weights"])
     _log(f"Resuming from step {step} (checkpoint in {checkpoints.checkpoint_dir(workdir)})")
     return step, state
 
@@ -307,6 +334,8 @@ def _progress_line(config: ConfigDict, done: int, flushed: _Flushed) -> str:
     scalars = flushed.scalars
     per_route = " ".join(f"{n}={scalars[f'loss/{n}']:.4f}" for n in config.routes if f"loss/{n}" in scalars)
     skipped = f" skipped {scalars['skipped_steps']} non-finite steps" if scalars.get("skipped_steps") else ""
+    weights = " ".join(f"{n}={scalars[f'route_weight/{n}']:.2f}" for n in config.routes if f"route_weight/{n}" in scalars)
+    per_route += f"] [weights {weights}" if weights else ""
     eta = _format_eta((config.num_train_steps - done) / flushed.rate)
     return (f"step {done}/{config.num_train_steps} loss {scalars.get('loss', float('nan')):.4f} [{per_route}] "
             f"grad_norm {scalars.get('grad_norm', float('nan')):.3f} lr {scalars.get('lr', float('nan')):.2e}{skipped} "
@@ -329,6 +358,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     # ---------------------------------------------------------------- checkpoint / resume
     if jax.process_index() == 0:
         checkpoints.save_run_config(config, workdir)
+        if run.router_report is not None:
+            with open(os.path.join(workdir, ROUTER_REPORT), "w", encoding="utf-8") as f:
+                json.dump(run.router_report, f, indent=2)
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
     try:
         start, state = _resume(run, manager, workdir)
@@ -349,15 +381,19 @@ def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _P
     config = run.config
     # TensorBoard scalars from process 0 only; progress lines are printed by ``_log``.
     writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
-    window = _MetricWindow(list(config.routes), config.routing == "per_step", config.skip_nonfinite_steps)
+    window = _MetricWindow(
+        list(config.routes), config.routing == "per_step", config.skip_nonfinite_steps, config.route_weights.schedule != "fixed"
+    )
     loss_log = _LossLog(workdir, start, config.loss_log)
     compile_started = time.perf_counter()
     try:
         with parallel.sharding_context(run.mesh, run.rules):
             for step in range(start, config.num_train_steps):
-                route, batch = run.global_batch(step)
+                weights = run.route_weights.weights(step)
+                route, batch = run.global_batch(step, weights)
                 state, metrics = run.train_step(state, run.experts, batch, jnp.int32(route))
-                window.add(step + 1, route, metrics)
+                run.route_weights.observe(route, metrics["loss"])  # adaptive: folds in the previous step's loss
+                window.add(step + 1, route, metrics, weights)
                 if step == start:
                     jax.block_until_ready(metrics)
                     _log(f"step {step + 1}: compiled and ran the first step in {time.perf_counter() - compile_started:.1f}s")
@@ -372,7 +408,7 @@ def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _P
                     loss_log.write(flushed.losses)
                     _log(_progress_line(config, done, flushed))
                 if is_checkpoint:
-                    _save_checkpoint(manager, done, state, run.batches)
+                    _save_checkpoint(manager, done, state, run)
                 if preempted:
                     manager.wait_until_finished()
                     error = Preempted(done, checkpoints.checkpoint_dir(workdir))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Cloud TPU VM (single host or pod slice) from creation to teardown, with gcloud.
-#   launch/tpu_vm.sh create  NAME --zone=Z [--type=v5litepod-8] [--version=v2-alpha-tpuv5-lite]
+#   launch/tpu_vm.sh create  NAME --zone=Z [--type=v5litepod-8] [--version=IMAGE (default: the type's image)]
 #   launch/tpu_vm.sh setup   NAME --zone=Z            copy this checkout to every worker, pip install -e '.[tpu]'
 #   launch/tpu_vm.sh run     NAME --zone=Z CONFIG WORKDIR [--config.KEY=VALUE ...]   on --worker=all
 #   launch/tpu_vm.sh delete  NAME --zone=Z
@@ -13,7 +13,7 @@ usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1 name=$2
 shift 2
-zone="" type=v5litepod-8 version=v2-alpha-tpuv5-lite dry_run=0
+zone="" type=v5litepod-8 version="" dry_run=0
 positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
@@ -27,6 +27,15 @@ for arg in "$@"; do
   esac
 done
 [ -n "$zone" ] || { echo "error: --zone=ZONE is required" >&2; exit 2; }
+if [ -z "$version" ]; then  # the software image Cloud TPU documents for each generation
+  case "$type" in
+    v4-*) version="tpu-ubuntu2204-base" ;;
+    v5litepod-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) echo "error: no default image for --type=$type: pass --version=IMAGE" >&2; exit 2 ;;
+  esac
+fi
 remote_dir=danceopd_jax
 tpu=(gcloud compute tpus tpu-vm)
 

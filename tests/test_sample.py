@@ -1,5 +1,6 @@
 """The sampling command and API on a freshly trained smoke run."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -10,12 +11,14 @@ import pytest
 from PIL import Image
 
 from danceopd_jax import checkpoints
-from danceopd_jax.sampling import encode_conditions, generate, load_trained_model
+from danceopd_jax.sampling import encode_conditions, generate, load_trained_model, sample_task, to_uint8
+from danceopd_jax.tasks import TASKS, task_conditions
 from danceopd_jax.train import train_and_evaluate
 
 from conftest import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+VALID = "valid: t2i, realism, edit, local_edit, global_edit"
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +64,20 @@ def test_command_writes_a_png(workdir, tmp_path):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--task", "edit"], "error: --task=edit needs --source"),
-        (["--task", "paint"], "error: --task: unknown task 'paint'; valid: t2i, edit"),
+        (["--task", "edit"], "error: task 'edit' needs a source image"),
+        (["--task", "local_edit"], "error: task 'local_edit' needs a source image"),
+        (["--task", "global_edit"], "error: task 'global_edit' needs a source image"),
+        (["--task", "paint"], f"error: unknown task 'paint'; {VALID}"),
         (["--task", "edit", "--source", "/nonexistent.png"], "error: no such image '/nonexistent.png'"),
-        (["--source", "/nonexistent.png"], "error: --source given but --task=t2i takes no source image"),
+        (["--source", "/nonexistent.png"], "error: task 't2i' takes no source image"),
+        (["--source", "SRC"], "error: task 't2i' takes no source image"),
+        (["--task", "realism", "--source", "SRC"], "error: task 'realism' takes no source image"),
     ],
 )
 def test_command_bad_input(workdir, tmp_path, flags, message):
+    source = tmp_path / "src.png"
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(source)
+    flags = [str(source) if flag == "SRC" else flag for flag in flags]
     result = _sample("--workdir", str(workdir), "--out", str(tmp_path / "x.png"), *flags)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert not (tmp_path / "x.png").exists()
@@ -76,3 +86,116 @@ def test_command_bad_input(workdir, tmp_path, flags, message):
 def test_command_missing_workdir(tmp_path):
     result = _sample("--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "config.json not found" in result.stderr.strip().splitlines()[-1]
+
+
+# --- task flags ------------------------------------------------------------------------------
+
+
+def test_registry_lists_the_tasks():
+    assert list(TASKS) == ["t2i", "realism", "edit", "local_edit", "global_edit"]
+    assert [name for name, task in TASKS.items() if task.needs_source] == ["edit", "local_edit", "global_edit"]
+    assert all(task.name == name and task.description for name, task in TASKS.items())
+
+
+def test_api_unknown_task_lists_every_valid_task(workdir):
+    config = checkpoints.load_run_config(str(workdir))
+    with pytest.raises(ValueError) as error:
+        task_conditions(config, "paint", ["a red disc"])
+    assert str(error.value) == f"unknown task 'paint'; {VALID}"
+    with pytest.raises(ValueError, match=f"^unknown task 'paint'; {VALID}$"):
+        sample_task(str(workdir), "paint", ["a red disc"])
+
+
+@pytest.mark.parametrize("task", ["edit", "local_edit", "global_edit"])
+def test_api_edit_tasks_need_a_source_for_every_prompt(workdir, task):
+    config = checkpoints.load_run_config(str(workdir))
+    source = np.zeros((8, 8, 3), np.float32)
+    for sources in (None, [source], [source, None]):
+        with pytest.raises(ValueError, match=f"^task '{task}' needs a source image") as error:
+            task_conditions(config, task, ["make it blue", "make it night"], sources)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("task", ["t2i", "realism"])
+def test_api_prompt_tasks_take_no_source(workdir, task):
+    config = checkpoints.load_run_config(str(workdir))
+    with pytest.raises(ValueError, match=f"^task '{task}' takes no source image"):
+        task_conditions(config, task, ["a red disc"], [np.zeros((8, 8, 3), np.float32)])
+
+
+def _sourceless_workdir(workdir, tmp_path):
+    """A copy of the run's config.json with ``condition.use_source=False`` (the task is refused
+    before any weights are read, so no checkpoint is needed)."""
+    run = json.loads((workdir / "config.json").read_text())
+    run["condition"]["use_source"] = False
+    path = tmp_path / "sourceless"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(run))
+    return path
+
+
+def test_a_model_trained_without_sources_refuses_edit_tasks(workdir, tmp_path):
+    path = _sourceless_workdir(workdir, tmp_path)
+    config = checkpoints.load_run_config(str(path))
+    source = np.zeros((8, 8, 3), np.float32)
+    for task in ("edit", "local_edit", "global_edit"):
+        with pytest.raises(ValueError, match=f"^task '{task}' edits a source image, but this model was trained without"):
+            task_conditions(config, task, ["make it blue"], [source])
+        with pytest.raises(ValueError, match="condition.use_source=False"):
+            sample_task(str(path), task, ["make it blue"], [source])
+    cond = task_conditions(config, "t2i", ["a red disc"])
+    assert "source" not in cond and "source_mask" not in cond
+    src = tmp_path / "src.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(src)
+    result = _sample("--workdir", str(path), "--out", str(tmp_path / "x.png"), "--task", "local_edit", "--source", str(src))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("error: task 'local_edit' edits a source image"), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_tasks_of_one_family_give_identical_conditioning(workdir):
+    config = checkpoints.load_run_config(str(workdir))
+    rng = np.random.default_rng(0)
+    sources = [rng.uniform(-1, 1, (8, 8, 3)).astype(np.float32) for _ in range(2)]
+    prompts = ["make the circle blue", "make it night"]
+    edit = task_conditions(config, "edit", prompts, sources)
+    assert list(edit["source_mask"]) == [True, True] and np.array_equal(edit["source"], np.stack(sources))
+    for task in ("local_edit", "global_edit"):
+        other = task_conditions(config, task, prompts, sources)
+        assert jax.tree.all(jax.tree.map(np.array_equal, edit, other))
+    prompts = ["a red disc", "a blue square"]
+    t2i = task_conditions(config, "t2i", prompts)
+    realism = task_conditions(config, "realism", prompts, [None, None])
+    assert list(t2i["source_mask"]) == [False, False] and not t2i["source"].any()
+    assert jax.tree.all(jax.tree.map(np.array_equal, t2i, realism))
+    assert jax.tree.all(jax.tree.map(np.array_equal, t2i, encode_conditions(config, prompts)))
+
+
+def test_sample_task_matches_generate(workdir):
+    loaded = load_trained_model(str(workdir))
+    config, graphdef, params = loaded
+    source = np.zeros((8, 8, 3), np.float32)
+    images = sample_task(loaded, "local_edit", ["make it blue"] * 2, [source] * 2, steps=3, cfg_scale=2.0, seed=1)
+    cond = encode_conditions(config, ["make it blue"] * 2, [source] * 2)
+    expected = to_uint8(generate(graphdef, params, cond, jax.random.key(1), image_shape=(8, 8, 3), steps=3,
+                                 shift=config.shift, cfg_scale=2.0))
+    assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 3) and np.array_equal(images, expected)
+    assert np.array_equal(sample_task(str(workdir), "edit", ["make it blue"] * 2, [source] * 2, steps=3, cfg_scale=2.0, seed=1), images)
+    assert sample_task(loaded, "realism", ["a red disc"]).shape == (1, 8, 8, 3)
+
+
+def test_command_local_edit_writes_a_png(workdir, tmp_path):
+    source = tmp_path / "x.png"
+    Image.fromarray(np.full((20, 20, 3), 30, np.uint8)).save(source)
+    out = tmp_path / "local.png"
+    result = _sample("--workdir", str(workdir), "--prompt", "make the circle blue", "--task", "local_edit",
+                     "--source", str(source), "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "task local_edit" in result.stdout
+    assert np.asarray(Image.open(out)).shape == (8, 8, 3)
+
+
+def test_command_help_lists_the_tasks():
+    result = _sample("--help")
+    flag = " ".join(result.stdout.split("--task:")[1].split("(default: 't2i')")[0].split())
+    assert all(f"{name}: {task.description}" in flag for name, task in TASKS.items()), result.stdout[-2000:]

@@ -6,6 +6,8 @@
 * per sample: the batch is a concatenation of fixed-size route groups (sizes apportioned from
   the route weights); each group is queried against its own field.
 * soft mixing (baseline): every sample's target is the weighted sum of all fields.
+* learned: a classifier of the condition picks every sample's field inside the step
+  (``core/router.py``); the data is one unlabelled pool of all routes' buckets.
 """
 
 from typing import Sequence
@@ -16,7 +18,7 @@ import numpy as np
 
 from danceopd_jax.core.fields import Field, linear_combination
 
-ROUTING_MODES = ("per_step", "per_sample", "soft")
+ROUTING_MODES = ("per_step", "per_sample", "soft", "learned")
 
 
 def normalized_weights(weights: Sequence[float]) -> np.ndarray:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from danceopd_jax.core import flowopd, objectives, routing
+from danceopd_jax.core import flowopd, objectives, router, routing
 from danceopd_jax.core.fields import Field
 
 # (params, experts, batch, route, key) -> per-sample float32 loss [B]
@@ -81,6 +81,8 @@ def make_loss_fn(
     condition_dropout: float = 0.0,
     fm_time_sampler: str = "logit_normal",
     flowopd_options: flowopd.FlowOPDOptions | None = None,
+    router_params: router.RouterParams | None = None,
+    router_assign: str = "argmax",
 ) -> LossFn:
     """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key)``.
 
@@ -88,10 +90,14 @@ def make_loss_fn(
     traced step. ``group_sizes`` are the per-sample route groups of one host's batch and
     ``group_blocks`` the number of hosts whose batches are concatenated (``routing.split_groups``).
     ``flowopd_options`` are read by ``method == "flowopd"`` only (default: the paper's values).
+    ``routing_mode == "learned"`` routes each sample with the frozen ``router_params``
+    (``router.routed_field``, assignment ``router_assign``).
     """
     flowopd_kwargs = dataclasses.asdict(flowopd_options or flowopd.FlowOPDOptions())
+    if routing_mode == "learned" and router_params is None:
+        raise ValueError("routing 'learned' needs router_params (a trained router.train_router)")
 
-    def target_field(experts, route) -> Field:
+    def target_field(experts, route, key) -> Field:
         fields = route_fields(experts)
         if routing_mode == "per_step":
             return routing.per_step_field(fields, route)
@@ -99,6 +105,8 @@ def make_loss_fn(
             return routing.per_sample_field(fields, group_sizes, group_blocks)
         if routing_mode == "soft":
             return routing.soft_mixing_field(fields, route_weights)
+        if routing_mode == "learned":
+            return router.routed_field(fields, router_params, router_assign, jax.random.fold_in(key, 1))
         raise ValueError(f"unknown routing {routing_mode!r}; valid: {', '.join(routing.ROUTING_MODES)}")
 
     def loss(params, experts, batch, route, key):
@@ -106,7 +114,7 @@ def make_loss_fn(
             return objectives.flow_matching_loss(
                 student, params, batch, key, shift=shift, condition_dropout=condition_dropout, time_sampler=fm_time_sampler
             )
-        target = target_field(experts, route)
+        target = target_field(experts, route, key)
         if method == "danceopd":
             return objectives.danceopd_loss(
                 student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler
@@ -130,6 +138,14 @@ def group_means(per_sample: jax.Array, sizes: Sequence[int], blocks: int = 1) ->
     return jnp.stack([jnp.mean(group) if size else jnp.float32(jnp.nan) for group, size in zip(groups, sizes)])
 
 
+def routed_means(per_sample: jax.Array, assignment: jax.Array) -> jax.Array:
+    """``[M]`` mean loss of the samples a router gives each route: ``sum_b a_bm l_b / sum_b a_bm``
+    (NaN for a route no sample went to); rows of ``per_sample`` may repeat each sample (K queries)."""
+    weights = jnp.repeat(assignment, per_sample.shape[0] // assignment.shape[0], axis=0)
+    total = jnp.sum(weights, axis=0)
+    return jnp.where(total > 0, per_sample @ weights / jnp.maximum(total, 1e-30), jnp.nan)
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -139,13 +155,22 @@ def make_train_step(
     group_blocks: int = 1,
     ema_decay: float = 0.0,
     skip_nonfinite: bool = False,
+    router_params: router.RouterParams | None = None,
 ):
     """``step(state, experts, batch, route) -> (new_state, metrics)``; gradients reach only ``state.params``.
+
+    ``metrics["group_loss"]`` is the mean loss of each route group, or with a learned router
+    (``router_params``) of the samples it routes to each field by argmax.
 
     ``skip_nonfinite``: a step whose loss or gradient norm is not finite keeps the old params,
     optimizer state and EMA (a ``jnp.where`` on device, no host round trip); the step counter still
     advances and ``metrics["skipped_steps"]`` is 1 for it.
     """
+
+    def group_loss(per_sample, cond):
+        if router_params is None:
+            return group_means(per_sample, group_sizes, group_blocks)
+        return routed_means(per_sample, router.route_assignment(router_params, cond, "argmax", None))
 
     def step(state: TrainState, experts, batch, route):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -169,7 +194,7 @@ def make_train_step(
             skipped = (~finite).astype(jnp.int32)
         metrics = {
             "loss": loss,
-            "group_loss": group_means(per_sample, group_sizes, group_blocks),
+            "group_loss": group_loss(per_sample, batch["cond"]),
             "grad_norm": grad_norm,
             "lr": lr_schedule(state.step),
             "skipped_steps": skipped,

@@ -1,5 +1,11 @@
-"""The registry of bucket kinds: toy synthetic buckets (``synthetic.py``) and the shapes world."""
+"""The registry of bucket kinds (toy synthetic buckets of ``synthetic.py`` and the shapes world),
+and the unlabelled pool a learned router routes (``MixedSource``)."""
 
+from typing import Sequence
+
+import numpy as np
+
+from danceopd_jax.core.routing import normalized_weights
 from danceopd_jax.data import scene_buckets, synthetic
 
 BUCKET_KINDS: dict[str, frozenset[str]] = {**synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS}
@@ -12,3 +18,31 @@ def make_bucket_source(kind: str, size: int, seed: int, image_size: int, channel
     if kind in synthetic.BUCKET_KINDS:
         return synthetic.make_bucket_source(kind, size, seed, image_size, channels, num_classes)
     raise ValueError(f"unknown bucket kind {kind!r}; valid: {', '.join(BUCKET_KINDS)}")
+
+
+class MixedSource:
+    """An unlabelled pool: the records of several sources interleaved, each position drawn from
+    source ``m`` with probability ``weights[m]`` (a pure function of ``seed``).
+
+    Position ``i`` holds record ``indices[i]`` of source ``labels[i]``; a source is cycled when the
+    pool asks for more of its records than it has. ``labels`` is the ground truth a learned router
+    may see a share of (``build.train_router``); the records themselves carry no label.
+    """
+
+    def __init__(self, sources: Sequence, weights: Sequence[float], seed: int):
+        probabilities = normalized_weights(weights)
+        if len(sources) != len(probabilities):
+            raise ValueError(f"need one weight per source, got {len(sources)} sources and {len(probabilities)} weights")
+        self.sources = list(sources)
+        size = sum(len(source) for source in self.sources)
+        self.labels = np.random.default_rng([seed, len(self.sources)]).choice(len(self.sources), size=size, p=probabilities)
+        self.indices = np.zeros(size, np.int64)
+        for m, source in enumerate(self.sources):
+            at = self.labels == m
+            self.indices[at] = np.arange(int(at.sum())) % len(source)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.sources[self.labels[index]][int(self.indices[index])]

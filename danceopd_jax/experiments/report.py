@@ -180,9 +180,9 @@ def claims(all_stats: dict, examples: int, cfg_stats: dict | None = None) -> lis
 # ---------------------------------------------------------------------------- CFG grid
 
 
-def cfg_tables(per_seed: dict, examples: int) -> list[str]:
-    """T2I accuracy and effective guidance over train scale alpha x eval scale beta, beside the anchor at alpha*beta."""
-    stats = aggregate(per_seed)
+def cfg_tables(stats: dict) -> list[str]:
+    """T2I accuracy and effective guidance over train scale alpha x eval scale beta, beside the anchor at alpha*beta
+    (``stats``: the aggregated CFG results)."""
     anchor = {stats[k]["guidance/beta"][0]: stats[k] for k in stats if k.startswith("anchor@")}
     lines = [
         "| train alpha | eval beta | alpha x beta | effective guidance | T2I overall | anchor's T2I at alpha x beta |",
@@ -203,7 +203,7 @@ def cfg_tables(per_seed: dict, examples: int) -> list[str]:
 # ---------------------------------------------------------------------------- figures
 
 
-def _plots(results: dict, all_stats: dict, assets: str) -> dict[str, str]:
+def _plots(results: dict, all_stats: dict, cfg_stats: dict | None, assets: str) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,13 +241,12 @@ def _plots(results: dict, all_stats: dict, assets: str) -> dict[str, str]:
             ax.legend(fontsize=8)
             ax.set_title("DanceOPD: rollout steps (first seed)", fontsize=9)
             made["rollout"] = _save(fig, assets, "rollout_steps.png")
-    if "cfg" in results["results"]:
-        stats = aggregate(results["results"]["cfg"])
+    if cfg_stats:
         fig, ax = plt.subplots(figsize=(4, 3.5))
-        for key, values in stats.items():
+        for key, values in cfg_stats.items():
             product = values["guidance/alpha"][0] * values["guidance/beta"][0]
             ax.errorbar(product, values["guidance/gamma"][0], yerr=values["guidance/gamma"][1], fmt="o" if key.startswith("anchor@") else "s", color="grey" if key.startswith("anchor@") else "C0")
-        top = max(v["guidance/alpha"][0] * v["guidance/beta"][0] for v in stats.values())
+        top = max(v["guidance/alpha"][0] * v["guidance/beta"][0] for v in cfg_stats.values())
         ax.plot([0, top], [0, top], "k--", lw=0.8, label="gamma = alpha x beta")
         ax.set_xlabel("alpha x beta")
         ax.set_ylabel("effective guidance gamma")
@@ -292,7 +291,8 @@ def write_report(output: dict, path: str) -> None:
     assets = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
     os.makedirs(assets, exist_ok=True)
     all_stats = {name: aggregate(per_seed) for name, per_seed in results.items() if name != "cfg"}
-    plots = _plots(output, all_stats, assets)
+    cfg_stats = aggregate(results["cfg"]) if "cfg" in results else None
+    plots = _plots(output, all_stats, cfg_stats, assets)
     grids = _copy_grids(meta["workdir"], assets)
     lines = [
         "# Results: the capability benchmark (shapes world)",
@@ -312,7 +312,7 @@ def write_report(output: dict, path: str) -> None:
         "A claim holds when the difference exceeds twice its standard error (module docstring of"
         " `experiments/report.py`), is reversed below minus twice, and is otherwise within noise.",
         "",
-        *claims(all_stats, examples, aggregate(results["cfg"]) if "cfg" in results else None),
+        *claims(all_stats, examples, cfg_stats),
         "",
     ]
     for name, stats in all_stats.items():
@@ -331,7 +331,7 @@ def write_report(output: dict, path: str) -> None:
             "Effective guidance: `evaluation/guidance.py` (least-squares scale of the anchor's CFG direction in the"
             " model's guided velocity; the anchor at beta shows exactly beta). The product rule predicts alpha x beta.",
             "",
-            *cfg_tables(results["cfg"], examples),
+            *cfg_tables(cfg_stats),
             "",
         ]
         if "cfg" in plots:

@@ -29,7 +29,7 @@ from danceopd_jax.config_validation import ConfigError  # noqa: E402
 from danceopd_jax.evaluation import capabilities  # noqa: E402
 from danceopd_jax.evaluation.guidance import effective_guidance  # noqa: E402
 from danceopd_jax.experiments import report, settings  # noqa: E402
-from danceopd_jax.pipeline import evaluate_models, train_stages, validate_stages  # noqa: E402
+from danceopd_jax.pipeline import evaluate_loaded, evaluate_models, train_stages, validate_stages  # noqa: E402
 from danceopd_jax.sampling import encode_conditions, load_trained_model  # noqa: E402
 from danceopd_jax.shapes_configs import evaluation  # noqa: E402
 
@@ -99,10 +99,10 @@ def evaluate_setting(setting: settings.Setting, model_dirs: dict, s: dict, seed:
     cond = encode_conditions(anchor[0], [e.prompt for e in examples])
     image_shape = (anchor[0].image_size, anchor[0].image_size, anchor[0].channels)
     for beta in anchor_scales:
-        dirs = {name: path for name, path in model_dirs.items() if name == "anchor" or beta in settings.CFG_EVAL_SCALES}
-        config = evaluation(list(dirs), s, "t2i", seed)
+        models = {name: model for name, model in loaded.items() if name == "anchor" or beta in settings.CFG_EVAL_SCALES}
+        config = evaluation(list(models), s, "t2i", seed)
         config.cfg_scale = beta
-        scores = evaluate_models(dirs, config, os.path.join(out_dir, f"cfg{beta:g}"))
+        scores = evaluate_loaded(models, config, os.path.join(out_dir, f"cfg{beta:g}"))
         for name, values in scores.items():
             gamma = effective_guidance(loaded[name][1:], anchor[1:], cond, jax.random.key(seed), image_shape=image_shape, scale=beta)
             results[f"{name}@{beta:g}"] = {**values, "guidance/gamma": gamma, "guidance/alpha": alphas[name], "guidance/beta": beta}
