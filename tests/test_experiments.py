@@ -123,7 +123,14 @@ def test_quick_reproduction_end_to_end(tmp_path):
                 "soft_mixing", "danceopd", "danceopd_mid_t", "danceopd_high_t", "danceopd_per_sample",
                 "danceopd_n4", "danceopd_n16", "danceopd_n28"):  # fmt: skip
         assert {"t2i/overall", "local_edit/success", "global_edit/success"} <= set(composition[row]), row
-    assert set(results["local_global"]["0"]) >= {"local_teacher", "global_teacher", "danceopd", "offpolicy", "flowopd"}
+    local_global = results["local_global"]["0"]
+    assert set(local_global) >= {"local_teacher", "global_teacher", "danceopd", "offpolicy", "flowopd", "adaptive"}
+    for row in ("router_1pct", "router_5pct", "router_100pct", "router_soft_1pct"):
+        assert 0.0 <= local_global[row]["router/heldout_accuracy"] <= 1.0 and local_global[row]["router/labelled"] >= 1, row
+    assert local_global["router_1pct"]["router/labelled"] < local_global["router_100pct"]["router/labelled"]
+    weights = [local_global["adaptive"][f"route_weight/{route}"] for route in ("local", "global")]
+    assert sum(weights) == pytest.approx(1.0) and min(weights) >= 0.2 * 0.5
+    assert len(output["traces"]["local_global"]["0"]["adaptive"]["steps"]) == 10  # every step's weights
     assert "realism/realism" in results["realism"]["0"]["danceopd"]
     cfg = results["cfg"]["0"]
     for beta in (1, 2, 3, 4, 6, 9):  # the anchor at every alpha x beta; its own effective guidance is beta
@@ -131,11 +138,15 @@ def test_quick_reproduction_end_to_end(tmp_path):
     assert {"danceopd_cfg2@3", "danceopd_cfg3@1"} <= set(cfg)
     text = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## The paper's claims", "## T2I + edit composition", "## Local + global edit composition",
-                    "## Realism absorption", "## CFG absorption", "## Metrics"):  # fmt: skip
+                    "## Realism absorption", "## CFG absorption", "### Routing beyond fixed buckets", "## Metrics"):  # fmt: skip
         assert heading in text, heading
     assert "--quick" in text and "wall time" in text
-    for image in ("composition.png", "local_global.png", "rollout_steps.png", "cfg_product_rule.png", "composition_t2i.png"):
+    for image in ("composition.png", "local_global.png", "rollout_steps.png", "cfg_product_rule.png", "composition_t2i.png",
+                  "adaptive_route_weights.png"):  # fmt: skip
         assert (tmp_path / "results" / image).stat().st_size > 1000, image
         assert f"results/{image}" in text
     again = _reproduce("--workdir", str(tmp_path), "--quick", "--settings", "realism")
     assert again.returncode == 0 and "finished earlier" in again.stdout  # trainings are reused, not redone
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert set(merged["results"]) == set(results) and merged["results"]["composition"] == results["composition"]
+    assert [sorted(run["settings"]) for run in merged["meta"]["runs"]] == [sorted(results), ["realism"]]

@@ -50,6 +50,14 @@ NOTES = [
     " ablation rows (query time, rollout steps, per-sample routing) have one run, so their verdicts use the"
     " binomial error of the evaluation (module docstring of `experiments/report.py`).",
 ]
+ROUTING_NOTES = [
+    "Not a claim of the paper (its routes are bound to data buckets): the project's issue 7. The learned router"
+    " (`core/router.py`) reads the prompt embedding and the source flag of a pool that mixes both buckets without"
+    " labels, after training on the given share of the pool's labels; its accuracy is measured on held-out pool"
+    " samples. The adaptive row keeps the buckets and draws each step's route with weights that follow the"
+    " routes' running distillation losses (`core/route_weights.py`, floor 0.2). A row beats fixed buckets when its"
+    " edit success is higher by more than twice the standard error.",
+]
 DERIVED_DOCS = {
     "edit/success": "mean of local-edit and global-edit success (the composition's editing score, as GEditBench's average)",
     "realism/gap_closed": "(realism of the row - anchor's) / (realism teacher's - anchor's), per seed",
@@ -118,6 +126,13 @@ def table(stats: dict, columns: list[tuple[str, str]], rows: list[str]) -> list[
     return lines
 
 
+def runs_of(output: dict) -> list[dict]:
+    """The runs that wrote ``results.json`` (several when settings were rerun with ``--settings``);
+    results written before ``meta.runs`` existed name one run in ``meta.command``."""
+    meta = output["meta"]
+    return meta.get("runs") or [dict(command=meta["command"], settings=list(output["results"]), wall_minutes=meta["wall_minutes"])]
+
+
 def _row_order(setting: settings.Setting, stats: dict) -> list[str]:
     first = list(setting.experts) + list(setting.averages)
     return first + sorted(row for row in stats if row not in first)
@@ -175,6 +190,45 @@ def claims(all_stats: dict, examples: int, cfg_stats: dict | None = None) -> lis
     if not lines:
         return []
     return ["| claim | paper | here | difference | verdict |", "|---|---|---|---|---|"] + lines
+
+
+# ---------------------------------------------------------------------------- routing beyond fixed buckets
+
+ROUTING_ROWS = {
+    "danceopd": "fixed buckets (the paper)",
+    "router_1pct": "learned router, 1% labels",
+    "router_5pct": "learned router, 5% labels",
+    "router_100pct": "learned router, 100% labels",
+    "router_soft_1pct": "learned router, 1% labels, soft weights",
+    "adaptive": "fixed buckets, adaptive route weights",
+}
+
+
+def routing_table(stats: dict, examples: int) -> list[str]:
+    """The routing rows of the local + global setting against fixed buckets, on edit success."""
+    if "danceopd" not in stats or not any(row in stats for row in ROUTING_ROWS if row != "danceopd"):
+        return []
+    weights = sorted({key for row in ROUTING_ROWS if row in stats for key in stats[row] if key.startswith("route_weight/")})
+    lines = [
+        "| row | routing | edit (mean) | local edit | global edit | router accuracy (held out) | labels | "
+        + " | ".join(f"mean weight {w.removeprefix('route_weight/')}" for w in weights) + " | vs fixed buckets (edit) |",
+        "|---" * (8 + len(weights)) + "|",
+    ]
+    for row, what in ROUTING_ROWS.items():
+        if row not in stats:
+            continue
+        v = stats[row]
+        against = ""
+        if row != "danceopd":
+            diff, word = verdict(v["edit/success"], stats["danceopd"]["edit/success"], examples)
+            against = f"{diff:+.3f}: **{'beats it' if word == 'holds' else 'loses' if word == 'reversed' else 'within noise'}**"
+        labels = f"{v['router/labelled'][0]:.0f}" if "router/labelled" in v else ""
+        lines.append(
+            f"| `{row}` | {what} | {_cell(v.get('edit/success'))} | {_cell(v.get('local_edit/success'))} "
+            f"| {_cell(v.get('global_edit/success'))} | {_cell(v.get('router/heldout_accuracy'))} | {labels} | "
+            + " | ".join(_cell(v.get(w)) for w in weights) + f" | {against} |"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------- CFG grid
@@ -241,6 +295,19 @@ def _plots(results: dict, all_stats: dict, cfg_stats: dict | None, assets: str) 
             ax.legend(fontsize=8)
             ax.set_title("DanceOPD: rollout steps (first seed)", fontsize=9)
             made["rollout"] = _save(fig, assets, "rollout_steps.png")
+    adaptive = [t["adaptive"] for t in results.get("traces", {}).get("local_global", {}).values() if "adaptive" in t]
+    if adaptive:
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        for seed, trace in enumerate(adaptive):
+            for m, route in enumerate(trace["routes"]):
+                ax.plot(trace["steps"], [w[m] for w in trace["weights"]], color=f"C{m}", lw=1, alpha=0.8,
+                        label=route if seed == 0 else None)  # fmt: skip
+        ax.set_xlabel("step")
+        ax.set_ylabel("route weight")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("Adaptive route weights (local + global; one line per seed)", fontsize=9)
+        made["adaptive"] = _save(fig, assets, "adaptive_route_weights.png")
     if cfg_stats:
         fig, ax = plt.subplots(figsize=(4, 3.5))
         for key, values in cfg_stats.items():
@@ -299,8 +366,9 @@ def write_report(output: dict, path: str) -> None:
         "",
         "Generated by `danceopd_jax/experiments/reproduce.py`; do not edit by hand.",
         "",
-        f"- Command: `{meta['command']}`",
-        f"- Device: {meta['device']}, {meta['cpus']} CPU cores, jax {meta['jax']}; wall time {meta['wall_minutes']} min",
+        *[f"- Command: `{run['command']}` ({', '.join(run['settings'])}): wall time {run['wall_minutes']} min"
+          for run in runs_of(output)],  # fmt: skip
+        f"- Device: {meta['device']}, {meta['cpus']} CPU cores, jax {meta['jax']}",
         f"- Sizes ({meta['size']}): {', '.join(f'{k} {v}' for k, v in meta['sizes'].items())}",
         f"- Seeds: {meta['seeds']} per student row (ablation rows: the first seed only). Experts and weight averages"
         " are trained once; their spread is evaluation noise only (each seed draws its own held-out examples and noise).",
@@ -320,6 +388,10 @@ def write_report(output: dict, path: str) -> None:
         lines += [f"## {setting.title}", "", *table(stats, COLUMNS[name], _row_order(setting, stats)), ""]
         if name in plots:
             lines += [f"![{setting.title}](results/{plots[name]})", ""]
+        if name == "local_global" and routing_table(stats, examples):
+            lines += ["### Routing beyond fixed buckets", "", *ROUTING_NOTES, "", *routing_table(stats, examples), ""]
+            if "adaptive" in plots:
+                lines += [f"![adaptive route weights](results/{plots['adaptive']})", ""]
         if name == "composition" and "rollout" in plots:
             lines += [f"![rollout steps](results/{plots['rollout']})", ""]
         lines += [f"![{name} {grid}](results/{grid})" for grid in grids.get(name, [])] + [""]

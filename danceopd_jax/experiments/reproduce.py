@@ -21,10 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from danceopd_jax.averaging import average_weights  # noqa: E402
+from danceopd_jax.checkpoints import load_run_config  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 from danceopd_jax.evaluation import capabilities  # noqa: E402
 from danceopd_jax.evaluation.guidance import effective_guidance  # noqa: E402
@@ -32,6 +34,7 @@ from danceopd_jax.experiments import report, settings  # noqa: E402
 from danceopd_jax.pipeline import evaluate_loaded, evaluate_models, train_stages, validate_stages  # noqa: E402
 from danceopd_jax.sampling import encode_conditions, load_trained_model  # noqa: E402
 from danceopd_jax.shapes_configs import evaluation  # noqa: E402
+from danceopd_jax.train import LOSS_LOG, ROUTER_REPORT  # noqa: E402
 
 DEFAULT_REPORT = os.path.join("docs", "RESULTS.md")
 DEFAULT_SEEDS = {"full": 3, "quick": 1}
@@ -86,10 +89,44 @@ def _elapsed(started: float) -> str:
     return f"{(time.perf_counter() - started) / 60:.1f} min"
 
 
+def route_weight_trace(model_dir: str) -> dict | None:
+    """``{"routes", "steps", "weights"}`` of a row whose loss log has per-step route weights, else None."""
+    path = os.path.join(model_dir, LOSS_LOG)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        entries = [json.loads(line) for line in f if '"weights"' in line]
+    if not entries:
+        return None
+    routes = list(load_run_config(model_dir).routes)
+    return dict(routes=routes, steps=[e["step"] for e in entries], weights=[e["weights"] for e in entries])
+
+
+def routing_metrics(model_dir: str) -> dict[str, float]:
+    """A row's routing figures: its learned router's held-out accuracy and labels (``router.json``),
+    and the mean weight of each route over training under a changing schedule."""
+    values = {}
+    router_path = os.path.join(model_dir, ROUTER_REPORT)
+    if os.path.isfile(router_path):
+        with open(router_path, encoding="utf-8") as f:
+            router = json.load(f)
+        values["router/heldout_accuracy"] = router["heldout_accuracy"]
+        values["router/labelled"] = router["labelled"]
+    trace = route_weight_trace(model_dir)
+    if trace:
+        means = np.mean(trace["weights"], axis=0)
+        values.update({f"route_weight/{name}": float(w) for name, w in zip(trace["routes"], means)})
+    return values
+
+
 def evaluate_setting(setting: settings.Setting, model_dirs: dict, s: dict, seed: int, out_dir: str) -> dict:
-    """``{model: {metric: value}}`` of one setting and seed; the CFG setting adds its scale grid."""
+    """``{model: {metric: value}}`` of one setting and seed (with routing figures where a row has
+    them); the CFG setting adds its scale grid."""
     if setting.name != "cfg":
-        return evaluate_models(model_dirs, evaluation(list(model_dirs), s, setting.capabilities, seed), out_dir)
+        results = evaluate_models(model_dirs, evaluation(list(model_dirs), s, setting.capabilities, seed), out_dir)
+        for name, path in model_dirs.items():
+            results[name].update(routing_metrics(path))
+        return results
     results = {}
     alphas = {"anchor": 1.0, **{settings.cfg_row(a): a for a in settings.CFG_TRAIN_SCALES}}
     anchor_scales = sorted({a * b for a in alphas.values() for b in settings.CFG_EVAL_SCALES})
@@ -124,6 +161,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     train_stages(experts, experts_dir)
     print(f"experts ready after {_elapsed(started)}", flush=True)
     results: dict = {name: {} for name in args.setting_names}
+    traces: dict = {name: {} for name in args.setting_names}
     for seed in range(args.seeds):
         for name in args.setting_names:
             setting = settings.SETTINGS[name]
@@ -138,22 +176,44 @@ def run(args: argparse.Namespace, command: str) -> dict:
             train_stages(students[name, seed], seed_dir)
             model_dirs.update({row: os.path.join(seed_dir, row) for row in students[name, seed].stages})
             results[name][str(seed)] = evaluate_setting(setting, model_dirs, s, seed, seed_dir)
+            row_traces = {row: route_weight_trace(path) for row, path in model_dirs.items()}
+            traces[name][str(seed)] = {row: trace for row, trace in row_traces.items() if trace}
+    this_run = dict(command=command, settings=args.setting_names, wall_minutes=round((time.perf_counter() - started) / 60, 1))
     meta = dict(
-        command=command,
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})",
         cpus=os.cpu_count(),
         jax=jax.__version__,
-        wall_minutes=round((time.perf_counter() - started) / 60, 1),
+        runs=[this_run],
         size=args.size,
         sizes=s,
         seeds=args.seeds,
         workdir=workdir,
     )
-    output = dict(meta=meta, results=results)
+    output = merge_previous(dict(meta=meta, results=results, traces=traces), os.path.join(workdir, "results.json"))
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(output, f, indent=2, sort_keys=True)
     report.write_report(output, args.report)
     print(f"done in {_elapsed(started)}; report: {args.report}", flush=True)
+    return output
+
+
+def merge_previous(output: dict, path: str) -> dict:
+    """Keep the settings an earlier run at the same size and seeds wrote to ``path`` and this run did not
+    redo (``--settings`` picks a subset); its runs are listed before this one in ``meta.runs``."""
+    if not os.path.isfile(path):
+        return output
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    old_meta = previous["meta"]
+    if (old_meta["size"], old_meta["seeds"]) != (output["meta"]["size"], output["meta"]["seeds"]):
+        return output
+    kept = {name: per_seed for name, per_seed in previous["results"].items() if name not in output["results"]}
+    if not kept:
+        return output
+    output["meta"]["runs"] = report.runs_of(previous) + output["meta"]["runs"]
+    merged = {**kept, **output["results"]}
+    output["results"] = {name: merged[name] for name in settings.SETTINGS if name in merged}
+    output["traces"] = {**{name: t for name, t in previous.get("traces", {}).items() if name in kept}, **output["traces"]}
     return output
 
 

@@ -6,7 +6,8 @@ architecture (``mini`` DiT), the same init (the anchor), the same number of step
 
 Settings (PAPER.md "Reported results"):
   composition   T2I + edit: anchor field on T2I prompts, edit teacher's on edit pairs
-  local_global  local + global editing: local-heavy teacher on local edits, global-heavy on global
+  local_global  local + global editing: local-heavy teacher on local edits, global-heavy on global;
+                with the routing rows (learned router, adaptive route weights) beside fixed buckets
   realism       realism absorption: the realism teacher's field on T2I prompts
   cfg           CFG absorption: the anchor's CFG field at train scale alpha on T2I prompts
 Ablation rows (query time, rollout steps, routing granularity) are trained for the first seed only.
@@ -127,6 +128,32 @@ def local_global_rows(s: dict, experts: str, seed: int, ablations: bool) -> dict
         "offpolicy": _student(s, experts, seed, routes, method="offpolicy"),
         "flowopd": _student(s, experts, seed, routes, method="flowopd"),
         "danceopd": _student(s, experts, seed, routes),
+        **routing_rows(s, experts, seed, routes),
+    }
+
+
+def routing_rows(s: dict, experts: str, seed: int, routes: dict) -> dict:
+    """Routing beyond fixed buckets (issue 7), beside ``danceopd`` (fixed buckets, the paper).
+
+    ``router_{1,5,100}pct``: the two buckets pooled without labels, a learned router trained on
+    that share of the pool's labels picks each sample's teacher (argmax); ``router_soft_1pct``
+    uses its probabilities as soft weights instead. ``adaptive``: fixed buckets whose route
+    weights follow each route's running distillation loss (floor 0.2), logged per step.
+    """
+    heldout = min(512, s["bucket"] // 2)
+
+    def learned(fraction: float, assign: str = "argmax") -> ConfigDict:
+        router = dict(label_fraction=fraction, assign=assign, heldout=heldout)
+        return _student(s, experts, seed, routes, routing="learned", router=router)
+
+    adaptive = _student(s, experts, seed, routes, route_weights=dict(schedule="adaptive"))
+    adaptive.loss_log = True  # the weights of every step, for the report's plot
+    return {
+        "router_1pct": learned(0.01),
+        "router_5pct": learned(0.05),
+        "router_100pct": learned(1.0),
+        "router_soft_1pct": learned(0.01, "soft"),
+        "adaptive": adaptive,
     }
 
 
