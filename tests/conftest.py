@@ -26,3 +26,18 @@ def load_config(name: str = "smoke", config_arg: str | None = None, **overrides)
 @pytest.fixture
 def smoke_config():
     return load_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache per test process (and the commands it starts): tests that rebuild
+    the same train step or sampler load its compiled program instead of compiling it again."""
+    import os
+
+    import jax
+
+    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
