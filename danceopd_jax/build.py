@@ -15,7 +15,7 @@ from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model
 from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
-from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder
+from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder, stack_records
 from danceopd_jax.data.sources import MixedSource, make_bucket_source
 from danceopd_jax.models.dit import DiT, dit_config
 
@@ -154,11 +154,11 @@ def train_router(config: ConfigDict, pool: MixedSource) -> tuple[router.RouterPa
     image_shape = (config.image_size, config.image_size, config.channels)
     encode = RecordEncoder(condition_spec(config), image_shape)
     heldout = list(range(len(pool) - r.heldout, len(pool)))
-    labelled = list(range(int(r.label_fraction * (len(pool) - r.heldout))))
+    labelled = list(range(router.labelled_count(len(pool), r.label_fraction, r.heldout)))
 
     def features(positions):
-        conds = [encode(pool[i])["cond"] for i in positions]
-        return np.asarray(router.router_features(jax.tree.map(lambda *a: np.stack(a), *conds)))
+        conds = stack_records([encode(pool[i])["cond"] for i in positions])
+        return np.asarray(router.router_features(conds))
 
     train_x, train_y = features(labelled), pool.labels[labelled]
     params = router.train_router(

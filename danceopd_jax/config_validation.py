@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 from danceopd_jax.config_lib import base_config, expert_field, model_spec
 from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
 from danceopd_jax.core.route_weights import SCHEDULES
-from danceopd_jax.core.router import ASSIGNMENTS
+from danceopd_jax.core.router import ASSIGNMENTS, labelled_count
 from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
@@ -234,7 +234,7 @@ def _check_router(config: ConfigDict) -> None:
     _in_range(config, "router.learning_rate", 0.0, open_low=True)
     _in_range(config, "router.weight_decay", 0.0)
     pool = sum(config.data.buckets[route.bucket].size for route in config.routes.values())
-    labelled = int(config.router.label_fraction * (pool - config.router.heldout))
+    labelled = labelled_count(pool, config.router.label_fraction, config.router.heldout)
     if labelled < 1:
         _fail("router.label_fraction", f"leaves {labelled} labelled records of a pool of {pool} ({config.router.heldout} held out)")
 

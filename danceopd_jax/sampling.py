@@ -20,9 +20,9 @@ from danceopd_jax import build, checkpoints, parallel
 from danceopd_jax.core.fields import cfg_field, model_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
-from danceopd_jax.data.pipeline import RecordEncoder
+from danceopd_jax.data.pipeline import RecordEncoder, stack_records
 from danceopd_jax.models.dit import LOGICAL_AXES
-from danceopd_jax.tasks import Task, check_task, task_conditions
+from danceopd_jax.tasks import Task, check_task
 
 
 def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
@@ -44,7 +44,7 @@ def encode_conditions(config: ConfigDict, prompts: Sequence[str], sources: Seque
         if sources is not None and sources[index] is not None:
             record["source"] = sources[index]
         records.append(encode(record)["cond"])
-    return jax.tree.map(lambda *leaves: np.stack(leaves), *records)
+    return stack_records(records)
 
 
 @functools.lru_cache(maxsize=32)
@@ -66,6 +66,16 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
     """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` (CFG when ``cfg_scale != 1``)."""
     run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), float(cfg_scale))
     return np.asarray(run(params, cond, key))
+
+
+def task_conditions(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence[np.ndarray] | None = None) -> dict:
+    """The batched condition pytree of ``task`` (``tasks.py``) on ``prompts`` and, for edit tasks, ``sources``.
+
+    Checked by ``tasks.check_task``; encoded as training did (``encode_conditions``): edit tasks
+    set ``source`` and ``source_mask``, t2i and realism leave them zero/False (or absent).
+    """
+    task = check_task(config, task, prompts, sources)
+    return encode_conditions(config, list(prompts), list(sources) if sources is not None and task.needs_source else None)
 
 
 def sample_task(

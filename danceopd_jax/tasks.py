@@ -21,7 +21,6 @@ danceopd_jax.sample --task ...``).
 import dataclasses
 from typing import Sequence
 
-import numpy as np
 from ml_collections import ConfigDict
 
 
@@ -83,15 +82,3 @@ def check_task(config: ConfigDict, task: str | Task, prompts: Sequence[str], sou
             f"task {task.name!r} takes no source image (the edit tasks are {', '.join(EDIT_TASKS)})"
         )
     return task
-
-
-def task_conditions(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence[np.ndarray] | None = None) -> dict:
-    """The batched condition pytree of ``task`` on ``prompts`` (and, for edit tasks, ``sources``).
-
-    Checked by ``check_task``; encoded as training did (``sampling.encode_conditions``): edit
-    tasks set ``source`` and ``source_mask``, t2i and realism leave them zero/False (or absent).
-    """
-    check_task(config, task, prompts, sources)
-    from danceopd_jax.sampling import encode_conditions  # sampling imports this module
-
-    return encode_conditions(config, list(prompts), list(sources) if sources is not None and get_task(task).needs_source else None)

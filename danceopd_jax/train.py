@@ -79,13 +79,11 @@ class _MetricWindow:
         self.per_step_routing = per_step_routing
         self.skip_nonfinite = skip_nonfinite
         self.log_weights = log_weights  # a route schedule that changes the weights: log them per step
-        self.pending: list[tuple[int, int, Any]] = []
-        self.weights: list[np.ndarray] = []
+        self.pending: list[tuple[int, int, Any, np.ndarray]] = []  # step, route, device metrics, route weights
         self.started = time.perf_counter()
 
     def add(self, step: int, route: int, metrics, weights: np.ndarray) -> None:
-        self.pending.append((step, route, metrics))
-        self.weights.append(weights)
+        self.pending.append((step, route, metrics, weights))
 
     def _check_finite(self, step: int, route: int, metrics) -> None:
         if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
@@ -96,10 +94,10 @@ class _MetricWindow:
 
     def flush(self) -> _Flushed:
         """The window's summary; a non-finite loss is an error naming step and route (unless the step was skipped)."""
-        fetched = jax.device_get([m for _, _, m in self.pending])
+        fetched = jax.device_get([m for _, _, m, _ in self.pending])
         sums: dict[str, list[float]] = {}
         losses, skipped = [], 0
-        for (step, route, _), metrics, weights in zip(self.pending, fetched, self.weights):
+        for (step, route, _, weights), metrics in zip(self.pending, fetched):
             loss = float(metrics["loss"])
             losses.append({"step": step, "loss": loss if np.isfinite(loss) else None,
                            "route": self.route_names[route] if self.per_step_routing else None})  # fmt: skip
@@ -121,8 +119,8 @@ class _MetricWindow:
         last = self.pending[-1][0]
         scalars = {key: float(np.mean(values)) for key, values in sums.items()}
         if self.log_weights:
-            scalars.update({f"route_weight/{name}": float(w) for name, w in zip(self.route_names, self.weights[-1])})
-        self.pending, self.weights, self.started = [], [], now
+            scalars.update({f"route_weight/{name}": float(w) for name, w in zip(self.route_names, self.pending[-1][3])})
+        self.pending, self.started = [], now
         if self.skip_nonfinite:
             scalars["skipped_steps"] = skipped
         return _Flushed(last, scalars, rate, losses)
@@ -335,9 +333,9 @@ def _progress_line(config: ConfigDict, done: int, flushed: _Flushed) -> str:
     per_route = " ".join(f"{n}={scalars[f'loss/{n}']:.4f}" for n in config.routes if f"loss/{n}" in scalars)
     skipped = f" skipped {scalars['skipped_steps']} non-finite steps" if scalars.get("skipped_steps") else ""
     weights = " ".join(f"{n}={scalars[f'route_weight/{n}']:.2f}" for n in config.routes if f"route_weight/{n}" in scalars)
-    per_route += f"] [weights {weights}" if weights else ""
+    weights = f" [weights {weights}]" if weights else ""
     eta = _format_eta((config.num_train_steps - done) / flushed.rate)
-    return (f"step {done}/{config.num_train_steps} loss {scalars.get('loss', float('nan')):.4f} [{per_route}] "
+    return (f"step {done}/{config.num_train_steps} loss {scalars.get('loss', float('nan')):.4f} [{per_route}]{weights} "
             f"grad_norm {scalars.get('grad_norm', float('nan')):.3f} lr {scalars.get('lr', float('nan')):.2e}{skipped} "
             f"{flushed.rate:.2f} steps/s ETA {eta}")  # fmt: skip
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from danceopd_jax import checkpoints
-from danceopd_jax.sampling import encode_conditions, generate, load_trained_model, sample_task, to_uint8
-from danceopd_jax.tasks import TASKS, task_conditions
+from danceopd_jax.sampling import encode_conditions, generate, load_trained_model, sample_task, task_conditions, to_uint8
+from danceopd_jax.tasks import TASKS
 from danceopd_jax.train import train_and_evaluate
 
 from conftest import load_config

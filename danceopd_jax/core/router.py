@@ -34,6 +34,11 @@ ASSIGNMENTS = ("argmax", "sample", "soft")
 RouterParams = dict[str, jax.Array]
 
 
+def labelled_count(pool_size: int, label_fraction: float, heldout: int) -> int:
+    """How many pool positions the router trains on: the first ``label_fraction`` of those not held out."""
+    return int(label_fraction * (pool_size - heldout))
+
+
 def router_features(cond: Condition) -> jax.Array:
     """``[B, D + 1]`` float32: the masked mean text embedding and the source flag (zeros where absent)."""
     parts = []

@@ -126,7 +126,7 @@ def bucket_dataset(source: Sequence, encode: Callable[[Mapping[str, Any]], dict[
     return grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(encode)
 
 
-def _stack(records: list[dict[str, Any]]) -> dict[str, Any]:
+def stack_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of equally-structured records along a new leading batch axis."""
     return jax.tree.map(lambda *leaves: np.stack(leaves), *records)
 
@@ -184,7 +184,7 @@ class BucketBatches:
             start = self._positions[name] + self._process_index * size
             records += [self._datasets[name][start + offset] for offset in range(size)]
             self._positions[name] += self._process_count * size
-        return _stack(records)
+        return stack_records(records)
 
     def get_state(self) -> dict[str, Any]:
         """``{bucket_name: {"next_index": position in the global stream}}``, JSON-serialisable."""

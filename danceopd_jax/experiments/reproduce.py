@@ -102,9 +102,9 @@ def route_weight_trace(model_dir: str) -> dict | None:
     return dict(routes=routes, steps=[e["step"] for e in entries], weights=[e["weights"] for e in entries])
 
 
-def routing_metrics(model_dir: str) -> dict[str, float]:
+def routing_metrics(model_dir: str, trace: dict | None) -> dict[str, float]:
     """A row's routing figures: its learned router's held-out accuracy and labels (``router.json``),
-    and the mean weight of each route over training under a changing schedule."""
+    and the mean weight of each route over training in its ``route_weight_trace``."""
     values = {}
     router_path = os.path.join(model_dir, ROUTER_REPORT)
     if os.path.isfile(router_path):
@@ -112,20 +112,19 @@ def routing_metrics(model_dir: str) -> dict[str, float]:
             router = json.load(f)
         values["router/heldout_accuracy"] = router["heldout_accuracy"]
         values["router/labelled"] = router["labelled"]
-    trace = route_weight_trace(model_dir)
     if trace:
         means = np.mean(trace["weights"], axis=0)
         values.update({f"route_weight/{name}": float(w) for name, w in zip(trace["routes"], means)})
     return values
 
 
-def evaluate_setting(setting: settings.Setting, model_dirs: dict, s: dict, seed: int, out_dir: str) -> dict:
+def evaluate_setting(setting: settings.Setting, model_dirs: dict, traces: dict, s: dict, seed: int, out_dir: str) -> dict:
     """``{model: {metric: value}}`` of one setting and seed (with routing figures where a row has
-    them); the CFG setting adds its scale grid."""
+    them, ``traces``: its route weight traces); the CFG setting adds its scale grid."""
     if setting.name != "cfg":
         results = evaluate_models(model_dirs, evaluation(list(model_dirs), s, setting.capabilities, seed), out_dir)
         for name, path in model_dirs.items():
-            results[name].update(routing_metrics(path))
+            results[name].update(routing_metrics(path, traces.get(name)))
         return results
     results = {}
     alphas = {"anchor": 1.0, **{settings.cfg_row(a): a for a in settings.CFG_TRAIN_SCALES}}
@@ -175,9 +174,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             seed_dir = os.path.join(setting_dir, f"seed{seed}")
             train_stages(students[name, seed], seed_dir)
             model_dirs.update({row: os.path.join(seed_dir, row) for row in students[name, seed].stages})
-            results[name][str(seed)] = evaluate_setting(setting, model_dirs, s, seed, seed_dir)
             row_traces = {row: route_weight_trace(path) for row, path in model_dirs.items()}
             traces[name][str(seed)] = {row: trace for row, trace in row_traces.items() if trace}
+            results[name][str(seed)] = evaluate_setting(setting, model_dirs, traces[name][str(seed)], s, seed, seed_dir)
     this_run = dict(command=command, settings=args.setting_names, wall_minutes=round((time.perf_counter() - started) / 60, 1))
     meta = dict(
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})",
