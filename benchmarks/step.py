@@ -1,6 +1,6 @@
 """DanceOPD train-step benchmark: compile time, step time, samples/s, FLOPs, utilisation, the
-truncated rollout against the full-length ``lax.scan``, and the scan against a Python loop of
-jitted Euler steps.
+step with the train state donated against the same step without donation, the truncated rollout
+against the full-length ``lax.scan``, and the scan against a Python loop of jitted Euler steps.
 
     python benchmarks/step.py                                  # CPU defaults, a few minutes
     python benchmarks/step.py --presets S,B,L --image-size 64 --batch-size 32 \\
@@ -26,6 +26,12 @@ image + ``condition.text_len`` text tokens + source tokens when the model ``use_
 
 Not counted: the optimizer update and elementwise work (norms, softmax, activations).
 Utilisation divides FLOP/s by ``--peak-tflops`` (per device) times the device count.
+
+Donation: ``run.train_step`` donates the train state (its buffers are reused for the new state);
+the comparison jits the same ``run.step_fn`` with the same output shardings and no donation, and
+times it on the same batches, the two steps taking turns (donate/keep < 1: donation faster);
+``mem`` is the ratio of their compiled peak memory (arguments + outputs - aliased + temporaries,
+from XLA's memory analysis).
 """
 
 import argparse
@@ -116,23 +122,32 @@ def draw_batches(run, count: int) -> list:
     return [run.global_batch(step) for step in range(count)]
 
 
-def compile_step(run, route, batch):
-    """``run.train_step`` lowered and compiled ahead of time; returns ``(executable, seconds)``."""
+def compile_step(step, run, route, batch):
+    """A jitted ``step`` lowered and compiled ahead of time for the run's state; returns ``(executable, seconds)``."""
     start = time.perf_counter()
-    compiled = run.train_step.lower(run.state, run.experts, batch, jnp.int32(route)).compile()
+    compiled = step.lower(run.state, run.experts, batch, jnp.int32(route)).compile()
     return compiled, time.perf_counter() - start
 
 
-def time_steps(run, compiled, batches, warmup: int = 2) -> float:
-    """Median seconds of a step over ``batches[warmup:]``; the state is threaded (it is donated)."""
-    state, times = run.state, []
+def peak_bytes(compiled) -> int:
+    """Device memory a compiled step holds at once: arguments, outputs not aliased to them, temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def time_steps(run, compiled: dict, batches, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of a step of each executable over ``batches[warmup:]``. The executables take
+    turns on every batch (a change of machine load hits them alike); the state is threaded through
+    all of them (a donating one consumes it)."""
+    state, times = run.state, {name: [] for name in compiled}
     for route, batch in batches:
-        start = time.perf_counter()
-        state, metrics = compiled(state, run.experts, batch, jnp.int32(route))
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
+        for name, step in compiled.items():
+            start = time.perf_counter()
+            state, metrics = step(state, run.experts, batch, jnp.int32(route))
+            jax.block_until_ready((state, metrics))
+            times[name].append(time.perf_counter() - start)
     run.state = state
-    return statistics.median(times[warmup:])
+    return {name: statistics.median(seconds[warmup:]) for name, seconds in times.items()}
 
 
 def rollout_fns(run, noise, cond, indices):
@@ -201,14 +216,16 @@ def median_time(fn, repeats: int) -> float:
 
 
 def benchmark_preset(preset: str, args) -> dict:
-    """All figures of one preset: compile, step time, samples/s, FLOPs, scan vs loop rollout."""
+    """All figures of one preset: compile, step time, samples/s, FLOPs, donation, scan vs loop rollout."""
     config = benchmark_config(preset, args)
     run = setup_run(config)
     with parallel.sharding_context(run.mesh, run.rules):
         batches = draw_batches(run, 2 + args.steps)
         assert all(route == list(config.routes).index(ROUTE) for route, _ in batches)
-        compiled, compile_s = compile_step(run, *batches[0])
-        step_s = time_steps(run, compiled, batches)
+        donated, compile_s = compile_step(run.train_step, run, *batches[0])
+        no_donation = jax.jit(run.step_fn, out_shardings=(run.state_shardings, parallel.replicated(run.mesh)))
+        kept = compile_step(no_donation, run, *batches[0])[0]
+        step_s = time_steps(run, {"donated": donated, "kept": kept}, batches)
         tolerance = 1e-5 if args.dtype == "float32" else 1e-2
         rollouts = rollout_comparison(run, batches[0][1], args.steps, tolerance)
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
@@ -217,7 +234,9 @@ def benchmark_preset(preset: str, args) -> dict:
         batch_size=config.batch_size,
         params=params,
         compile_s=compile_s,
-        step_s=step_s,
+        step_s=step_s["donated"],
+        kept_step_s=step_s["kept"],
+        donated_memory=peak_bytes(donated) / peak_bytes(kept),
         flops=step_flops(config),
         **rollouts,
     )
@@ -246,6 +265,8 @@ def format_row(result: dict, peak_tflops, num_devices: int) -> list[str]:
         row.append(f"{100 * achieved / (peak_tflops * 1e12 * num_devices):.1f}")
     same = "yes" if result["allclose"] else "NO"
     row += [
+        f"{step_s / result['kept_step_s']:.2f}",
+        f"{result['donated_memory']:.2f}",
         f"{result['truncated_s'] / result['scan_s']:.2f}",
         f"{result['scan_s'] / result['loop_s']:.2f}",
         f"{same} ({result['max_diff']:.1e})",
@@ -258,7 +279,7 @@ def print_table(results: list[dict], args) -> None:
               "total GF", "TFLOP/s"]
     if args.peak_tflops:
         header.append("util %")
-    header += ["trunc/full", "scan/loop", "allclose (max diff)"]
+    header += ["donate/keep", "mem", "trunc/full", "scan/loop", "allclose (max diff)"]
     rows = [header] + [format_row(r, args.peak_tflops, jax.device_count()) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -275,7 +296,8 @@ def main(argv) -> None:
           f"text_len {config.condition.text_len}, source tokens counted (use_source: student "
           f"{config.student.use_source}, {ROUTE} expert {config.experts.edit_expert.use_source}), "
           f"cfg {args.cfg_scale}, dtype {args.dtype}, route {ROUTE}; step = median of {args.steps} after 2 warm-up; "
-          f"trunc/full = truncated / full-scan rollout time, scan/loop = full scan / Python loop (< 1: first faster)", flush=True)
+          f"donate/keep = step with / without the state donated (time, mem = compiled peak memory), trunc/full = truncated / full-scan rollout time, "
+          f"scan/loop = full scan / Python loop (< 1: first faster)", flush=True)
     results = [benchmark_preset(preset, args) for preset in args.presets.split(",")]
     print_table(results, args)
 

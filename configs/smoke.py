@@ -19,7 +19,7 @@ def get_config() -> ConfigDict:
     config.rollout_steps = 4
 
     config.image_size = 8
-    config.condition = ConfigDict(dict(text_len=8, text_dim=16, num_classes=0, use_source=True))
+    config.condition.update(dict(text_len=8, text_dim=16, use_source=True))
 
     config.student = model_spec(use_source=True, seed=0)
     config.experts = ConfigDict(

@@ -1,5 +1,6 @@
 """From a validated config to the pieces of a run: models, expert fields, data, the loss."""
 
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -11,13 +12,29 @@ from ml_collections import ConfigDict
 from danceopd_jax import checkpoints, parallel
 from danceopd_jax.core import router, routing
 from danceopd_jax.core.route_weights import RouteWeights
+from danceopd_jax.core.conditioning import unconditional
 from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model_field
 from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder, stack_records
 from danceopd_jax.data.sources import MixedSource, make_bucket_source
+from danceopd_jax.models import lora, mmdit, sd3
+from danceopd_jax.models.dit import LOGICAL_AXES as DIT_AXES
 from danceopd_jax.models.dit import DiT, dit_config
+
+# Reserved entries of the frozen pytree (``experts``) of an SD3 run (``models.sd3``): the shared
+# transformer base and the CFG null condition (the empty prompt's embeddings).
+SHARED_BASE = "shared_base"
+NULL_CONDITION = "null_condition"
+
+
+def logical_axes(config: ConfigDict) -> tuple[str, ...]:
+    """The logical axis names of the run's models (rules must map each; ``parallel.axis_rules``)."""
+    if not config.model_dir:
+        return DIT_AXES
+    activations = tuple(a for a in DIT_AXES if a.startswith("activation_"))  # the rules' shared activation names
+    return tuple(dict.fromkeys(mmdit.LOGICAL_AXES + lora.LORA_AXES + activations))
 
 
 def model_config(config: ConfigDict, spec: ConfigDict):
@@ -37,6 +54,8 @@ def model_config(config: ConfigDict, spec: ConfigDict):
 
 
 def model_factory(config: ConfigDict, spec: ConfigDict) -> Callable[[], nnx.Module]:
+    if spec.get("kind", "dit") == "mmdit":  # run configs saved before SD3 support have no kind
+        return sd3.model_factory(config.model_dir, spec)
     dit = model_config(config, spec)
     return lambda: DiT(dit, rngs=nnx.Rngs(spec.seed))
 
@@ -51,25 +70,63 @@ def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple
     return graphdef, state, shardings
 
 
+def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
+    """The models of an SD3 run (``models.sd3``) over one shared base read from ``config.model_dir``.
+
+    Returns ``(student graphdef, student params, experts, expert shardings, expert graphdefs)``:
+    the student's params are its LoRA; ``experts`` holds the base (``SHARED_BASE``) and each
+    expert's LoRA delta (an empty state for the plain base).
+    """
+    student = config.student
+    graphdef, abstract, shardings = parallel.abstract_model_state(model_factory(config, student), mesh, rules)
+    student_graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
+    lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
+    make = model_factory(config, student)
+    with parallel.sharding_context(mesh, rules):
+        params = jax.jit(lambda: nnx.split(make(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
+    experts = {SHARED_BASE: sd3.load_base(config.model_dir, abstract_base, base_shardings)}
+    shardings = {SHARED_BASE: base_shardings}
+    base_graphdef = nnx.split(nnx.eval_shape(model_factory(config, ConfigDict({**student.to_dict(), "lora_rank": 0}))))[0]
+    graphdefs = {}
+    for name, spec in config.experts.items():
+        if spec.lora_path:
+            graphdefs[name], delta = sd3.expert_delta(config.model_dir, spec.lora_path, base_graphdef, abstract_base)
+            delta_shardings = parallel.shardings_of(delta, mesh, expert_rules)
+            experts[name], shardings[name] = jax.device_put(delta, delta_shardings), delta_shardings
+        else:
+            graphdefs[name], experts[name], shardings[name] = base_graphdef, nnx.State({}), nnx.State({})
+    return student_graphdef, params, experts, shardings, graphdefs
+
+
 def student_apply(graphdef: nnx.GraphDef):
-    """``apply(params, x, t, cond)`` of the student."""
-    return lambda params, x, t, cond: nnx.merge(graphdef, params)(x, t, cond)
+    """``apply(params, x, t, cond)`` of the student; an SD3 student's params are ``{"lora", "base"}``."""
+
+    def apply(params, x, t, cond):
+        states = (params["lora"], params["base"]) if isinstance(params, dict) else (params,)
+        return nnx.merge(graphdef, *states)(x, t, cond)
+
+    return apply
 
 
-def _field(config: ConfigDict, name: str, expert_fields: dict[str, Field]) -> Field:
+def _field(config: ConfigDict, name: str, expert_fields: dict[str, Field], null) -> Field:
     spec = config.fields[name]
     if spec.kind == "expert":
-        return cfg_field(expert_fields[spec.expert], spec.cfg_scale)
+        return cfg_field(expert_fields[spec.expert], spec.cfg_scale, null)
     terms = list(spec.terms.items())
-    return linear_combination([_field(config, term, expert_fields) for term, _ in terms], [w for _, w in terms])
+    return linear_combination([_field(config, term, expert_fields, null) for term, _ in terms], [w for _, w in terms])
 
 
 def route_fields_builder(config: ConfigDict, graphdefs: dict[str, nnx.GraphDef]):
     """``experts -> [field of route m]`` (route order of ``config.routes``), traced inside the step."""
 
     def build(experts: dict[str, Any]) -> Sequence[Field]:
-        expert_fields = {name: model_field(graphdefs[name], experts[name]) for name in graphdefs}
-        return [_field(config, route.field, expert_fields) for route in config.routes.values()]
+        if SHARED_BASE in experts:  # SD3: base + each expert's LoRA delta; CFG against the empty prompt
+            expert_fields = {name: model_field(graphdefs[name], experts[SHARED_BASE], experts[name]) for name in graphdefs}
+            null = sd3.with_null(experts[NULL_CONDITION])
+        else:
+            expert_fields = {name: model_field(graphdefs[name], experts[name]) for name in graphdefs}
+            null = unconditional
+        return [_field(config, route.field, expert_fields, null) for route in config.routes.values()]
 
     return build
 
@@ -87,6 +144,14 @@ def step_group_sizes(config: ConfigDict) -> list[int]:
 
 
 def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
+    """The run's ``loss(params, experts, batch, route, key)``; an SD3 student adds the shared base to its LoRA params."""
+    loss = _make_loss(config, student_graphdef, expert_graphdefs, router_params)
+    if not config.model_dir:
+        return loss
+    return lambda params, experts, *rest: loss({"lora": params, "base": experts[SHARED_BASE]}, experts, *rest)
+
+
+def _make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
     return make_loss_fn(
         config.method,
         student_apply(student_graphdef),
@@ -117,7 +182,9 @@ def flowopd_options(config: ConfigDict) -> FlowOPDOptions:
 
 def condition_spec(config: ConfigDict) -> ConditionSpec:
     c = config.condition
-    return ConditionSpec(text_len=c.text_len, text_dim=c.text_dim, num_classes=c.num_classes, use_source=c.use_source)
+    return ConditionSpec(
+        text_len=c.text_len, text_dim=c.text_dim, num_classes=c.num_classes, use_source=c.use_source, pooled_dim=c.pooled_dim
+    )  # fmt: skip
 
 
 POOL = "pool"  # the one bucket of a learned-router run: every route's bucket, unlabelled
@@ -127,7 +194,7 @@ def make_sources(config: ConfigDict) -> dict:
     """``{bucket: source}``; with a learned router the routes' buckets pooled as ``{POOL: MixedSource}``."""
     sources = {
         name: make_bucket_source(
-            bucket.kind, bucket.size, bucket.seed, config.image_size, config.channels, config.condition.num_classes
+            bucket.kind, bucket.size, bucket.seed, config.image_size, config.channels, config.condition.num_classes, bucket.path
         )
         for name, bucket in config.data.buckets.items()
     }
@@ -137,10 +204,21 @@ def make_sources(config: ConfigDict) -> dict:
     return {POOL: MixedSource([sources[route.bucket] for route in routes], route_weights(config), seed=config.seed)}
 
 
-def make_batches(config: ConfigDict, sources: dict) -> BucketBatches:
+def make_batches(config: ConfigDict, sources: dict, text_embedder=None) -> BucketBatches:
     """One grain iterator per bucket of ``make_sources``, this host's shard of each."""
     image_shape = (config.image_size, config.image_size, config.channels)
-    return BucketBatches(sources, condition_spec(config), image_shape, seed=config.seed)
+    return BucketBatches(sources, condition_spec(config), image_shape, seed=config.seed, text_embedder=text_embedder)
+
+
+PROMPT_TABLE = "prompt_embeddings.safetensors"  # an SD3 run's encoded prompts, in its workdir
+
+
+def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str):
+    """The embeddings of every prompt of the run's buckets (``models.sd3.prompt_table``), cached in ``workdir``."""
+    prompts = sorted({source[i]["prompt"] for source in sources.values() for i in range(len(source))})
+    c = config.condition
+    sd3.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
+    return sd3.prompt_table(config.model_dir, prompts, os.path.join(workdir, PROMPT_TABLE), c.text_len)
 
 
 def train_router(config: ConfigDict, pool: MixedSource) -> tuple[router.RouterParams, dict]:

@@ -4,7 +4,9 @@ from ml_collections import ConfigDict
 
 
 def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
-    """A DiT spec: preset plus overrides; ``init`` is ``random`` (with ``seed``) or ``checkpoint``.
+    """A model spec: a DiT (``kind="dit"``: preset plus overrides; ``init`` is ``random`` with ``seed``,
+    or ``checkpoint``), or the transformer of the SD3 folder ``config.model_dir`` (``kind="mmdit"``,
+    ``init="pretrained"``; ``sd3_spec``).
 
     ``zero_init=False`` makes a random model a non-zero field (adaLN-Zero would output zero).
     ``checkpoint`` is a workdir of an earlier run (its latest checkpoint, EMA weights if kept).
@@ -12,11 +14,18 @@ def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
     the student's backward-pass memory for recomputation (``models.dit.REMAT_POLICIES``).
     """
     spec = dict(
-        preset=preset, patch_size=2, dtype="float32", remat="none", use_source=False, zero_init=True, init="random", seed=0,
-        checkpoint="",
+        kind="dit", preset=preset, patch_size=2, dtype="float32", remat="none", use_source=False, zero_init=True,
+        init="random", seed=0, checkpoint="", lora_rank=0, lora_alpha=0.0, lora_targets="", lora_path="",
     )  # fmt: skip
     spec.update(overrides)
     return ConfigDict(spec)
+
+
+def sd3_spec(**overrides) -> ConfigDict:
+    """The transformer of ``config.model_dir`` (``models/sd3.py``): a student with a fresh LoRA
+    (``lora_rank`` > 0, ``lora_alpha`` 0 = rank, ``lora_targets`` comma-separated ``models.lora``
+    patterns), or an expert that is the base plus the LoRA file ``lora_path`` (or the plain base)."""
+    return model_spec(**{"kind": "mmdit", "init": "pretrained", "preset": "", "patch_size": 0, **overrides})
 
 
 def expert_field(expert: str, cfg_scale: float = 1.0, needs_source: bool = False) -> dict:
@@ -63,7 +72,13 @@ def base_config() -> ConfigDict:
 
     config.image_size = 32
     config.channels = 3
-    config.condition = ConfigDict(dict(text_len=0, text_dim=0, num_classes=0, use_source=False))
+    # pooled_dim > 0: a pooled prompt embedding too (SD3: text_len = 77 + T5 tokens, text_dim and
+    # pooled_dim those of the folder's transformer).
+    config.condition = ConfigDict(dict(text_len=0, text_dim=0, num_classes=0, use_source=False, pooled_dim=0))
+    # An SD3 / SD3.5 diffusers pipeline folder (models/sd3.py): its transformer is the shared frozen base
+    # of every kind="mmdit" model, and its text encoders encode the prompts; image_size and channels are
+    # then the latent size and channels.
+    config.model_dir = ""
 
     config.student = model_spec()
     config.experts = ConfigDict()
@@ -78,7 +93,17 @@ def base_config() -> ConfigDict:
     # step and route; True keeps the old params/optimizer state/EMA on device and counts it (skipped_steps).
     config.skip_nonfinite_steps = False
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.logical_axis_rules = ConfigDict(dict(embed="fsdp", heads="tensor", mlp="tensor"))
+    # Logical axis -> mesh axes (``parallel.axis_rules``; axes left out are replicated): parameters
+    # (embed over fsdp, heads and mlp over tensor) and the activations the models pin
+    # (``models.dit.ACTIVATION_AXES``: batch over data x fsdp, heads and MLP hidden over tensor).
+    config.logical_axis_rules = ConfigDict(
+        dict(embed="fsdp", heads="tensor", mlp="tensor", activation_batch=("data", "fsdp"), activation_heads="tensor",
+             activation_mlp="tensor")
+    )  # fmt: skip
+    config.expert_sharding = "like_student"  # like_student (the rules above) | replicated (a full copy per device)
+    # Persistent XLA compilation cache: relative to the workdir or absolute (shared by runs); "" is off.
+    # A cache already set in the process (JAX_COMPILATION_CACHE_DIR, jax.config) takes precedence.
+    config.compilation_cache_dir = "xla_cache"
 
     config.log_every = 10
     config.checkpoint_every = 100

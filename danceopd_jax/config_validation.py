@@ -11,6 +11,7 @@ choices, and the references between models, fields, routes and buckets.
 import dataclasses
 import difflib
 import math
+import os
 import numbers
 from typing import Any
 
@@ -24,14 +25,18 @@ from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
 from danceopd_jax.data.sources import BUCKET_KINDS
+from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
+from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
+from danceopd_jax.models import sd3, sd3_folder
 from danceopd_jax.models.dit import PRESETS
 
 FIELD_KINDS = ("expert", "combination")
-INIT_KINDS = ("random", "checkpoint")
+INIT_KINDS = {"dit": ("random", "checkpoint"), "mmdit": ("pretrained",)}
 LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_SHARDINGS = ("like_student", "replicated")
 ROUTE_TEMPLATE = dict(field="", bucket="", weight=1.0)
-BUCKET_TEMPLATE = dict(kind="", size=1, seed=0)
+BUCKET_TEMPLATE = dict(kind="", size=1, seed=0, path="")
 
 
 class ConfigError(ValueError):
@@ -53,6 +58,10 @@ class Entries:
 
 
 FREE_FORM = object()  # a map whose keys are checked elsewhere
+
+# Keys that may be left out (``check_keys`` fills in the default): those SD3 support added, so that
+# configs, bucket entries and saved run configs written before it stay valid.
+DEFAULTED_KEYS = frozenset({"model_dir", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha", "lora_targets", "lora_path"})
 
 
 def run_template() -> dict:
@@ -96,6 +105,15 @@ def _fits(value, default) -> bool:
     return isinstance(value, type(default))
 
 
+def _add_default(node, name: str, default) -> None:
+    """``node[name] = default`` in a dict or a (possibly locked, as config flags leave it) ConfigDict."""
+    if isinstance(node, ConfigDict):
+        with node.unlocked():
+            node[name] = default
+    else:
+        node[name] = default
+
+
 def check_keys(node, template, key: str = "") -> None:
     """Raise ``ConfigError`` at the first key under ``key`` (dotted, "" = the root) that ``template``
     does not know, lacks, or whose value has another type."""
@@ -116,6 +134,8 @@ def check_keys(node, template, key: str = "") -> None:
                 hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(template)}"
                 _fail(_join(key, name), f"unknown key; {hint}")
         for name, sub in template.items():
+            if name not in node and name in DEFAULTED_KEYS and not _is_dict(sub):
+                _add_default(node, name, sub)
             if name not in node:
                 _fail(_join(key, name), "missing key")
             check_keys(node[name], sub, _join(key, name))
@@ -156,7 +176,37 @@ def _in_range(config: ConfigDict, key: str, low: float, high: float = math.inf, 
         _fail(key, f"must be in {left}{low:g}, {high:g}{right}, got {value}")
 
 
-def _check_model(config: ConfigDict, key: str, model: ConfigDict) -> None:
+def _check_sd3_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool) -> None:
+    """An SD3 model spec: the folder is set, a student trains a LoRA, an expert's LoRA file exists."""
+    if not config.model_dir:
+        _fail(f"{key}.kind", "kind 'mmdit' is the transformer of config.model_dir, which is not set")
+    if model.init != "pretrained":
+        _fail(f"{key}.init", f"kind 'mmdit' loads config.model_dir: must be 'pretrained', got {model.init!r}")
+    if model.dtype not in DTYPES:
+        _fail(f"{key}.dtype", f"unknown value {model.dtype!r}; valid: {', '.join(DTYPES)}")
+    if is_student:
+        if model.lora_rank < 1:
+            _fail(f"{key}.lora_rank", f"an SD3 student trains a LoRA over the shared base: must be >= 1, got {model.lora_rank}")
+        if not model.lora_targets.strip():
+            _fail(f"{key}.lora_targets", "name the layers to adapt, e.g. 'to_q,to_k,to_v,to_out,fc1,fc2'")
+        if model.lora_path:
+            _fail(f"{key}.lora_path", "a student's LoRA is trained from scratch; lora_path is for experts")
+    else:
+        if model.lora_rank or model.lora_targets:
+            _fail(f"{key}.lora_rank", "an expert's LoRA comes from its lora_path file; leave lora_rank and lora_targets unset")
+        if model.lora_path and not os.path.exists(model.lora_path):
+            _fail(f"{key}.lora_path", f"no such LoRA file or folder: {model.lora_path}")
+    _in_range(config, f"{key}.lora_alpha", 0.0)
+
+
+def _check_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool = False) -> None:
+    _choice(config, f"{key}.kind", INIT_KINDS)
+    if model.kind == "mmdit":
+        return _check_sd3_model(config, key, model, is_student)
+    if config.model_dir:
+        _fail(f"{key}.kind", "with config.model_dir set, every model is that folder's transformer: use kind 'mmdit'")
+    if model.lora_rank or model.lora_path or model.lora_targets:
+        _fail(f"{key}.lora_rank", "LoRA is for kind 'mmdit' (SD3) models")
     if model.preset not in PRESETS:
         _fail(f"{key}.preset", f"unknown preset {model.preset!r}; valid: {', '.join(PRESETS)}")
     if model.dtype not in DTYPES:
@@ -165,8 +215,8 @@ def _check_model(config: ConfigDict, key: str, model: ConfigDict) -> None:
         _fail(f"{key}.patch_size", f"must be >= 1, got {model.patch_size}")
     if config.image_size % model.patch_size:
         _fail(f"{key}.patch_size", f"image_size {config.image_size} is not divisible by patch size {model.patch_size}")
-    if model.init not in INIT_KINDS:
-        _fail(f"{key}.init", f"unknown value {model.init!r}; valid: {', '.join(INIT_KINDS)}")
+    if model.init not in INIT_KINDS["dit"]:
+        _fail(f"{key}.init", f"unknown value {model.init!r}; valid: {', '.join(INIT_KINDS['dit'])}")
     if model.init == "checkpoint" and not model.checkpoint:
         _fail(f"{key}.checkpoint", "init='checkpoint' needs a workdir path")
     if model.use_source and not config.condition.use_source:
@@ -279,16 +329,31 @@ def _check_buckets(config: ConfigDict) -> None:
         unread = sorted(f for f in BUCKET_KINDS[bucket.kind] if f != "image" and not readers[f][1])
         if unread:
             _fail(f"{key}.kind", f"{bucket.kind!r} records carry {unread[0]!r}, which config.{readers[unread[0]][0]} turns off")
+        if (bucket.kind in PROMPT_FILE_KINDS) != bool(bucket.path):
+            _fail(f"{key}.path", f"kind {bucket.kind!r} " + ("reads a prompt file: set path" if bucket.path == "" else "reads no file"))
+        if bucket.path:
+            try:
+                PromptFileSource(bucket.path, bucket.size)
+            except PromptFileError as e:
+                _fail(f"{key}.path", str(e))
         if bucket.kind in SCENE_KINDS and config.channels != 3:
             _fail("channels", f"the shapes world (bucket {name!r}) renders RGB: must be 3, got {config.channels}")
 
 
 def _check_condition(config: ConfigDict) -> None:
     c = config.condition
-    for key in ("text_len", "text_dim", "num_classes"):
+    for key in ("text_len", "text_dim", "num_classes", "pooled_dim"):
         _positive_int(config, f"condition.{key}", minimum=0)
     if (c.text_len > 0) != (c.text_dim > 0):
         _fail("condition.text_len", f"text_len and text_dim must both be 0 or both > 0, got {c.text_len} and {c.text_dim}")
+    if c.pooled_dim and not c.text_dim:
+        _fail("condition.pooled_dim", "a pooled prompt embedding needs text (text_dim > 0)")
+    if config.model_dir:
+        try:
+            sd3_folder.pipeline_components(config.model_dir)
+            sd3.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
+        except ValueError as e:
+            _fail("model_dir", str(e))
 
 
 def _check_optimizer(config: ConfigDict) -> None:
@@ -311,7 +376,7 @@ def validate(config: ConfigDict) -> None:
     """Raise ``ConfigError`` on the first problem found."""
     check_keys(config, run_template())
     for key, valid in (("method", OBJECTIVES), ("routing", ROUTING_MODES), ("query_sampler", QUERY_SAMPLERS),
-                       ("fm_time_sampler", FLOW_MATCHING_TIMES)):  # fmt: skip
+                       ("fm_time_sampler", FLOW_MATCHING_TIMES), ("expert_sharding", EXPERT_SHARDINGS)):  # fmt: skip
         _choice(config, key, valid)
     for key in ("rollout_steps", "queries_per_rollout", "batch_size", "image_size", "channels", "log_every",
                 "checkpoint_every", "keep_checkpoints"):  # fmt: skip
@@ -324,7 +389,7 @@ def validate(config: ConfigDict) -> None:
     _check_optimizer(config)
     _check_flowopd(config)
     _check_buckets(config)
-    _check_model(config, "student", config.student)
+    _check_model(config, "student", config.student, is_student=True)
     for name, expert in config.experts.items():
         _check_model(config, f"experts.{name}", expert)
     _check_fields(config)

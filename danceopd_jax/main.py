@@ -20,7 +20,10 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
-from danceopd_jax.config_validation import ConfigError  # noqa: E402
+from danceopd_jax.config_validation import ConfigError
+from danceopd_jax.models.lora import UnknownLoRATarget
+from danceopd_jax.models.sd3_folder import ModelFolderError
+from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries.")
@@ -67,7 +70,7 @@ def main(argv):
             pipeline.run_pipeline(config, _WORKDIR.value)
         else:
             train.train_and_evaluate(config, _WORKDIR.value)
-    except ConfigError as error:
+    except (ConfigError, ModelFolderError, WeightsError, WeightsMismatch, UnknownLoRATarget) as error:
         _usage_error(error)
     except train.Preempted:
         return  # the loop printed where it saved; exit code 0

@@ -3,7 +3,8 @@
 Mesh axes are ``data``, ``fsdp`` and ``tensor`` (``-1`` = fill with the remaining devices).
 Parameters carry logical names (``embed``, ``heads``, ``mlp``, ...); the config's rules map them
 to mesh axes. The batch is sharded over (``data``, ``fsdp``). Axes are GSPMD ``Auto`` so that
-logical annotations propagate through the model (DESIGN.md, environment facts).
+logical annotations propagate through the model (DESIGN.md, environment facts). Activation
+constraints (``models.dit.constrain``) take effect in code traced inside ``sharding_context``.
 """
 
 import contextlib
@@ -66,6 +67,11 @@ def axis_rules(rules: Mapping[str, Any], logical_axes: Sequence[str]) -> Rules:
         resolved.append((logical, tuple(target) if isinstance(target, (tuple, list)) else target))
     resolved += [(logical, None) for logical in logical_axes if logical not in rules]
     return tuple(resolved)
+
+
+def replicated_rules(rules: Rules) -> Rules:
+    """``rules`` with every logical axis mapped to no mesh axis: a full copy of each parameter per device."""
+    return tuple((logical, None) for logical, _ in rules)
 
 
 @contextlib.contextmanager

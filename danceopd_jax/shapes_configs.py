@@ -34,7 +34,7 @@ def shapes_world(config: ConfigDict) -> ConfigDict:
     memorising 4 scenes reached a nearest-image MSE of 0.004-0.16 at 16/2 against 0.08-0.24 at 32/4).
     """
     config.image_size = 16
-    config.condition = ConfigDict(dict(text_len=24, text_dim=32, num_classes=0, use_source=True))
+    config.condition.update(dict(text_len=24, text_dim=32, use_source=True))
     return config
 
 

@@ -27,8 +27,8 @@ from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
 from danceopd_jax.config_validation import ConfigError, validate
-from danceopd_jax.models.dit import LOGICAL_AXES
 from danceopd_jax.core.route_weights import RouteWeights
+from danceopd_jax.models import sd3
 from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
 
 
@@ -237,7 +237,8 @@ class Run:
     batches: Any
     batch_sharding: Any
     loss_fn: Callable  # (params, experts, batch, route, key) -> per-sample loss [B], unjitted
-    train_step: Callable
+    train_step: Callable  # step_fn jitted with the shardings, the train state donated
+    step_fn: Callable  # (state, experts, batch, route) -> (state, metrics), unjitted
     route_weights: RouteWeights  # the per-step route schedule (host state, checkpointed)
     router_report: dict | None  # a learned router's accuracy and label counts (``build.train_router``)
 
@@ -251,17 +252,25 @@ class Run:
         return route, batch
 
 
-def setup_run(config: ConfigDict, devices=None) -> Run:
-    """Check the config, then build mesh, data, models, sharded train state and the jitted step."""
+def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> Run:
+    """Check the config, then build mesh, data, models, sharded train state and the jitted step.
+
+    ``workdir`` holds what a run derives once (an SD3 run's prompt embeddings)."""
     # ---------------------------------------------------------------- config, mesh
     validate(config)
     mesh = parallel.make_mesh(config.mesh, devices)
-    rules = parallel.axis_rules(config.logical_axis_rules, LOGICAL_AXES)
+    rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
     _check_layout(config, mesh)
 
     # ---------------------------------------------------------------- input, router
     sources = build.make_sources(config)
-    batches = build.make_batches(config, sources)
+    prompt_table = None
+    if config.model_dir:  # SD3: every prompt encoded once by the folder's text encoders (models/sd3.py)
+        if workdir is None:
+            raise ValueError("an SD3 run (config.model_dir) needs a workdir for its prompt embeddings")
+        prompt_table = build.sd3_prompt_table(config, sources, workdir)
+        _log(f"prompt embeddings: {len(prompt_table.prompts)} prompts in {os.path.join(workdir, build.PROMPT_TABLE)}")
+    batches = build.make_batches(config, sources, prompt_table)
     batch_sharding = parallel.batch_sharding(mesh)
     router_params, router_report = None, None
     if config.routing == "learned":
@@ -270,11 +279,20 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
              f"held-out accuracy {router_report['heldout_accuracy']:.3f} on {router_report['heldout']}")  # fmt: skip
 
     # ---------------------------------------------------------------- models
-    student_graphdef, student_params, _ = build.load_model(config, config.student, mesh, rules)
-    experts, expert_shardings, expert_graphdefs = {}, {}, {}
-    if config.method != "flow_matching":
+    expert_rules = rules if config.expert_sharding == "like_student" else parallel.replicated_rules(rules)
+    if config.model_dir:  # SD3: a LoRA student and LoRA/plain experts over one shared base
+        student_graphdef, student_params, experts, expert_shardings, expert_graphdefs = build.load_sd3_models(
+            config, mesh, rules, expert_rules
+        )
+        null = sd3.null_condition(prompt_table)
+        experts[build.NULL_CONDITION] = sd3.replicate(null, parallel.replicated(mesh))
+        expert_shardings[build.NULL_CONDITION] = jax.tree.map(lambda _: parallel.replicated(mesh), null)
+    else:
+        student_graphdef, student_params, _ = build.load_model(config, config.student, mesh, rules)
+        experts, expert_shardings, expert_graphdefs = {}, {}, {}
+    if config.method != "flow_matching" and not config.model_dir:
         for name, spec in config.experts.items():
-            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, rules)
+            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, expert_rules)
 
     # ---------------------------------------------------------------- optimizer, state
     opt = config.optimizer
@@ -311,7 +329,7 @@ def setup_run(config: ConfigDict, devices=None) -> Run:
     )
     return Run(
         config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step,
-        build.make_route_weights(config), router_report,
+        step_fn, build.make_route_weights(config), router_report,
     )  # fmt: skip
 
 
@@ -340,6 +358,14 @@ def _progress_line(config: ConfigDict, done: int, flushed: _Flushed) -> str:
             f"{flushed.rate:.2f} steps/s ETA {eta}")  # fmt: skip
 
 
+def use_compilation_cache(config: ConfigDict, workdir: str) -> None:
+    """Keep compiled programs in ``config.compilation_cache_dir`` (relative to ``workdir``), so a restart
+    or another run of the same shapes loads them instead of compiling. A cache the process already has
+    (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``, an earlier stage of a pipeline) is kept."""
+    if config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, config.compilation_cache_dir))
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its newest readable checkpoint; returns the final state.
 
@@ -347,7 +373,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     the run (``FloatingPointError`` naming step and route) before its state can be saved, unless
     ``skip_nonfinite_steps``. SIGTERM finishes the current step, saves it and raises ``Preempted``.
     """
-    run = setup_run(config)
+    validate(config)
+    use_compilation_cache(config, workdir)
+    run = setup_run(config, workdir=workdir)
     num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
     _log(f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
          f"{jax.process_count()} process(es); method {config.method}, routing {config.routing}")

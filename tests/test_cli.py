@@ -10,10 +10,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _main(workdir, *flags, timeout=600):
+def _main(workdir, *flags, timeout=600, env=None):
     cmd = [sys.executable, "-m", "danceopd_jax.main", "--config", str(ROOT / "configs" / "smoke.py")]
     cmd += ["--workdir", str(workdir), *flags]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or dict(os.environ))
 
 
 def test_smoke_trains_then_resumes(tmp_path):
@@ -26,6 +26,25 @@ def test_smoke_trains_then_resumes(tmp_path):
     assert "step 20/20" in second.stdout and "step 5/20" not in second.stdout
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
     assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard summaries written"
+
+
+def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path):
+    """``compilation_cache_dir``: the first run fills WORKDIR/xla_cache; a second run (another workdir,
+    the same cache by absolute path) loads the train step from it (JAX logs hits and misses with
+    JAX_LOG_COMPILES and JAX_EXPLAIN_CACHE_MISSES) and adds no entry."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the tests' cache would win
+    first = _main(tmp_path / "a", "--config.num_train_steps=2", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cache = tmp_path / "a" / "xla_cache"
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_step-") for name in entries), entries  # the train step
+    env.update(JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+    second = _main(tmp_path / "b", "--config.num_train_steps=2", f"--config.compilation_cache_dir={cache}", env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Persistent compilation cache hit for 'jit_step'" in second.stderr
+    assert "PERSISTENT COMPILATION CACHE MISS for 'jit_step'" not in second.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert not (tmp_path / "b" / "xla_cache").exists()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from danceopd_jax import checkpoints
+from danceopd_jax.config_validation import validate
 from danceopd_jax.sampling import encode_conditions, generate, load_trained_model, sample_task, task_conditions, to_uint8
 from danceopd_jax.tasks import TASKS
 from danceopd_jax.train import train_and_evaluate
@@ -33,9 +34,10 @@ def _sample(*flags):
 
 
 def test_run_config_is_recorded(workdir):
-    assert checkpoints.load_run_config(str(workdir)).to_dict() == load_config(
-        num_train_steps=2, **{"student.zero_init": False}
-    ).to_dict()
+    """The saved run config is the validated one (defaults of keys the config left out filled in), as JSON."""
+    expected = load_config(num_train_steps=2, **{"student.zero_init": False})
+    validate(expected)
+    assert checkpoints.load_run_config(str(workdir)).to_dict() == json.loads(json.dumps(expected.to_dict()))
 
 
 def test_api_samples_are_deterministic_and_conditioned(workdir):

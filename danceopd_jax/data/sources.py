@@ -6,13 +6,19 @@ from typing import Sequence
 import numpy as np
 
 from danceopd_jax.core.routing import normalized_weights
-from danceopd_jax.data import scene_buckets, synthetic
+from danceopd_jax.data import prompt_files, scene_buckets, synthetic
 
-BUCKET_KINDS: dict[str, frozenset[str]] = {**synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS}
+BUCKET_KINDS: dict[str, frozenset[str]] = {
+    **synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS, **prompt_files.BUCKET_KINDS
+}  # fmt: skip
 
 
-def make_bucket_source(kind: str, size: int, seed: int, image_size: int, channels: int, num_classes: int = 0):
-    """The random-access source of one bucket (fields per kind in ``BUCKET_KINDS``)."""
+def make_bucket_source(
+    kind: str, size: int, seed: int, image_size: int, channels: int, num_classes: int = 0, path: str = ""
+):
+    """The random-access source of one bucket (fields per kind in ``BUCKET_KINDS``); ``path`` for file kinds."""
+    if kind in prompt_files.BUCKET_KINDS:
+        return prompt_files.PromptFileSource(path, size)
     if kind in scene_buckets.BUCKET_KINDS:
         return scene_buckets.SceneSource(kind, size, seed, image_size, channels)
     if kind in synthetic.BUCKET_KINDS:

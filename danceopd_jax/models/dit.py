@@ -25,6 +25,11 @@ frequencies). Hidden -> hidden projections outside attention (timestep MLP, pool
 name every axis in ``LOGICAL_AXES`` (map the unsharded ones to ``None``). Parameters are
 sharded at creation when a mesh is set (``jax.set_mesh``); without one they are created
 unsharded, so the model also builds on a single device.
+
+The hot activations are pinned to the layout of their logical names (``ACTIVATION_AXES``,
+MaxText's names) under the active rules: the token stream between blocks ``TOKENS``, the
+attention's q/k/v ``HEADS`` and the MLP hidden ``MLP_HIDDEN``. Without a mesh or rules (one
+device, or tracing outside ``parallel.sharding_context``) the constraints are no-ops.
 """
 
 import dataclasses
@@ -34,10 +39,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec
 
 from danceopd_jax.core.conditioning import NULL_LABEL, Condition
 
-LOGICAL_AXES = ("embed", "heads", "mlp", "adaln", "patch", "text_embed", "vocab", "freq")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_heads", "activation_mlp")
+LOGICAL_AXES = ("embed", "heads", "mlp", "adaln", "patch", "text_embed", "vocab", "freq", *ACTIVATION_AXES)
+
+TOKENS = ("activation_batch", "activation_length", "activation_embed")  # [B, S, D]
+HEADS = ("activation_batch", "activation_length", "activation_heads", None)  # [B, S, H, Dh]
+MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")  # [B, S, mlp]
 
 FREQUENCY_DIM = 256  # sinusoidal timestep frequencies (DiT's TimestepEmbedder)
 
@@ -198,6 +210,14 @@ def _partitioned(init, names):
     return nnx.with_partitioning(init, names, eager_sharding=eager)
 
 
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+    """``x`` pinned (``with_sharding_constraint``) to the layout the active logical axis rules give
+    ``names``; a no-op without a mesh or without rules. A name the rules lack is an error."""
+    if jax.sharding.get_abstract_mesh().empty or not spmd.get_logical_axis_rules():
+        return x
+    return jax.lax.with_sharding_constraint(x, spmd.get_pspec(PartitionSpec(*names)))
+
+
 def _linear(d_in, d_out, names, dtype, rngs, init=_xavier, zero=False) -> nnx.Linear:
     """Linear with kernel axes ``names`` and bias axis ``names[1]``; ``zero`` zero-inits both."""
     return nnx.Linear(
@@ -232,14 +252,14 @@ class DiTBlock(nnx.Module):
         """x [B, S, D], c = SiLU(conditioning) [B, D], key_mask bool [B, S]."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(c), 6, -1)
         h = self.attention(modulate(layer_norm(x), shift_a, scale_a), key_mask)
-        x = x + gate_a[:, None] * h
-        h = jax.nn.gelu(self.fc1(modulate(layer_norm(x), shift_m, scale_m)), approximate=True)
-        return x + gate_m[:, None] * self.fc2(h)
+        x = constrain(x + gate_a[:, None] * h, TOKENS)
+        h = constrain(jax.nn.gelu(self.fc1(modulate(layer_norm(x), shift_m, scale_m)), approximate=True), MLP_HIDDEN)
+        return constrain(x + gate_m[:, None] * self.fc2(h), TOKENS)
 
     def attention(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         """Multi-head self-attention over valid keys; logits and softmax in float32."""
         b, s, d = x.shape
-        heads = lambda y: y.reshape(b, s, self.num_heads, d // self.num_heads)
+        heads = lambda y: constrain(y.reshape(b, s, self.num_heads, d // self.num_heads), HEADS)
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         o = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
         return self.out(o.reshape(b, s, d))
@@ -300,7 +320,7 @@ class DiT(nnx.Module):
             source_mask = cond["source_mask"].astype(bool)[:, None]
             masks.append(jnp.broadcast_to(source_mask, (b, cfg.num_patches)))
 
-        h = jnp.concatenate(tokens, axis=1)
+        h = constrain(jnp.concatenate(tokens, axis=1), TOKENS)
         key_mask = jnp.concatenate(masks, axis=1)
         c = nnx.silu(c)
 

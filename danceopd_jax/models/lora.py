@@ -76,6 +76,10 @@ PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
 _kaiming_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
+class UnknownLoRATarget(ValueError):
+    """A LoRA target pattern that matches no linear layer of the model."""
+
+
 class LoRAParam(nnx.Param):
     """A LoRA factor: what the optimiser trains while every other variable stays frozen."""
 
@@ -173,7 +177,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets: Iterable[st
     for target in targets:
         if not any(target_matches(target, p) for p in linears):
             names = sorted({p.rsplit(".", 1)[-1] for p in linears})
-            raise ValueError(
+            raise UnknownLoRATarget(
                 f"unknown LoRA target {target!r}: it matches no nnx.Linear; layers are named "
                 f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''} (e.g. {next(iter(linears), 'none')})"
             )

@@ -170,7 +170,7 @@ def write_tiny_sd3(out: str, seed: int = 0) -> str:
     return out
 
 
-def randomise_lora(model: nnx.Module, seed: int, scale: float = 0.05) -> None:
+def randomise_lora(model: nnx.Module, seed: int, scale: float = 0.3) -> None:
     """Draw every LoRA factor (B included, zero at init) from N(0, scale^2), in place."""
     key = jax.random.key(seed)
     leaves = [

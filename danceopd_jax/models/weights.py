@@ -271,7 +271,7 @@ def load_state(
         dotted = param_path(path)
         array = to_nnx_layout(tensors[names[dotted]], dotted).astype(leaf.dtype)
         sharding = flat_shardings.get(path)
-        value = jax.device_put(array, sharding.value if hasattr(sharding, "value") else sharding)
+        value = jax.device_put(array, sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding)
         leaves.append((path, leaf.replace(value) if hasattr(leaf, "replace") else value))
     return nnx.from_flat_state(leaves)
 

@@ -1,0 +1,138 @@
+"""The SD3 family in a run: models over one shared frozen base, prompt embeddings, the CFG null.
+
+A run on an SD3 / SD3.5 pipeline folder (``config.model_dir``) holds the folder's transformer
+once, as the frozen *base* state. Every model spec of ``kind="mmdit"`` is that base plus at
+most one LoRA:
+
+  * the student: base + a fresh trainable LoRA (``lora_rank`` > 0; paper: rank 128 on the
+    attention and MLP projections); only the LoRA is in the optimizer and the checkpoints;
+  * an expert: base + the LoRA deltas of ``lora_path`` (diffusers/PEFT safetensors), or the base
+    itself when ``lora_path`` is empty (e.g. the CFG-absorption teacher).
+
+So a student and M teachers cost one base plus M + 1 small adapter states (``docs/MODELS.md``).
+Prompts are encoded once, up front, with the folder's CLIP-L, CLIP-G and T5 encoders
+(``models.sd3_prompts``) into a table under the workdir (``data.prompt_embeddings``); the
+encoders are freed before training. The classifier-free-guidance null of SD3 is the encoding of
+the empty prompt (not zeros), so CFG fields here use ``null_condition``.
+"""
+
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from danceopd_jax.data.prompt_embeddings import PromptEmbeddings, encode_table, load_table
+from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_prompts
+from danceopd_jax.models.weights import load_state, open_safetensors
+
+CLIP_TOKENS = 77  # SD3's CLIP token count; the text sequence is CLIP_TOKENS + T5's max_sequence_length
+
+
+def transformer_config(model_dir: str, dtype: str, remat: str) -> mmdit.MMDiTConfig:
+    """The ``MMDiTConfig`` of the folder's transformer with a compute dtype and remat policy."""
+    return mmdit.config_from_diffusers(sd3_folder.component_config(model_dir, "transformer"), dtype=dtype, remat=remat)
+
+
+def lora_targets(targets: str) -> list[str]:
+    """``"to_q,to_k"`` -> ``["to_q", "to_k"]`` (a config string of ``models.lora`` target patterns)."""
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
+    """The spec's model: the folder's transformer, with a fresh LoRA for ``lora_rank`` > 0.
+
+    An expert's LoRA file is applied afterwards (``expert_delta``); here it is the plain base.
+    """
+    config = transformer_config(model_dir, spec.dtype, spec.remat)
+
+    def make() -> nnx.Module:
+        model = mmdit.MMDiT(config, rngs=nnx.Rngs(spec.seed))
+        if spec.lora_rank:
+            alpha = spec.lora_alpha or spec.lora_rank
+            lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=nnx.Rngs(spec.seed + 1))
+        return model
+
+    return make
+
+
+def load_base(model_dir: str, abstract_base: nnx.State, shardings) -> nnx.State:
+    """The folder's transformer weights as the (sharded) frozen base state, checked and read lazily."""
+    folder = sd3_folder.pipeline_components(model_dir)["transformer"]
+    names = mmdit.torch_names(transformer_config(model_dir, "float32", "none"))
+    return load_state(abstract_base, open_safetensors(folder), names, shardings=shardings)
+
+
+def expert_delta(model_dir: str, lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx.State):
+    """``(graphdef, delta)`` of a teacher that is the base plus the LoRA file ``lora_path``."""
+    base = nnx.merge(base_graphdef, abstract_base)
+    names = mmdit.torch_names(transformer_config(model_dir, "float32", "none"))
+    graphdef, delta = lora.load_lora_deltas(base, names, *lora.read_lora(lora_path))
+    return graphdef, delta
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32") -> PromptEmbeddings:
+    """The embeddings of ``prompts`` (and the empty prompt) at ``path``: read if it has them all, else encoded.
+
+    ``text_len`` = 77 CLIP tokens + T5's ``max_sequence_length``.
+    """
+    if os.path.isfile(path):
+        table = load_table(path)
+        if all(p in table for p in ["", *prompts]) and table.text_shape[0] == text_len:
+            return table
+    encoders = sd3_prompts.load_sd3_text_encoders(model_dir, dtype=dtype)
+    max_sequence_length = text_len - CLIP_TOKENS
+
+    def encode(batch: list[str]):
+        out = sd3_prompts.encode_prompts(encoders, batch, max_sequence_length)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return encode_table(path, prompts, encode)
+
+
+def null_condition(table: PromptEmbeddings) -> dict[str, np.ndarray]:
+    """SD3's CFG null: the empty prompt's ``text`` [L, D] and ``pooled`` [P]."""
+    text, _, pooled = table("")
+    return {"text": text, "pooled": pooled}
+
+
+def with_null(null: dict) -> Callable[[dict], dict]:
+    """``cond -> cond`` with every sample's text and pooled embedding replaced by the null's (``null_condition``)."""
+
+    def unconditional(cond: dict) -> dict:
+        batch = cond["text"].shape[0]
+        out = dict(cond)
+        out["text"] = jnp.broadcast_to(null["text"].astype(cond["text"].dtype), cond["text"].shape)
+        out["pooled"] = jnp.broadcast_to(null["pooled"].astype(cond["pooled"].dtype), (batch, *null["pooled"].shape))
+        return out
+
+    return unconditional
+
+
+def check_condition(model_dir: str, text_len: int, text_dim: int, pooled_dim: int) -> None:
+    """Raise ``ValueError`` unless the run's condition shape is the folder transformer's."""
+    t = sd3_folder.component_config(model_dir, "transformer")
+    want = dict(text_dim=t["joint_attention_dim"], pooled_dim=t["pooled_projection_dim"])
+    got = dict(text_dim=text_dim, pooled_dim=pooled_dim)
+    if got != want or text_len <= CLIP_TOKENS:
+        raise ValueError(
+            f"config.condition {got} (text_len {text_len}) does not fit {model_dir}/transformer: it needs {want} "
+            f"and text_len = {CLIP_TOKENS} + T5 tokens"
+        )
+
+
+def latent_shape(model_dir: str) -> tuple[int, int]:
+    """``(downsampling factor, latent channels)`` of the folder's VAE."""
+    v = sd3_folder.component_config(model_dir, "vae")
+    return 2 ** (len(v["block_out_channels"]) - 1), int(v["latent_channels"])
+
+
+def replicate(tree, sharding) -> dict:
+    """Host arrays placed on the mesh with ``sharding`` (the CFG null in the frozen pytree)."""
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding), tree)
