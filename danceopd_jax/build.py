@@ -78,10 +78,10 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     expert's LoRA delta (an empty state for the plain base).
     """
     student = config.student
-    graphdef, abstract, shardings = parallel.abstract_model_state(model_factory(config, student), mesh, rules)
+    make = model_factory(config, student)
+    graphdef, abstract, _ = parallel.abstract_model_state(make, mesh, rules)
     student_graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
     lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
-    make = model_factory(config, student)
     with parallel.sharding_context(mesh, rules):
         params = jax.jit(lambda: nnx.split(make(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
     experts = {SHARED_BASE: sd3.load_base(config.model_dir, abstract_base, base_shardings)}
@@ -90,7 +90,7 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     graphdefs = {}
     for name, spec in config.experts.items():
         if spec.lora_path:
-            graphdefs[name], delta = sd3.expert_delta(config.model_dir, spec.lora_path, base_graphdef, abstract_base)
+            graphdefs[name], delta = sd3.expert_delta(spec.lora_path, base_graphdef, abstract_base)
             delta_shardings = parallel.shardings_of(delta, mesh, expert_rules)
             experts[name], shardings[name] = jax.device_put(delta, delta_shardings), delta_shardings
         else:
@@ -214,11 +214,11 @@ PROMPT_TABLE = "prompt_embeddings.safetensors"  # an SD3 run's encoded prompts, 
 
 
 def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str):
-    """The embeddings of every prompt of the run's buckets (``models.sd3.prompt_table``), cached in ``workdir``."""
+    """The embeddings of every prompt of the run's buckets (``models.sd3.prompt_table``), cached in ``workdir``.
+
+    The condition shape was checked against the folder by ``config_validation``."""
     prompts = sorted({source[i]["prompt"] for source in sources.values() for i in range(len(source))})
-    c = config.condition
-    sd3.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
-    return sd3.prompt_table(config.model_dir, prompts, os.path.join(workdir, PROMPT_TABLE), c.text_len)
+    return sd3.prompt_table(config.model_dir, prompts, os.path.join(workdir, PROMPT_TABLE), config.condition.text_len)
 
 
 def train_router(config: ConfigDict, pool: MixedSource) -> tuple[router.RouterParams, dict]:

@@ -1,4 +1,4 @@
-"""Shared test helpers: the smoke config with overrides."""
+"""Shared test helpers: configs with overrides, a tiny SD3.5-style transformer config, XLA's FLOP count."""
 
 import importlib.util
 import pathlib
@@ -21,6 +21,38 @@ def load_config(name: str = "smoke", config_arg: str | None = None, **overrides)
             node = node[parent]
         node[leaf] = value
     return config
+
+
+# A tiny SD3.5-style transformer (diffusers config names): MMDiT-X attn2 in the first and in the
+# context_pre_only last block, RMS qk-norm; a 6 x 6-patch positional table.
+SD35_TINY = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=3,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    caption_projection_dim=16,
+    pooled_projection_dim=10,
+    pos_embed_max_size=6,
+    dual_attention_layers=(0, 2),
+    qk_norm="rms_norm",
+)
+
+
+def xla_flops(fn, *args):
+    """XLA's FLOP count of the compiled ``fn`` (lowered-module estimate where unavailable)."""
+    import jax
+
+    lowered = jax.jit(fn).lower(*args)
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        cost = lowered.cost_analysis()
+    return cost["flops"]
 
 
 @pytest.fixture

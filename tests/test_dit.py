@@ -16,6 +16,8 @@ from flax import nnx
 from danceopd_jax.models import dit
 from danceopd_jax.models.dit import DiT, DiTConfig, dit_config, forward_flops, patchify, unpatchify
 
+from conftest import xla_flops
+
 B, L, TEXT_DIM, NUM_CLASSES = 2, 5, 12, 4
 CFG = dit_config(
     "tiny", image_size=8, channels=3, num_classes=NUM_CLASSES, text_dim=TEXT_DIM, use_source=True
@@ -238,17 +240,6 @@ def test_sharded_construction_and_forward_on_8_cpu_devices():
         [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
-
-
-def xla_flops(fn, *args):
-    """XLA's FLOP count of the compiled ``fn`` (lowered-module estimate where unavailable)."""
-    lowered = jax.jit(fn).lower(*args)
-    cost = lowered.compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        cost = lowered.cost_analysis()
-    return cost["flops"]
 
 
 def test_forward_flops_matches_xla():

@@ -28,6 +28,8 @@ from danceopd_jax.models.weights import (
     write_safetensors,
 )
 
+from conftest import SD35_TINY
+
 B = 2
 CFG = dit_config("tiny", image_size=8, channels=3, num_classes=4, zero_init=False)
 PAPER_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")  # attention q, k, v, out and the MLP
@@ -318,21 +320,7 @@ def test_export_merged_loads_as_the_plain_model(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 # SD3.5-style tiny transformer: MMDiT-X attn2 in block 0, RMS qk-norm, context_pre_only last block.
-SD3_TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    caption_projection_dim=16,
-    pooled_projection_dim=10,
-    pos_embed_max_size=6,
-    dual_attention_layers=(0,),
-    qk_norm="rms_norm",
-)
+SD3_TINY = {**SD35_TINY, "num_layers": 2, "dual_attention_layers": (0,)}
 # Attention q, k, v, out of both streams and both MLPs, in NNX names (``to_out`` is torch ``to_out.0``).
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "fc1", "fc2")
 H, W, L = 8, 6, 5

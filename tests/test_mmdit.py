@@ -22,24 +22,11 @@ from flax import nnx
 from danceopd_jax.models import mmdit
 from danceopd_jax.models.weights import WeightsMismatch, load_module, open_safetensors, write_safetensors
 
-# SD3.5-style: MMDiT-X attn2 in the first block and in the context_pre_only last block, RMS
-# qk-norm; latents (8 x 6) smaller than the 6 x 6-patch table at patch 2, so the crop is
+from conftest import SD35_TINY, xla_flops
+
+# SD35_TINY (conftest), SD3.5-style: MMDiT-X attn2 in the first block and in the context_pre_only
+# last block, RMS qk-norm; latents (8 x 6) smaller than the 6 x 6-patch table at patch 2, so the crop is
 # off-centre in both axes (offsets 1, 1) and the table's scale comes from sample_size.
-SD35_TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    out_channels=4,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    caption_projection_dim=16,
-    pooled_projection_dim=10,
-    pos_embed_max_size=6,
-    dual_attention_layers=(0, 2),
-    qk_norm="rms_norm",
-)
 # SD3-medium-style: no attn2, no qk-norm.
 SD3_TINY = {**SD35_TINY, "num_layers": 2, "dual_attention_layers": (), "qk_norm": None, "pos_embed_max_size": 5}
 
@@ -266,17 +253,6 @@ def test_every_variable_has_logical_axis_names():
     assert {k: found[k] for k in EXPECTED_AXES} == EXPECTED_AXES
     # Only the positional table is not a parameter.
     assert [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract, mmdit.Buffer))] == ["pos_embed.pos_embed"]
-
-
-def xla_flops(fn, *args):
-    """XLA's FLOP count of the compiled ``fn`` (lowered-module estimate where unavailable)."""
-    lowered = jax.jit(fn).lower(*args)
-    cost = lowered.compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        cost = lowered.cost_analysis()
-    return cost["flops"]
 
 
 def test_forward_flops_matches_xla():

@@ -13,25 +13,13 @@ from flax import nnx
 from danceopd_jax.models.lora import LoRAParam, add_lora, target_matches
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, Buffer, param_count
 
+from conftest import SD35_TINY
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RANK = 3
 
 # Dual attention in the last (context_pre_only) block too, RMS qk-norm: every kind of block.
-TINY = MMDiTConfig(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    out_channels=4,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=12,
-    caption_projection_dim=16,
-    pooled_projection_dim=10,
-    pos_embed_max_size=8,
-    dual_attention_layers=(0, 2),
-    qk_norm="rms_norm",
-)
+TINY = MMDiTConfig(**{**SD35_TINY, "pos_embed_max_size": 8})
 
 
 def _load_script():

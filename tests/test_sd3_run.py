@@ -1,7 +1,6 @@
 """The SD3 path end to end on a tiny random diffusers folder: the folder is real-format, the smoke
 config trains and resumes through ``python -m danceopd_jax.main``, and bad input is one clear error."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,6 +21,8 @@ from danceopd_jax.models import lora, sd3
 from danceopd_jax.models.tiny_sd3 import write_tiny_sd3
 from danceopd_jax.models.weights import WeightsMismatch, open_safetensors, write_safetensors
 
+from conftest import load_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "sd3_smoke.py"
 
@@ -33,18 +34,7 @@ def folder(tmp_path_factory) -> str:
 
 def smoke_config(model_dir: str, **overrides):
     """``configs/sd3_smoke.py`` on ``model_dir`` with dotted-key overrides."""
-    spec = importlib.util.spec_from_file_location("sd3_smoke", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.model_dir = model_dir
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return load_config("sd3_smoke", model_dir=model_dir, **overrides)
 
 
 def test_the_tiny_folder_is_a_diffusers_sd3_pipeline(folder):

@@ -70,37 +70,26 @@ QK_NORMS = (None, "rms_norm")
 MLP_RATIO = 4  # diffusers FeedForward(mult=4)
 
 # Configs of the released transformers (the ``config.json`` of each diffusers folder).
+_SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    qk_norm=None,
+    dual_attention_layers=(),
+)
 MMDIT_PRESETS = {
-    "sd3_medium": dict(  # stabilityai/stable-diffusion-3-medium-diffusers
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        pos_embed_max_size=192,
-        qk_norm=None,
-        dual_attention_layers=(),
-    ),
-    "sd35_medium": dict(  # stabilityai/stable-diffusion-3.5-medium (MMDiT-X)
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        pos_embed_max_size=384,
-        qk_norm="rms_norm",
-        dual_attention_layers=tuple(range(13)),
-    ),
+    "sd3_medium": _SD3_MEDIUM,
+    # stabilityai/stable-diffusion-3.5-medium (MMDiT-X): SD3-Medium's shape with a bigger positional
+    # table, RMS qk-norm and the extra self-attention in the first 13 blocks
+    "sd35_medium": {**_SD3_MEDIUM, "pos_embed_max_size": 384, "qk_norm": "rms_norm", "dual_attention_layers": tuple(range(13))},
 }
 
 
@@ -533,13 +522,14 @@ def _abstract_model(config: MMDiTConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
 
 
-def _torch_names_of(abstract: nnx.State) -> dict[str, str]:
+def torch_names_of(abstract: nnx.State) -> dict[str, str]:
+    """``torch_names`` from an (abstract) state already at hand, e.g. the base part of a LoRA model."""
     return {p: ".".join(_TORCH_SEGMENTS.get(s, s) for s in p.split(".")) for p in param_shapes(abstract)}
 
 
 @functools.lru_cache(maxsize=16)
 def _torch_name_pairs(config: MMDiTConfig) -> tuple[tuple[str, str], ...]:
-    return tuple(_torch_names_of(_abstract_model(config)[1]).items())
+    return tuple(torch_names_of(_abstract_model(config)[1]).items())
 
 
 def torch_names(config: MMDiTConfig) -> dict[str, str]:
@@ -563,7 +553,7 @@ def load_mmdit(folder: str, **overrides) -> MMDiT:
     with open(os.path.join(folder, "config.json")) as f:
         config = config_from_diffusers(json.load(f), **overrides)
     graphdef, abstract = _abstract_model(config)
-    return nnx.merge(graphdef, load_state(abstract, open_safetensors(folder), _torch_names_of(abstract)))
+    return nnx.merge(graphdef, load_state(abstract, open_safetensors(folder), torch_names_of(abstract)))
 
 
 def param_count(config: MMDiTConfig) -> int:

@@ -61,16 +61,13 @@ def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
 def load_base(model_dir: str, abstract_base: nnx.State, shardings) -> nnx.State:
     """The folder's transformer weights as the (sharded) frozen base state, checked and read lazily."""
     folder = sd3_folder.pipeline_components(model_dir)["transformer"]
-    names = mmdit.torch_names(transformer_config(model_dir, "float32", "none"))
-    return load_state(abstract_base, open_safetensors(folder), names, shardings=shardings)
+    return load_state(abstract_base, open_safetensors(folder), mmdit.torch_names_of(abstract_base), shardings=shardings)
 
 
-def expert_delta(model_dir: str, lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx.State):
+def expert_delta(lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx.State):
     """``(graphdef, delta)`` of a teacher that is the base plus the LoRA file ``lora_path``."""
     base = nnx.merge(base_graphdef, abstract_base)
-    names = mmdit.torch_names(transformer_config(model_dir, "float32", "none"))
-    graphdef, delta = lora.load_lora_deltas(base, names, *lora.read_lora(lora_path))
-    return graphdef, delta
+    return lora.load_lora_deltas(base, mmdit.torch_names_of(abstract_base), *lora.read_lora(lora_path))
 
 
 # ---------------------------------------------------------------- prompts
@@ -125,12 +122,6 @@ def check_condition(model_dir: str, text_len: int, text_dim: int, pooled_dim: in
             f"config.condition {got} (text_len {text_len}) does not fit {model_dir}/transformer: it needs {want} "
             f"and text_len = {CLIP_TOKENS} + T5 tokens"
         )
-
-
-def latent_shape(model_dir: str) -> tuple[int, int]:
-    """``(downsampling factor, latent channels)`` of the folder's VAE."""
-    v = sd3_folder.component_config(model_dir, "vae")
-    return 2 ** (len(v["block_out_channels"]) - 1), int(v["latent_channels"])
 
 
 def replicate(tree, sharding) -> dict:

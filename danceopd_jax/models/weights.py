@@ -183,30 +183,26 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     os.replace(tmp, path)
 
 
+# PyTorch -> NNX axis order of a ``kernel`` by rank: linear (out, in) -> (in, out), 1D conv
+# (O, I, K) -> (K, I, O), 2D conv (O, I, H, W) -> (H, W, I, O).
+_KERNEL_TO_NNX = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0)}
+
+
+def _kernel_axes(array: np.ndarray, param_path: str) -> tuple[int, ...] | None:
+    """The torch -> NNX permutation of the leaf at ``param_path``, or None when stored as is."""
+    return _KERNEL_TO_NNX.get(array.ndim) if param_path.rsplit(".", 1)[-1] == "kernel" else None
+
+
 def to_nnx_layout(array: np.ndarray, param_path: str) -> np.ndarray:
     """A PyTorch tensor in the layout of the NNX leaf at ``param_path`` (see the module docstring)."""
-    if param_path.rsplit(".", 1)[-1] != "kernel":
-        return array
-    if array.ndim == 2:
-        return array.T
-    if array.ndim == 3:
-        return array.transpose(2, 1, 0)
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    return array
+    axes = _kernel_axes(array, param_path)
+    return array if axes is None else array.transpose(axes)
 
 
 def from_nnx_layout(array: np.ndarray, param_path: str) -> np.ndarray:
     """Inverse of ``to_nnx_layout``: an NNX leaf in PyTorch's layout (for exports)."""
-    if param_path.rsplit(".", 1)[-1] != "kernel":
-        return array
-    if array.ndim == 2:
-        return array.T
-    if array.ndim == 3:
-        return array.transpose(2, 1, 0)
-    if array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
-    return array
+    axes = _kernel_axes(array, param_path)
+    return array if axes is None else array.transpose(np.argsort(axes))
 
 
 def param_path(path: Iterable) -> str:
