@@ -71,22 +71,29 @@ def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple
 
 
 def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
-    """The models of an SD3 run (``models.sd3``) over one shared base read from ``config.model_dir``.
+    """The models of an SD3 run (``models.sd3``) over one shared base read from ``config.model_dir``
+    (or ``config.transformer_path``).
 
     Returns ``(student graphdef, student params, experts, expert shardings, expert graphdefs)``:
     the student's params are its LoRA; ``experts`` holds the base (``SHARED_BASE``) and each
-    expert's LoRA delta (an empty state for the plain base).
+    expert's LoRA delta (an empty state for the plain base). The full transformer is traced
+    abstractly once, as the plain base; the student is that abstract base plus a fresh LoRA, so
+    only the adapters are traced again (full-size abstract traces take tens of seconds).
     """
     student = config.student
-    make = model_factory(config, student)
-    graphdef, abstract, _ = parallel.abstract_model_state(make, mesh, rules)
-    student_graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
-    lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
+    plain = sd3.model_factory(config.model_dir, ConfigDict({**student.to_dict(), "lora_rank": 0}))
+    base_graphdef, abstract_base, base_shardings = parallel.abstract_model_state(plain, mesh, rules)
+
+    def make_student() -> nnx.Module:
+        return sd3.add_student_lora(nnx.merge(base_graphdef, abstract_base), student)
+
     with parallel.sharding_context(mesh, rules):
-        params = jax.jit(lambda: nnx.split(make(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
-    experts = {SHARED_BASE: sd3.load_base(config.model_dir, abstract_base, base_shardings)}
+        student_graphdef, abstract_lora, _ = nnx.split(nnx.eval_shape(make_student), lora.LoRAParam, ...)
+    lora_shardings = parallel.shardings_of(abstract_lora, mesh, rules)
+    with parallel.sharding_context(mesh, rules):
+        params = jax.jit(lambda: nnx.split(make_student(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
+    experts = {SHARED_BASE: sd3.load_base(config.model_dir, abstract_base, base_shardings, config.transformer_path)}
     shardings = {SHARED_BASE: base_shardings}
-    base_graphdef = nnx.split(nnx.eval_shape(model_factory(config, ConfigDict({**student.to_dict(), "lora_rank": 0}))))[0]
     graphdefs = {}
     for name, spec in config.experts.items():
         if spec.lora_path:

@@ -1,6 +1,7 @@
-"""Building blocks of run configs (``configs/*.py``): a model spec and a base config with every key."""
+"""Building blocks of run configs (``configs/*.py``): model specs, a base config with every key, the paper's SD3.5-M setup."""
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
@@ -79,6 +80,11 @@ def base_config() -> ConfigDict:
     # of every kind="mmdit" model, and its text encoders encode the prompts; image_size and channels are
     # then the latent size and channels.
     config.model_dir = ""
+    # One .safetensors file holding the SD3 transformer's weights in place of model_dir/transformer/'s
+    # (the folder still gives the configs, text encoders and VAE): diffusers' names, or Stability AI's
+    # original ones (model.diffusion_model.joint_blocks.N..., fused qkv; an all-in-one file's VAE and
+    # text-encoder tensors are ignored), models/sd3_original.py. "" = the folder's weights.
+    config.transformer_path = ""
 
     config.student = model_spec()
     config.experts = ConfigDict()
@@ -109,4 +115,45 @@ def base_config() -> ConfigDict:
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
     config.loss_log = False  # append {"step", "loss", "route"} per step to WORKDIR/losses.jsonl (process 0)
+    return config
+
+
+# The paper's student LoRA targets ("attention q, k, v, out and the MLP", PAPER.md "Paper setup") as
+# ``models.lora`` patterns over the MMDiT's layer names (diffusers' module names; ``fc1`` / ``fc2`` are
+# diffusers' ``net.0.proj`` / ``net.2``): the joint attention's projections of both streams (``to_*``
+# for image tokens, also SD3.5's ``attn2``; ``add_*_proj`` / ``to_add_out`` for text) and both MLPs.
+SD3_LORA_TARGETS = "to_q,to_k,to_v,to_out,add_q_proj,add_k_proj,add_v_proj,to_add_out,fc1,fc2"
+
+
+def sd35_medium_recipe() -> ConfigDict:
+    """The paper's SD3.5-Medium training setup (PAPER.md "Paper setup"; the authors' release) with no
+    fields yet: configs add experts, fields and routes.
+
+    A rank-128 / alpha-128 LoRA student on ``SD3_LORA_TARGETS`` in bf16 compute with full remat
+    (the authors' release checkpoints gradients too); AdamW at a constant 2e-4, no weight decay,
+    gradient clip 1.0; 3000 steps of 16-step rollouts on SD3.5's shifted schedule (shift 3.0),
+    low-t queries; 1024 px images = 128 x 128 x 16 latents; prompts as 77 CLIP + 256 T5 tokens
+    (text_dim 4096, pooled 2048) read from the prompt file ``data.buckets.prompts.path`` (all of
+    it: ``size`` 0). The paper's effective batch is 4 (one sample per microbatch, gradient
+    accumulation 4); this project has no gradient accumulation, so ``batch_size`` is 4 samples
+    per step instead (same samples per update, one route per update as in the paper).
+
+    ``model_dir`` (the SD3.5-Medium diffusers folder) and the prompt file are required values left
+    to the command line (``placeholder``: unset, validation stops with one line naming the key).
+    """
+    config = base_config()
+    config.model_dir = placeholder(str)
+    config.num_train_steps = 3000
+    config.batch_size = 4
+    config.rollout_steps = 16
+    config.shift = 3.0
+    config.query_sampler = "low_t"
+    config.image_size = 128
+    config.channels = 16
+    config.condition.update(dict(text_len=77 + 256, text_dim=4096, pooled_dim=2048))
+    config.student = sd3_spec(lora_rank=128, lora_alpha=128.0, lora_targets=SD3_LORA_TARGETS, dtype="bfloat16", remat="full")
+    config.data.buckets = ConfigDict({"prompts": dict(kind="prompt_file", size=0, seed=0, path=placeholder(str))})
+    config.optimizer.update(dict(learning_rate=2e-4, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1.0))
+    config.log_every = 20
+    config.checkpoint_every = 300
     return config

@@ -1,11 +1,16 @@
 """Checks a run config before anything is built or compiled; each problem is one line naming the key.
 
-First the key tree against ``config_lib.base_config()`` (every key a run reads, with a default
-whose type is the expected type): unknown keys (with the nearest valid name), missing keys and
-value types. Named maps (``experts``, ``fields``, ``routes``, ``data.buckets``, a field's
-``terms``) hold entries of one known shape each; ``logical_axis_rules`` is free-form (its names
-are checked against the model's logical axes by ``parallel.axis_rules``). Then values: ranges,
-choices, and the references between models, fields, routes and buckets.
+First the values a config leaves to the command line (``placeholder(str)``, e.g. the paper
+configs' ``model_dir``): all unset ones in one line. Then the key tree against
+``config_lib.base_config()`` (every key a run reads, with a default whose type is the expected
+type): unknown keys (with the nearest valid name), missing keys and value types. Named maps
+(``experts``, ``fields``, ``routes``, ``data.buckets``, a field's ``terms``) hold entries of one
+known shape each; ``logical_axis_rules`` is free-form (its names are checked against the model's
+logical axes by ``parallel.axis_rules``). Then values: ranges, choices, and the references
+between models, fields, routes and buckets. An SD3 run's folder is checked from its JSON files
+and file headers alone, no weights read: its components, the condition shape, the student's LoRA
+target patterns and the experts' LoRA modules against the transformer's module names, and a
+single transformer file's naming (``transformer_path``).
 """
 
 import dataclasses
@@ -27,7 +32,9 @@ from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
 from danceopd_jax.data.sources import BUCKET_KINDS
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
-from danceopd_jax.models import sd3, sd3_folder
+from danceopd_jax.models import sd3, sd3_folder, sd3_original
+from danceopd_jax.models.lora import UnknownLoRATarget
+from danceopd_jax.models.weights import open_safetensors
 from danceopd_jax.models.dit import PRESETS
 
 FIELD_KINDS = ("expert", "combination")
@@ -41,6 +48,10 @@ BUCKET_TEMPLATE = dict(kind="", size=1, seed=0, path="")
 
 class ConfigError(ValueError):
     """A bad config value; the message is ``config.KEY: problem``."""
+
+
+class LoRATargetError(ConfigError, UnknownLoRATarget):
+    """A student's LoRA target pattern that selects no layer of the model, found before anything is built."""
 
 
 def _fail(key: str, problem: str):
@@ -61,7 +72,9 @@ FREE_FORM = object()  # a map whose keys are checked elsewhere
 
 # Keys that may be left out (``check_keys`` fills in the default): those SD3 support added, so that
 # configs, bucket entries and saved run configs written before it stay valid.
-DEFAULTED_KEYS = frozenset({"model_dir", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha", "lora_targets", "lora_path"})
+DEFAULTED_KEYS = frozenset(
+    {"model_dir", "transformer_path", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha", "lora_targets", "lora_path"}
+)
 
 
 def run_template() -> dict:
@@ -112,6 +125,20 @@ def _add_default(node, name: str, default) -> None:
             node[name] = default
     else:
         node[name] = default
+
+
+def unset_keys(node, template, key: str = "") -> list[str]:
+    """The dotted keys under ``key`` that hold ``None`` where ``template`` has a string: values such as
+    paths that a config leaves to the command line (``ml_collections.config_dict.placeholder(str)``)."""
+    if node is None:
+        return [key] if isinstance(template, str) else []
+    if not _is_dict(node) or template is FREE_FORM:
+        return []
+    if isinstance(template, Entries):
+        return [k for name in node.keys() for k in unset_keys(node[name], template.template, _join(key, name))]
+    if not isinstance(template, dict):
+        return []
+    return [k for name in node.keys() if name in template for k in unset_keys(node[name], template[name], _join(key, name))]
 
 
 def check_keys(node, template, key: str = "") -> None:
@@ -191,11 +218,20 @@ def _check_sd3_model(config: ConfigDict, key: str, model: ConfigDict, is_student
             _fail(f"{key}.lora_targets", "name the layers to adapt, e.g. 'to_q,to_k,to_v,to_out,fc1,fc2'")
         if model.lora_path:
             _fail(f"{key}.lora_path", "a student's LoRA is trained from scratch; lora_path is for experts")
+        try:
+            sd3.check_lora_targets(config.model_dir, model.lora_targets)
+        except UnknownLoRATarget as e:
+            raise LoRATargetError(f"config.{key}.lora_targets: {e}") from None
     else:
         if model.lora_rank or model.lora_targets:
             _fail(f"{key}.lora_rank", "an expert's LoRA comes from its lora_path file; leave lora_rank and lora_targets unset")
         if model.lora_path and not os.path.exists(model.lora_path):
             _fail(f"{key}.lora_path", f"no such LoRA file or folder: {model.lora_path}")
+        if model.lora_path:
+            try:
+                sd3.check_lora_file(config.model_dir, model.lora_path)
+            except ValueError as e:  # unreadable, not LoRA factors, or modules the transformer lacks
+                _fail(f"{key}.lora_path", str(e))
     _in_range(config, f"{key}.lora_alpha", 0.0)
 
 
@@ -271,6 +307,11 @@ def _check_routes(config: ConfigDict) -> None:
         _fail("routes", "route weights are all zero")
 
 
+def _bucket_records(bucket: ConfigDict) -> int:
+    """The records a (checked) bucket holds: its size, or a whole prompt file's prompt count for size 0."""
+    return len(PromptFileSource(bucket.path, bucket.size)) if bucket.kind in PROMPT_FILE_KINDS else bucket.size
+
+
 def _check_router(config: ConfigDict) -> None:
     """``routing == "learned"``: a distillation method, a condition the router can read, sane training."""
     if config.method == "flow_matching":
@@ -283,7 +324,7 @@ def _check_router(config: ConfigDict) -> None:
         _positive_int(config, f"router.{key}")
     _in_range(config, "router.learning_rate", 0.0, open_low=True)
     _in_range(config, "router.weight_decay", 0.0)
-    pool = sum(config.data.buckets[route.bucket].size for route in config.routes.values())
+    pool = sum(_bucket_records(config.data.buckets[route.bucket]) for route in config.routes.values())
     labelled = labelled_count(pool, config.router.label_fraction, config.router.heldout)
     if labelled < 1:
         _fail("router.label_fraction", f"leaves {labelled} labelled records of a pool of {pool} ({config.router.heldout} held out)")
@@ -323,8 +364,10 @@ def _check_buckets(config: ConfigDict) -> None:
         key = f"data.buckets.{name}"
         if bucket.kind not in BUCKET_KINDS:
             _fail(f"{key}.kind", f"unknown value {bucket.kind!r}; valid: {', '.join(BUCKET_KINDS)}")
-        if bucket.size < 1:
-            _fail(f"{key}.size", f"must be >= 1 (an empty bucket has nothing to draw), got {bucket.size}")
+        whole_file = bucket.kind in PROMPT_FILE_KINDS and bucket.size == 0  # a prompt file's every prompt
+        if bucket.size < 1 and not whole_file:
+            minimum = "0 (the whole file)" if bucket.kind in PROMPT_FILE_KINDS else "1 (an empty bucket has nothing to draw)"
+            _fail(f"{key}.size", f"must be >= {minimum}, got {bucket.size}")
         _positive_int(config, f"{key}.seed", minimum=0)
         unread = sorted(f for f in BUCKET_KINDS[bucket.kind] if f != "image" and not readers[f][1])
         if unread:
@@ -356,6 +399,21 @@ def _check_condition(config: ConfigDict) -> None:
             _fail("model_dir", str(e))
 
 
+def _check_transformer_path(config: ConfigDict) -> None:
+    """A single transformer file: with a folder to take the rest from, present, in a naming we read."""
+    path = config.transformer_path
+    if not path:
+        return
+    if not config.model_dir:
+        _fail("transformer_path", "replaces the transformer weights of config.model_dir, which is not set")
+    if not os.path.isfile(path):
+        _fail("transformer_path", f"no such file: {path}")
+    try:
+        sd3_original.naming(open_safetensors(path))
+    except ValueError as e:
+        _fail("transformer_path", str(e))
+
+
 def _check_optimizer(config: ConfigDict) -> None:
     _choice(config, "optimizer.decay", LR_DECAYS)
     _in_range(config, "optimizer.learning_rate", 0.0)
@@ -374,7 +432,12 @@ def _check_flowopd(config: ConfigDict) -> None:
 
 def validate(config: ConfigDict) -> None:
     """Raise ``ConfigError`` on the first problem found."""
-    check_keys(config, run_template())
+    template = run_template()
+    unset = unset_keys(config, template)
+    if unset:
+        keys = ", ".join(f"config.{k}" for k in unset)
+        raise ConfigError(f"{keys}: not set; required, give each as --config.KEY=VALUE")
+    check_keys(config, template)
     for key, valid in (("method", OBJECTIVES), ("routing", ROUTING_MODES), ("query_sampler", QUERY_SAMPLERS),
                        ("fm_time_sampler", FLOW_MATCHING_TIMES), ("expert_sharding", EXPERT_SHARDINGS)):  # fmt: skip
         _choice(config, key, valid)
@@ -386,6 +449,7 @@ def validate(config: ConfigDict) -> None:
     _in_range(config, "shift", 0.0, open_low=True)
     _in_range(config, "condition_dropout", 0.0, 1.0)
     _check_condition(config)
+    _check_transformer_path(config)
     _check_optimizer(config)
     _check_flowopd(config)
     _check_buckets(config)

@@ -2,7 +2,9 @@
 
 The run's ``config.json`` (written by training) says how to rebuild the model and encode the
 condition; weights are the latest checkpoint's (EMA when the run kept one). ``sample_task`` is
-the one-call API: a task flag (``tasks.TASKS``), prompts and edit sources -> uint8 images.
+the one-call API: a task flag (``tasks.TASKS``), prompts and edit sources -> uint8 images. An SD3
+run (``config.model_dir``) is sampled by ``sd3_sampling`` (student = folder transformer + trained
+LoRA, the folder's text encoders and VAE); ``sample_task`` takes its workdir the same way.
 """
 
 import functools
@@ -16,18 +18,20 @@ from flax import nnx
 from ml_collections import ConfigDict
 from PIL import Image
 
-from danceopd_jax import build, checkpoints, parallel
+from danceopd_jax import build, checkpoints, parallel, sd3_sampling
 from danceopd_jax.core.fields import cfg_field, model_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.pipeline import RecordEncoder, stack_records
 from danceopd_jax.models.dit import LOGICAL_AXES
-from danceopd_jax.tasks import Task, check_task
+from danceopd_jax.tasks import TASKS, Task, check_task, get_task
 
 
 def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
-    """``(config, graphdef, weights)`` of the student of a training run, on the local devices."""
+    """``(config, graphdef, weights)`` of the student of a (DiT) training run, on the local devices."""
     config = checkpoints.load_run_config(workdir)
+    if config.get("model_dir"):
+        raise ValueError(f"{workdir} is an SD3 run (config.model_dir): load it with sd3_sampling.load_student")
     spec = ConfigDict(dict(config.student.to_dict(), init="checkpoint", checkpoint=workdir))
     mesh = parallel.make_mesh({"data": -1})
     graphdef, params, _ = build.load_model(config, spec, mesh, parallel.axis_rules({}, LOGICAL_AXES))
@@ -68,6 +72,19 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
     return np.asarray(run(params, cond, key))
 
 
+def check_run_task(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence | None = None) -> Task:
+    """``tasks.check_task`` for the run of ``config``; an SD3 run (``config.model_dir``) runs prompt
+    tasks only, its student reading no source image. Raises a one-line ``ValueError``."""
+    task = get_task(task)
+    if task.needs_source and config.get("model_dir"):
+        prompt_tasks = ", ".join(name for name, t in TASKS.items() if not t.needs_source)
+        raise ValueError(
+            f"task {task.name!r} edits a source image, but an SD3 run's student (config.model_dir) reads no source "
+            f"image; it can only run: {prompt_tasks}"
+        )
+    return check_task(config, task, prompts, sources)
+
+
 def task_conditions(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence[np.ndarray] | None = None) -> dict:
     """The batched condition pytree of ``task`` (``tasks.py``) on ``prompts`` and, for edit tasks, ``sources``.
 
@@ -79,7 +96,7 @@ def task_conditions(config: ConfigDict, task: str | Task, prompts: Sequence[str]
 
 
 def sample_task(
-    model: str | os.PathLike | tuple,
+    model: str | os.PathLike | tuple | sd3_sampling.SD3Student,
     task: str | Task,
     prompts: Sequence[str],
     sources: Sequence[np.ndarray] | None = None,
@@ -92,15 +109,22 @@ def sample_task(
     tasks, one source image per prompt (float32 in [-1, 1] at the model's resolution, e.g. from
     ``read_image``).
 
-    ``model`` is a training run's workdir (the task is checked before the weights are loaded) or
-    the ``(config, graphdef, params)`` of ``load_trained_model``. ``steps`` defaults to the run's
-    rollout steps. A task that cannot run on these inputs is a one-line ``ValueError``.
+    ``model`` is a training run's workdir (the task is checked before the weights are loaded),
+    the ``(config, graphdef, params)`` of ``load_trained_model``, or an SD3 run's
+    ``sd3_sampling.load_student`` (only prompt tasks: an SD3 student reads no source image).
+    ``steps`` defaults to the run's rollout steps. A task that cannot run on these inputs is a
+    one-line ``ValueError``.
     """
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if isinstance(model, (str, os.PathLike)):
-        check_task(checkpoints.load_run_config(os.fspath(model)), task, prompts, sources)
-        model = load_trained_model(os.fspath(model))
+        workdir = os.fspath(model)
+        config = checkpoints.load_run_config(workdir)
+        check_run_task(config, task, prompts, sources)
+        model = sd3_sampling.load_student(workdir) if config.get("model_dir") else load_trained_model(workdir)
+    if isinstance(model, sd3_sampling.SD3Student):
+        check_run_task(model.config, task, prompts, sources)
+        return to_uint8(sd3_sampling.generate(model, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed))
     config, graphdef, params = model
     cond = task_conditions(config, task, prompts, sources)
     images = generate(

@@ -73,3 +73,18 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def diffusers_velocity(transformer, x, t, cond):
+    """diffusers' ``SD3Transformer2DModel`` on our inputs: NHWC latents ``x``, sigmas ``t``
+    (timestep ``1000 * t``), ``cond`` {"text", "pooled"} numpy arrays; the NHWC output as numpy."""
+    import torch
+
+    with torch.no_grad():
+        out = transformer(
+            hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
+            encoder_hidden_states=torch.from_numpy(cond["text"]),
+            pooled_projections=torch.from_numpy(cond["pooled"]),
+            timestep=torch.from_numpy(1000 * t),
+        ).sample
+    return out.permute(0, 2, 3, 1).numpy()

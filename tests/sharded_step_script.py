@@ -1,11 +1,23 @@
-"""Run one train step of the smoke config on several meshes of 8 forced CPU devices.
+"""Run train steps on several meshes of 8 forced CPU devices; one part per invocation.
 
-Invoked by ``test_sharding.py`` in a subprocess (XLA_FLAGS must be set before JAX starts);
-prints one JSON line: per mesh the loss, the gradients, the updated parameters, the sharding of
-a few parameters and of the experts, and the activation constraints of the lowered step. The
-step is traced inside ``parallel.sharding_context`` as the training loop does, so the models'
-activation constraints are in it. ``fsdp4_tensor2_replicated_experts`` only evaluates the loss
-(experts replicated instead of sharded like the student).
+    python sharded_step_script.py dit          # configs/smoke.py: a DiT student and DiT experts
+    python sharded_step_script.py sd3 TMPDIR   # configs/sd3_smoke.py on a tiny SD3 folder written in TMPDIR
+
+Invoked by ``test_sharding.py`` in subprocesses (XLA_FLAGS must be set before JAX starts); each
+prints one JSON line with, per mesh, what the test compares with one device and checks against
+the rules. Steps are traced inside ``parallel.sharding_context`` as the training loop does, so
+the models' activation constraints are in them.
+
+``dit``: per mesh the loss, the gradients, the updated parameters, the sharding of a few
+parameters and of the experts, and the activation constraints of the lowered step;
+``fsdp4_tensor2_replicated_experts`` only evaluates the loss (experts replicated instead of
+sharded like the student).
+
+``sd3``: the MMDiT path (a LoRA student over the shared frozen base, a teacher that is the base
+plus a LoRA delta, the base under CFG against the empty prompt). Per mesh one step on each route
+from the fresh state (one compiled step, the route is an argument): their losses and gradient
+norms, the LoRA parameters after both steps, the shard shapes of base kernels and adapters, and
+the activation constraints of the lowered step.
 """
 
 import json
@@ -19,7 +31,8 @@ import numpy as np
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import load_config  # noqa: E402
 
-from danceopd_jax import parallel  # noqa: E402
+from danceopd_jax import build, parallel  # noqa: E402
+from danceopd_jax.models.tiny_sd3 import write_tiny_sd3  # noqa: E402
 from danceopd_jax.train import setup_run  # noqa: E402
 
 MESHES = {
@@ -99,8 +112,64 @@ def replicated_experts_loss(mesh_axes, num_devices):
     }
 
 
-if __name__ == "__main__":
-    assert jax.device_count() == 8, jax.device_count()
+def dit_results() -> dict:
     results = {name: one_step(*spec) for name, spec in MESHES.items()}
     results[REPLICATED_EXPERTS] = replicated_experts_loss(*MESHES["fsdp4_tensor2"])
-    print(json.dumps(results))
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# SD3: the MMDiT with LoRA student and teacher over one shared base
+# ------------------------------------------------------------------------------------------
+
+
+def sd3_steps(mesh_axes, num_devices, folder, workdir):
+    config = load_config(
+        "sd3_smoke",
+        model_dir=folder,
+        batch_size=8,
+        **{"mesh.data": mesh_axes["data"], "mesh.fsdp": mesh_axes["fsdp"], "mesh.tensor": mesh_axes["tensor"]},
+    )
+    run = setup_run(config, devices=jax.devices()[:num_devices], workdir=workdir)  # prompts encoded once per workdir
+    base = run.experts[build.SHARED_BASE]["transformer_blocks"][0]
+    adapter = run.state.params["transformer_blocks"][0]["attn"]["to_q"]
+    arrays = {
+        "base_to_q_kernel": base["attn"]["to_q"]["kernel"],
+        "base_fc1_kernel": base["ff"]["fc1"]["kernel"],
+        "student_to_q_lora_a": adapter["lora_a"],
+        "student_to_q_lora_b": adapter["lora_b"],
+        "teacher_to_q_lora_b": run.experts["realism"]["transformer_blocks"][0]["attn"]["to_q"]["lora_b"],
+    }
+    shapes = {name: list(array.shape) for name, array in arrays.items()}
+    shard_shapes = {name: list(array.addressable_shards[0].data.shape) for name, array in arrays.items()}  # before donation
+    _, batch = run.global_batch(0)  # every route draws from the one prompt bucket
+    state, losses, grad_norms = run.state, [], []
+    with parallel.sharding_context(run.mesh, run.rules):
+        constraints = constraint_specs(run.train_step.lower(state, run.experts, batch, jnp.int32(0)).as_text())
+        for route in range(len(config.routes)):
+            state, metrics = run.train_step(state, run.experts, batch, jnp.int32(route))
+            losses.append(float(metrics["loss"]))
+            grad_norms.append(float(metrics["grad_norm"]))
+    return {
+        "routes": list(config.routes),
+        "learning_rate": config.optimizer.learning_rate,  # the peak rate (no warmup)
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "params": [np.asarray(leaf).ravel().tolist() for leaf in jax.tree.leaves(state.params)],
+        "shapes": shapes,
+        "shard_shapes": shard_shapes,
+        "batch_shard_rows": batch["image"].addressable_shards[0].data.shape[0],
+        "constraints": constraints,
+    }
+
+
+def sd3_results(tmp: str) -> dict:
+    folder = write_tiny_sd3(f"{tmp}/tiny_sd3")
+    return {name: sd3_steps(*spec, folder, f"{tmp}/workdir") for name, spec in MESHES.items()}
+
+
+PARTS = {"dit": dit_results, "sd3": sd3_results}
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.device_count()
+    print(json.dumps(PARTS[sys.argv[1]](*sys.argv[2:])))

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from danceopd_jax.models import dit
-from danceopd_jax.models.dit import DiT, DiTConfig, dit_config, forward_flops, patchify, unpatchify
+from danceopd_jax.models.dit import DiT, DiTConfig, dit_config, forward_flops
+from danceopd_jax.models.layers import patchify, unpatchify
 
 from conftest import xla_flops
 
@@ -289,3 +290,24 @@ def test_remat_changes_memory_not_math(remat):
     assert "remat" in jaxpr and "remat" not in plain_jaxpr  # the checkpointed blocks, replayed in the backward pass
     with pytest.raises(ValueError, match="remat must be one of none, dots, full"):
         dit_config("tiny", image_size=8, remat="some")
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_model_runs_inside_the_rollout_loops(remat):
+    """A rematerialised model merged inside ``lax.scan`` / ``while_loop`` bodies (the rollout, both
+    ways) gives the plain model's states; ``nnx.remat`` raised TraceContextError there."""
+    from danceopd_jax.core.rollout import rollout_query_states
+    from danceopd_jax.core.schedule import sigma_grid
+
+    noise = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    cond = {"label": jnp.array([1, 2])}
+    indices = jnp.array([[2], [3]])
+
+    def rollout(policy, truncate):
+        graph, params = nnx.split(DiT(dit_config("tiny", image_size=8, num_classes=4, zero_init=False, remat=policy), rngs=nnx.Rngs(0)))
+        field = lambda p: lambda x, t, c: nnx.merge(graph, p)(x, t, c)  # noqa: E731
+        run = jax.jit(lambda p: rollout_query_states(field(p), noise, sigma_grid(4), cond, indices, truncate)[0])
+        return run(params)
+
+    for truncate in (True, False):
+        np.testing.assert_allclose(rollout(remat, truncate), rollout("none", truncate), rtol=0, atol=1e-6)

@@ -28,7 +28,7 @@ from danceopd_jax.models.weights import (
     write_safetensors,
 )
 
-from conftest import SD35_TINY
+from conftest import SD35_TINY, diffusers_velocity
 
 B = 2
 CFG = dit_config("tiny", image_size=8, channels=3, num_classes=4, zero_init=False)
@@ -347,17 +347,6 @@ def sd3_inputs():
     return x, np.array([0.3, 0.9], np.float32), cond
 
 
-def torch_velocity(reference, x, t, cond) -> np.ndarray:
-    """diffusers' output on NCHW latents at timestep 1000 * sigma, back to NHWC."""
-    with torch.no_grad():
-        out = reference(
-            hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
-            encoder_hidden_states=torch.from_numpy(cond["text"]),
-            pooled_projections=torch.from_numpy(cond["pooled"]),
-            timestep=torch.from_numpy(1000 * t),
-        ).sample
-    return out.permute(0, 2, 3, 1).numpy()
-
 
 def torch_reference(folder) -> SD3Transformer2DModel:
     return SD3Transformer2DModel.from_pretrained(folder).eval()
@@ -401,7 +390,7 @@ def test_sd3_peft_adapter_as_a_teacher_delta(sd3_base, tmp_path, layout):
     folder, config, names = sd3_base
     reference = adapted_reference(folder, layout, tmp_path / "adapter")
     x, t, cond = sd3_inputs()
-    expected = torch_velocity(reference, x, t, cond)
+    expected = diffusers_velocity(reference, x, t, cond)
 
     base = mmdit.load_mmdit(str(folder))
     graphdef, delta = load_lora_deltas(base, names, *read_lora(str(tmp_path / "adapter")))
@@ -440,7 +429,7 @@ def test_sd3_exported_student_loads_in_diffusers(sd3_base, tmp_path, loader):
     x, t, cond = sd3_inputs()
     ours = forward(student, x, t, cond)
     assert max_diff(ours, forward(mmdit.load_mmdit(str(folder)), x, t, cond)) > 1e-2
-    assert max_diff(torch_velocity(reference, x, t, cond), ours) <= 1e-4
+    assert max_diff(diffusers_velocity(reference, x, t, cond), ours) <= 1e-4
 
 
 def test_sd3_export_merged_is_a_diffusers_transformer(sd3_base, tmp_path):
@@ -452,4 +441,4 @@ def test_sd3_export_merged_is_a_diffusers_transformer(sd3_base, tmp_path):
     reference = torch_reference(folder)
     reference.load_state_dict(load_file(path), strict=True)
     x, t, cond = sd3_inputs()
-    assert max_diff(torch_velocity(reference, x, t, cond), forward(student, x, t, cond)) <= 1e-4
+    assert max_diff(diffusers_velocity(reference, x, t, cond), forward(student, x, t, cond)) <= 1e-4

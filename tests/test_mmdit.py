@@ -9,6 +9,9 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +22,12 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from flax import nnx
 
+from danceopd_jax import parallel
+from danceopd_jax.config_lib import base_config
 from danceopd_jax.models import mmdit
 from danceopd_jax.models.weights import WeightsMismatch, load_module, open_safetensors, write_safetensors
 
-from conftest import SD35_TINY, xla_flops
+from conftest import SD35_TINY, diffusers_velocity, xla_flops
 
 # SD35_TINY (conftest), SD3.5-style: MMDiT-X attn2 in the first block and in the context_pre_only
 # last block, RMS qk-norm; latents (8 x 6) smaller than the 6 x 6-patch table at patch 2, so the crop is
@@ -72,17 +77,6 @@ def make_inputs(in_channels=4, joint_dim=12, pooled_dim=10):
     return x, t, cond
 
 
-def reference_velocity(reference, x, t, cond) -> np.ndarray:
-    """diffusers' output for the same inputs: NCHW latents, timestep 1000 * sigma, back to NHWC."""
-    with torch.no_grad():
-        out = reference(
-            hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
-            encoder_hidden_states=torch.from_numpy(cond["text"]),
-            pooled_projections=torch.from_numpy(cond["pooled"]),
-            timestep=torch.from_numpy(1000 * t),
-        ).sample
-    return out.permute(0, 2, 3, 1).numpy()
-
 
 def jitted_velocity(model: mmdit.MMDiT, x, t, cond) -> np.ndarray:
     graphdef, state = nnx.split(model)
@@ -99,7 +93,7 @@ def test_float32_parity_with_diffusers(saved):
     assert mmdit.param_count(config) == sum(p.numel() for p in reference.parameters())
 
     x, t, cond = make_inputs()
-    expected = reference_velocity(reference, x, t, cond)
+    expected = diffusers_velocity(reference, x, t, cond)
     v = jitted_velocity(model, x, t, cond)
     assert v.dtype == np.float32 and v.shape == (B, H, W, 4)
     assert np.abs(expected).max() > 0.5
@@ -125,7 +119,7 @@ def test_loads_through_open_safetensors_and_config_json(sd35_saved):
     assert names["transformer_blocks.0.ff.fc1.kernel"] == "transformer_blocks.0.ff.net.0.proj.weight"
     model = load_module(lambda: mmdit.MMDiT(config, rngs=nnx.Rngs(0)), tensors, names)
     x, t, cond = make_inputs()
-    assert np.abs(jitted_velocity(model, x, t, cond) - reference_velocity(reference, x, t, cond)).max() <= 1e-4
+    assert np.abs(jitted_velocity(model, x, t, cond) - diffusers_velocity(reference, x, t, cond)).max() <= 1e-4
 
 
 def test_bfloat16_compute_close_to_float32_reference(sd35_saved):
@@ -135,7 +129,7 @@ def test_bfloat16_compute_close_to_float32_reference(sd35_saved):
     reference, folder = sd35_saved
     model = mmdit.load_mmdit(folder, dtype="bfloat16")
     x, t, cond = make_inputs()
-    expected = reference_velocity(reference, x, t, cond)
+    expected = diffusers_velocity(reference, x, t, cond)
     v = jitted_velocity(model, x, t, cond)
     assert v.dtype == np.float32
     error = np.abs(v - expected).max()
@@ -287,3 +281,72 @@ def test_remat_changes_memory_not_math_and_buffer_gets_no_gradient(sd3_saved):
     assert "remat" in jaxpr and "remat" not in plain_jaxpr
     assert not np.any(np.asarray(grads["pos_embed"]["pos_embed"][...]))
     assert np.abs(np.asarray(grads["proj_out"]["kernel"][...])).max() > 0
+
+
+RULES = parallel.axis_rules(base_config().logical_axis_rules, mmdit.LOGICAL_AXES)
+
+
+def test_activation_constraints_are_no_ops_without_a_mesh(sd35_saved):
+    """Rules active, no mesh (one device): the same program and output as without rules."""
+    graphdef, state = nnx.split(mmdit.load_mmdit(sd35_saved[1]))
+    x, t, cond = make_inputs()
+    forward = lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c)  # noqa: E731
+    plain = jax.jit(forward).lower(state, x, t, cond).as_text()
+    with nnx.logical_axis_rules(RULES):
+        ruled = jax.jit(forward).lower(state, x, t, cond).as_text()
+        v = np.asarray(jax.jit(forward)(state, x, t, cond))
+    assert "sharding_constraint" not in ruled and ruled == plain
+    np.testing.assert_array_equal(v, jitted_velocity(nnx.merge(graphdef, state), x, t, cond))
+
+
+# SD35_TINY on a data=2 x fsdp=2 x tensor=2 mesh of 8 forced CPU devices, the default rules
+# (activation_batch -> (data, fsdp), activation_heads/mlp -> tensor): prints the constraint layouts
+# of the lowered forward with their counts, and the largest difference to the unsharded output.
+SHARDED_FORWARD = textwrap.dedent(
+    r"""
+    import collections, json, re, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from danceopd_jax import parallel
+    from danceopd_jax.config_lib import base_config
+    from danceopd_jax.models import mmdit
+
+    config = mmdit.config_from_diffusers(json.loads(sys.argv[1]))
+    rules = parallel.axis_rules(base_config().logical_axis_rules, mmdit.LOGICAL_AXES)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    make = lambda: mmdit.MMDiT(config, rngs=nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(0), 4)
+    x, t = jax.random.normal(keys[0], (4, 8, 6, 4)), jnp.linspace(0.1, 0.9, 4)
+    cond = {"text": jax.random.normal(keys[1], (4, 5, 12)), "pooled": jax.random.normal(keys[2], (4, 10))}
+    graphdef, state, _ = parallel.create_sharded_state(make, mesh, rules)
+    forward = lambda: jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
+    reference = np.asarray(forward()(jax.device_get(state), x, t, cond))  # one device, no mesh
+    x, t, cond = jax.device_put((x, t, cond), parallel.batch_sharding(mesh))
+    with parallel.sharding_context(mesh, rules):
+        sharded = forward()
+        text = sharded.lower(state, x, t, cond).as_text()
+        v = np.asarray(sharded(state, x, t, cond))
+    layouts = re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])>", text)
+    print(json.dumps({"constraints": collections.Counter(layouts), "max_abs": float(np.abs(reference).max()),
+                      "max_diff": float(np.abs(v - reference).max())}))
+    """
+)
+
+
+def test_activation_constraints_on_a_multi_device_mesh():
+    """Both token streams after every residual update and at entry (TOKENS), each stream's q/k/v
+    (HEADS) and the MLP hiddens (MLP_HIDDEN) are pinned; the sharded forward equals the unsharded
+    one to 1e-5 (float32, other reduction orders)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))  # fmt: skip
+    command = [sys.executable, "-c", SHARDED_FORWARD, json.dumps(SD35_TINY)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # SD35_TINY: block 0 dual, block 1 plain, block 2 dual and context_pre_only (no text q, text
+    # stream ends). Tokens: 2 at entry + image (3 + 2 + 3) + text (2 + 2). q/k/v: joint (6 + 6 + 5)
+    # + attn2 (3 + 3). MLP hiddens: ff and ff_context (2 + 2 + 1).
+    tokens, heads, mlp = '[{"data", "fsdp"}, {}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}]'
+    assert result["constraints"] == {tokens: 14, heads: 23, mlp: 5}
+    assert result["max_abs"] > 0.1 and result["max_diff"] <= 1e-5

@@ -1,5 +1,7 @@
 """The SD3 path end to end on a tiny random diffusers folder: the folder is real-format, the smoke
-config trains and resumes through ``python -m danceopd_jax.main``, and bad input is one clear error."""
+config trains and resumes through ``python -m danceopd_jax.main``, the trained run samples
+(``danceopd_jax.sample``) and exports for diffusers (``danceopd_jax.export``), and bad input is
+one clear error."""
 
 import json
 import os
@@ -13,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
-from danceopd_jax import build, train
+from danceopd_jax import build, export, sd3_sampling, train
 from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.data.prompt_embeddings import load_table
-from danceopd_jax.models import lora, sd3
+from danceopd_jax.sampling import sample_task, to_uint8
+from danceopd_jax.models import lora, sd3, sd3_prompts
 from danceopd_jax.models.tiny_sd3 import write_tiny_sd3
 from danceopd_jax.models.weights import WeightsMismatch, open_safetensors, write_safetensors
 
-from conftest import load_config
+from conftest import diffusers_velocity, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "sd3_smoke.py"
@@ -60,21 +64,31 @@ def _run_main(model_dir: str, workdir: pathlib.Path, *extra: str) -> subprocess.
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_smoke_config_trains_a_lora_student_and_resumes(folder, tmp_path):
-    first = _run_main(folder, tmp_path, "--config.num_train_steps=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "prompt embeddings: 9 prompts" in first.stdout and "done: step 4" in first.stdout
-    losses = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in losses] == [1, 2, 3, 4]
-    assert all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in losses)
-    table = load_table(str(tmp_path / build.PROMPT_TABLE))
-    assert "" in table and table.text_shape == (77 + 16, 32) and table.pooled_dim == 32
+# A learning rate that moves the LoRA well past the parity tolerances below (the smoke config's 2e-4
+# changes the student's velocity by ~5e-4 in 6 steps, too close to 1e-4 to tell base and student apart).
+TRAIN_LR = "--config.optimizer.learning_rate=1e-2"
 
-    second = _run_main(folder, tmp_path, "--config.num_train_steps=6")
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """``(workdir, first, second)``: the smoke config trained 4 steps, then resumed to 6, through the command."""
+    workdir = tmp_path_factory.mktemp("sd3_run")
+    first = _run_main(folder, workdir, "--config.num_train_steps=4", TRAIN_LR)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run_main(folder, workdir, "--config.num_train_steps=6", TRAIN_LR)
     assert second.returncode == 0, second.stderr[-3000:]
+    return workdir, first, second
+
+
+def test_smoke_config_trains_a_lora_student_and_resumes(trained):
+    workdir, first, second = trained
+    assert "prompt embeddings: 9 prompts" in first.stdout and "done: step 4" in first.stdout
     assert "resum" in second.stdout.lower() and "done: step 6" in second.stdout
-    losses = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in losses] == [1, 2, 3, 4, 5, 6]
+    losses = [json.loads(line) for line in (workdir / "losses.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in losses] == [1, 2, 3, 4, 5, 6]  # the resumed run appends steps 5 and 6
+    assert all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in losses)
+    table = load_table(str(workdir / build.PROMPT_TABLE))
+    assert "" in table and table.text_shape == (77 + 16, 32) and table.pooled_dim == 32
 
 
 def test_the_student_is_a_lora_over_the_shared_base(folder, tmp_path):
@@ -124,3 +138,155 @@ def test_bad_input_is_one_clear_error(folder, tmp_path):
     write_safetensors(str(weights), tensors)
     with pytest.raises(WeightsMismatch, match=r"proj_out.weight \[5, 32\] -> proj_out.kernel expects"):
         train.setup_run(smoke_config(str(misshaped)), workdir=str(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling and export of the trained run
+# ------------------------------------------------------------------------------------------
+
+PROMPT = "a photo of a red cat"  # one of the tiny folder's training prompts
+
+
+def _command(module: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+@pytest.fixture(scope="module")
+def student(trained):
+    return sd3_sampling.load_student(str(trained[0]))
+
+
+def test_samples_are_the_students_euler_samples_decoded(folder, trained, student):
+    """``generate`` against the sampler written out: the prompts and the empty prompt (CFG null) by
+    the folder's encoders, Euler on the run's shifted grid with CFG 2, the loaded student's field,
+    latents decoded by diffusers' AutoencoderKL; float32, 1e-4."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    prompts, steps, cfg_scale, seed = [PROMPT, "a dog under the sky"], 2, 2.0, 3
+    images = sd3_sampling.generate(student, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed)
+
+    out = sd3_prompts.encode_prompts(sd3_prompts.load_sd3_text_encoders(folder), [*prompts, ""], max_sequence_length=16)
+    cond = {k: v[:2] for k, v in out.items()}
+    null = {k: jnp.broadcast_to(v[2:], v[:2].shape) for k, v in out.items()}
+    text, _, pooled = load_table(str(trained[0] / build.PROMPT_TABLE))(PROMPT)  # as training encoded it
+    assert max_diff(cond["text"][0], text) <= 1e-5 and max_diff(cond["pooled"][0], pooled) <= 1e-5
+    model, shift = jax.jit(lambda x, t, cond: student.model()(x, t, cond)), 3.0
+    grid = np.linspace(1.0, 0.0, steps + 1)
+    sigmas = shift * grid / (1 + (shift - 1) * grid)
+    x = jax.random.normal(jax.random.key(seed), (2, 8, 8, 16))
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        t = jnp.full((2,), sigma, jnp.float32)
+        v_cond, v_null = model(x, t, cond), model(x, t, null)
+        x = x + (sigma_next - sigma) * (v_null + cfg_scale * (v_cond - v_null))
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
+    with torch.no_grad():
+        z = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2) / vae.config.scaling_factor + vae.config.shift_factor
+        expected = vae.decode(z).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.float32
+    assert max_diff(images, expected) <= 1e-4
+
+
+def test_sample_command_writes_the_samples_side_by_side(trained, student, tmp_path):
+    out = tmp_path / "sd3.png"
+    result = _command("danceopd_jax.sample", f"--workdir={trained[0]}", f"--prompt={PROMPT}", "--num=2", "--steps=2",
+                      "--cfg_scale=2.0", "--seed=3", f"--out={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 sample(s), task t2i, 2 steps, cfg 2.0)" in result.stdout
+    png = np.asarray(Image.open(out))
+    assert png.shape == (64, 2 * 64, 3)  # 8 x 8 latents through the tiny folder's 8x VAE, side by side
+    expected = to_uint8(sd3_sampling.generate(student, [PROMPT] * 2, steps=2, cfg_scale=2.0, seed=3))
+    assert np.abs(png.astype(int) - np.concatenate(list(expected), axis=1)).max() <= 1  # uint8 rounding
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "student"
+    result = _command("danceopd_jax.export", f"--workdir={trained[0]}", f"--out={out}", "--merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def velocity_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
+    cond = {"text": rng.standard_normal((2, 77 + 16, 32)).astype(np.float32), "pooled": rng.standard_normal((2, 32)).astype(np.float32)}
+    return x, np.array([0.3, 0.9], np.float32), cond
+
+
+
+def test_exported_lora_loads_in_diffusers_and_reproduces_the_student(folder, trained, student, exported):
+    """diffusers' transformer + the exported LoRA gives our student's velocity, and without it our
+    untrained base's (``--base``), 1e-4; the trained LoRA moves the velocity by more than 1e-2."""
+    from diffusers import SD3Transformer2DModel
+
+    out, stdout = exported
+    assert "(25 adapted layers, checkpoint step 6, params)" in stdout
+    assert sorted(os.listdir(out)) == [export.LORA_FILE, "transformer"]
+    assert os.listdir(out.parent) == [out.name]  # no staging folder left behind
+    reference = SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer")).eval()
+    x, t, cond = velocity_inputs()
+    base = sd3_sampling.load_student(str(trained[0]), trained=False)
+    assert not jax.tree.leaves(base.adapters) and base.step is None
+    assert max_diff(diffusers_velocity(reference, x, t, cond), base.model()(x, t, cond)) <= 1e-4
+    reference.load_lora_adapter(str(out), weight_name=export.LORA_FILE)
+    assert len([n for n, m in reference.named_modules() if hasattr(m, "lora_A")]) == 25
+    ours = student.model()(x, t, cond)
+    assert max_diff(ours, base.model()(x, t, cond)) > 1e-2  # the trained LoRA matters
+    assert max_diff(diffusers_velocity(reference, x, t, cond), ours) <= 1e-4
+
+
+def test_exported_merged_transformer_loads_strictly_and_matches(folder, student, exported):
+    from diffusers import SD3Transformer2DModel
+
+    out, _ = exported
+    merged, info = SD3Transformer2DModel.from_pretrained(str(out / "transformer"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x, t, cond = velocity_inputs()
+    assert max_diff(diffusers_velocity(merged.eval(), x, t, cond), student.model()(x, t, cond)) <= 1e-4
+
+
+def _workdir_with_config(trained, path: pathlib.Path, **changes) -> pathlib.Path:
+    """A workdir holding only the trained run's config.json, with top-level ``changes``."""
+    run = {**json.loads((trained[0] / "config.json").read_text()), **changes}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(run))
+    return path
+
+
+def test_sample_and_export_bad_input_is_one_clear_line(trained, tmp_path):
+    workdir = trained[0]
+    dit = _workdir_with_config(trained, tmp_path / "dit", model_dir="")
+    source = tmp_path / "src.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(source)
+    commands = [
+        (("danceopd_jax.sample", f"--workdir={workdir}", "--task=edit", f"--source={source}"),
+         "error: task 'edit' edits a source image, but an SD3 run's student (config.model_dir) reads no source image; "
+         "it can only run: t2i, realism"),
+        (("danceopd_jax.sample", f"--workdir={dit}", "--base"), "error: --base samples the untrained transformer of an SD3 run"),
+        (("danceopd_jax.export", f"--workdir={dit}"), f"error: {dit} is not an SD3 run"),
+    ]  # fmt: skip
+    for (module, *flags), message in commands:
+        result = _command(module, *flags, f"--out={tmp_path / 'out'}")
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="^task 'local_edit' edits a source image, but an SD3 run"):
+        sample_task(str(workdir), "local_edit", ["make it blue"], [np.zeros((64, 64, 3), np.float32)])
+
+    untrained = _workdir_with_config(trained, tmp_path / "untrained")
+    with pytest.raises(FileNotFoundError, match="no checkpoints under .*untrained/checkpoints: nothing trained to export"):
+        export.check_export(str(untrained), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        export.check_export(str(tmp_path / "absent"), str(tmp_path / "out"))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="occupied exists and is not an empty folder"):
+        export.export_run(str(workdir), str(occupied))
+    assert os.listdir(occupied) == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    export.check_export(str(workdir), str(tmp_path / "empty"))  # an empty --out folder is fine

@@ -1,5 +1,6 @@
 """One train step on 8 forced CPU devices matches one device, and parameters, experts and
-activations follow the rules."""
+activations follow the rules: for the DiT (configs/smoke.py) and for the MMDiT of an SD3 run
+(configs/sd3_smoke.py: a LoRA student and a LoRA teacher over one shared frozen base, CFG)."""
 
 import json
 import os
@@ -16,7 +17,8 @@ from flax import nnx
 from danceopd_jax import parallel
 from danceopd_jax.config_lib import base_config
 from danceopd_jax.config_validation import ConfigError
-from danceopd_jax.models.dit import LOGICAL_AXES, TOKENS, constrain
+from danceopd_jax.models.dit import LOGICAL_AXES
+from danceopd_jax.models.layers import TOKENS, constrain
 
 SCRIPT = pathlib.Path(__file__).with_name("sharded_step_script.py")
 
@@ -24,21 +26,59 @@ SCRIPT = pathlib.Path(__file__).with_name("sharded_step_script.py")
 # rtol 1e-5 and the gradients to 1e-4 of the largest gradient entry. One Adam step (lr 1e-3)
 # moves each parameter by up to 1e-3, and by lr * g / (|g| + 1e-8) where |g| is tiny, which
 # amplifies float noise in near-zero gradients: updated parameters agree to atol 1e-4 (10% of
-# one step), and to 1e-5 for all entries whose gradient is above 1e-6.
+# one step), and to 1e-5 for all entries whose gradient is above 1e-6. The SD3 steps' LoRA
+# parameters agree to 10% of one step at their learning rate (STEP_FRACTION_ATOL); gradient norms
+# to rtol 1e-4.
 LOSS_RTOL = 1e-5
 GRAD_RTOL_OF_MAX = 1e-4
 PARAM_ATOL = 1e-4
+STEP_FRACTION_ATOL = 0.1
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def script_outputs(tmp_path_factory):
+    """Both parts of the script start at once; ``{part: finish() -> its JSON}``.
+
+    Compiling a step per mesh is most of their time (XLA compiles mostly on one core), so they run
+    side by side, with LLVM optimisation off (``xla_backend_optimization_level=0``: the programs
+    are tiny; it halves compile time; every mesh, the single device included, compiles alike)."""
+    tmp = tmp_path_factory.mktemp("sharded_steps")
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    started = {}
+    for part, args in (("dit", ()), ("sd3", (str(tmp),))):
+        out, err = open(tmp / f"{part}.out", "w+"), open(tmp / f"{part}.err", "w+")
+        started[part] = (subprocess.Popen([sys.executable, str(SCRIPT), part, *args], env=env, stdout=out, stderr=err, text=True), out, err)
+
+    def finish(part):
+        process, out, err = started[part]
+        returncode = process.wait(timeout=900)
+        err.seek(0), out.seek(0)
+        assert returncode == 0, err.read()[-3000:]
+        return json.loads(out.read().strip().splitlines()[-1])
+
+    yield finish
+    for process, out, err in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        out.close(), err.close()
+
+
+@pytest.fixture(scope="module")
+def results(script_outputs):
+    return script_outputs("dit")
+
+
+@pytest.fixture(scope="module")
+def sd3_results(script_outputs):
+    return script_outputs("sd3")
 
 
 SHARDED_MESHES = ["data8", "fsdp8", "fsdp4_tensor2", "data2_fsdp2_tensor2"]
+# The activation layouts under the configs' rules (activation_batch -> (data, fsdp), activation_heads
+# and activation_mlp -> tensor): tokens [B, S, D], q/k/v [B, S, H, Dh], MLP hidden [B, S, mlp].
+EXPECTED_CONSTRAINTS = sorted(['[{"data", "fsdp"}, {}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}]'])
 
 
 @pytest.mark.parametrize("mesh", SHARDED_MESHES)
@@ -80,8 +120,7 @@ def test_batch_is_split_over_data_and_fsdp(results):
 def test_activation_constraints_are_in_the_lowered_step(results, mesh):
     """Rules (config_lib): activation_batch -> (data, fsdp), activation_heads and activation_mlp ->
     tensor, length and embed replicated: tokens [B, S, D], q/k/v [B, S, H, Dh], MLP hidden [B, S, mlp]."""
-    tokens, heads, mlp = '[{"data", "fsdp"}, {}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}]'
-    assert results[mesh]["constraints"] == sorted([tokens, heads, mlp])
+    assert results[mesh]["constraints"] == EXPECTED_CONSTRAINTS
 
 
 def test_experts_are_sharded_like_the_student_or_replicated(results):
@@ -93,6 +132,43 @@ def test_experts_are_sharded_like_the_student_or_replicated(results):
     assert replicated["expert_q_kernel_spec"] == ["None", "None"]
     assert replicated["expert_q_kernel_shard_shape"] == [embed, heads]
     assert replicated["loss"] == pytest.approx(results["single"]["loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("mesh", SHARDED_MESHES)
+def test_sd3_steps_match_one_device(sd3_results, mesh):
+    """One step on each route (the base under CFG, the base plus the teacher's LoRA) from the
+    fresh state: same losses and gradient norms, same LoRA after both steps (tolerances above)."""
+    single, sharded = sd3_results["single"], sd3_results[mesh]
+    assert single["routes"] == sharded["routes"] == ["cfg", "realism"]
+    assert all(loss > 0 for loss in single["losses"]) and single["losses"][0] != single["losses"][1]
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(sharded["grad_norms"], single["grad_norms"], rtol=GRAD_RTOL_OF_MAX)
+    assert len(sharded["params"]) == len(single["params"])
+    for a, b in zip(single["params"], sharded["params"]):
+        np.testing.assert_allclose(b, a, atol=STEP_FRACTION_ATOL * single["learning_rate"])
+
+
+def test_sd3_base_and_adapters_are_sharded_as_the_rules_say(sd3_results):
+    """Rules (config_lib): embed -> fsdp, heads and mlp -> tensor; the LoRA factors follow their base
+    kernel's axes (A: embed x lora_rank, B: lora_rank x heads), the teacher's delta too."""
+    shapes = sd3_results["single"]["shapes"]
+    embed, heads = shapes["base_to_q_kernel"]
+    mlp, rank = shapes["base_fc1_kernel"][1], shapes["student_to_q_lora_a"][1]
+    for mesh, data, fsdp, tensor in (("data8", 8, 1, 1), ("fsdp8", 1, 8, 1), ("fsdp4_tensor2", 1, 4, 2), ("data2_fsdp2_tensor2", 2, 2, 2)):
+        assert sd3_results[mesh]["shard_shapes"] == {
+            "base_to_q_kernel": [embed // fsdp, heads // tensor],
+            "base_fc1_kernel": [embed // fsdp, mlp // tensor],
+            "student_to_q_lora_a": [embed // fsdp, rank],
+            "student_to_q_lora_b": [rank, heads // tensor],
+            "teacher_to_q_lora_b": [rank, heads // tensor],
+        }, mesh
+        assert sd3_results[mesh]["batch_shard_rows"] == 8 // (data * fsdp), mesh
+
+
+@pytest.mark.parametrize("mesh", ["fsdp4_tensor2", "data2_fsdp2_tensor2"])
+def test_sd3_activation_constraints_are_in_the_lowered_step(sd3_results, mesh):
+    """The MMDiT pins the same three layouts as the DiT (both streams' tokens, q/k/v, MLP hidden)."""
+    assert sd3_results[mesh]["constraints"] == EXPECTED_CONSTRAINTS
 
 
 def test_rules_name_every_logical_axis_including_the_activations():

@@ -53,14 +53,18 @@ def _distill_states(student, params, target, states, times, cond) -> jax.Array:
     return per_sample_mse(student_v, teacher_v).reshape(batch, k).mean(axis=1)
 
 
-def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t"):
-    """DanceOPD: query K low-noise states of the student's own ODE rollout against the routed field."""
+def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t", truncate_rollout=True):
+    """DanceOPD: query K low-noise states of the student's own ODE rollout against the routed field.
+
+    ``truncate_rollout=False`` runs all N - 1 Euler steps instead of stopping at the batch's last
+    query index: the same loss from more forwards (``rollout.rollout_query_states``), for benchmarks.
+    """
     cond = batch["cond"]
     noise_key, index_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
     num_steps = sigmas.shape[0] - 1
     indices = sample_query_indices(index_key, noise.shape[0], num_queries, num_steps, sampler)
-    states, times = rollout_query_states(_frozen_student(student, params), noise, sigmas, cond, indices)
+    states, times = rollout_query_states(_frozen_student(student, params), noise, sigmas, cond, indices, truncate_rollout)
     return _distill_states(student, params, target, states, times, cond)
 
 

@@ -83,6 +83,7 @@ def make_loss_fn(
     flowopd_options: flowopd.FlowOPDOptions | None = None,
     router_params: router.RouterParams | None = None,
     router_assign: str = "argmax",
+    truncate_rollout: bool = True,
 ) -> LossFn:
     """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key)``.
 
@@ -91,7 +92,8 @@ def make_loss_fn(
     ``group_blocks`` the number of hosts whose batches are concatenated (``routing.split_groups``).
     ``flowopd_options`` are read by ``method == "flowopd"`` only (default: the paper's values).
     ``routing_mode == "learned"`` routes each sample with the frozen ``router_params``
-    (``router.routed_field``, assignment ``router_assign``).
+    (``router.routed_field``, assignment ``router_assign``). ``truncate_rollout=False`` makes
+    ``danceopd`` roll out all N - 1 steps (``objectives.danceopd_loss``; same loss, for benchmarks).
     """
     flowopd_kwargs = dataclasses.asdict(flowopd_options or flowopd.FlowOPDOptions())
     if routing_mode == "learned" and router_params is None:
@@ -117,7 +119,8 @@ def make_loss_fn(
         target = target_field(experts, route, key)
         if method == "danceopd":
             return objectives.danceopd_loss(
-                student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler
+                student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler,
+                truncate_rollout=truncate_rollout,
             )
         if method == "diffusionopd":
             return objectives.diffusionopd_loss(student, params, target, batch, key, sigmas=sigmas)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from danceopd_jax.models.dit import _partitioned
+from danceopd_jax.models.layers import NORMAL_INIT, ZEROS_INIT, partitioned
 from danceopd_jax.models.weights import param_shapes
 
 LOGICAL_AXES = ("vocab", "positions", "embed", "heads", "mlp", "projection")
@@ -45,8 +45,6 @@ ACTIVATIONS = {
 }
 LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773: EOS = argmax of the ids
 
-_normal = nnx.initializers.normal(0.02)
-_zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
 
 
@@ -111,8 +109,8 @@ def _linear(d_in, d_out, names, dtype, rngs, use_bias=True) -> nnx.Linear:
         d_out,
         use_bias=use_bias,
         dtype=dtype,
-        kernel_init=_partitioned(_normal, names),
-        bias_init=_partitioned(_zeros, names[1:]),
+        kernel_init=partitioned(NORMAL_INIT, names),
+        bias_init=partitioned(ZEROS_INIT, names[1:]),
         rngs=rngs,
     )
 
@@ -124,8 +122,8 @@ def _layer_norm(config: CLIPTextConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
         epsilon=config.layer_norm_eps,
         dtype=jnp.dtype(config.dtype),
         use_fast_variance=False,
-        scale_init=_partitioned(_ones, ("embed",)),
-        bias_init=_partitioned(_zeros, ("embed",)),
+        scale_init=partitioned(_ones, ("embed",)),
+        bias_init=partitioned(ZEROS_INIT, ("embed",)),
         rngs=rngs,
     )
 
@@ -200,11 +198,11 @@ class CLIPTextModelWithProjection(nnx.Module):
         self.config = config
         d, dt = config.hidden_size, jnp.dtype(config.dtype)
         self.token_embedding = nnx.Embed(
-            config.vocab_size, d, dtype=dt, embedding_init=_partitioned(_normal, ("vocab", "embed")), rngs=rngs
+            config.vocab_size, d, dtype=dt, embedding_init=partitioned(NORMAL_INIT, ("vocab", "embed")), rngs=rngs
         )
         self.position_embedding = nnx.Embed(
             config.max_position_embeddings, d, dtype=dt,
-            embedding_init=_partitioned(_normal, ("positions", "embed")), rngs=rngs,
+            embedding_init=partitioned(NORMAL_INIT, ("positions", "embed")), rngs=rngs,
         )
         self.layers = nnx.List([CLIPEncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.final_layer_norm = _layer_norm(config, rngs)

@@ -26,41 +26,41 @@ name every axis in ``LOGICAL_AXES`` (map the unsharded ones to ``None``). Parame
 sharded at creation when a mesh is set (``jax.set_mesh``); without one they are created
 unsharded, so the model also builds on a single device.
 
-The hot activations are pinned to the layout of their logical names (``ACTIVATION_AXES``,
+The hot activations are pinned to the layout of their logical names (``layers.ACTIVATION_AXES``,
 MaxText's names) under the active rules: the token stream between blocks ``TOKENS``, the
 attention's q/k/v ``HEADS`` and the MLP hidden ``MLP_HIDDEN``. Without a mesh or rules (one
 device, or tracing outside ``parallel.sharding_context``) the constraints are no-ops.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import spmd
-from jax.sharding import PartitionSpec
 
 from danceopd_jax.core.conditioning import NULL_LABEL, Condition
+from danceopd_jax.models.layers import (
+    ACTIVATION_AXES,
+    FREQUENCY_DIM,
+    HEADS,
+    MLP_HIDDEN,
+    NORMAL_INIT,
+    REMAT_POLICIES,
+    TOKENS,
+    check_attention,
+    constrain,
+    layer_norm,
+    linear,
+    modulate,
+    partitioned,
+    patchify,
+    rematerialised,
+    timestep_embedding,
+    unpatchify,
+)
 
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_heads", "activation_mlp")
 LOGICAL_AXES = ("embed", "heads", "mlp", "adaln", "patch", "text_embed", "vocab", "freq", *ACTIVATION_AXES)
-
-TOKENS = ("activation_batch", "activation_length", "activation_embed")  # [B, S, D]
-HEADS = ("activation_batch", "activation_length", "activation_heads", None)  # [B, S, H, Dh]
-MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")  # [B, S, mlp]
-
-FREQUENCY_DIM = 256  # sinusoidal timestep frequencies (DiT's TimestepEmbedder)
-
-# Which activations of a block the backward pass keeps (the rest are recomputed): ``none`` keeps
-# all (no remat), ``dots`` keeps the matmul outputs without batch dimensions (recomputes norms,
-# softmax, activations), ``full`` keeps only the block's input (recomputes the whole block).
-REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 PRESETS = {
     "tiny": dict(hidden_size=32, depth=2, num_heads=2),
@@ -91,7 +91,8 @@ class DiTConfig:
     use_source: bool = False
     dtype: str = "float32"
     zero_init: bool = True  # adaLN-Zero; False gives a random non-zero field (stand-in experts)
-    remat: str = "none"  # rematerialise each block in the backward pass: REMAT_POLICIES
+    remat: str = "none"  # rematerialise each block in the backward pass: layers.REMAT_POLICIES
+    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
         for name in ("image_size", "channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -117,6 +118,7 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"DiTConfig.dtype must be a float dtype, got {self.dtype!r}")
+        check_attention("DiTConfig", self.attention, self.dtype)
 
     @property
     def grid_size(self) -> int:
@@ -147,28 +149,6 @@ def dit_config(preset: str, **overrides) -> DiTConfig:
 # ------------------------------------------------------------------------------------------
 
 
-def patchify(x: jax.Array, p: int) -> jax.Array:
-    """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order, (p, p, C) inside."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(tokens: jax.Array, p: int, h: int, w: int, c: int) -> jax.Array:
-    """Inverse of ``patchify`` for an image of ``h`` x ``w`` pixels with ``c`` channels."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
-
-
-def timestep_embedding(t: jax.Array, dim: int = FREQUENCY_DIM, max_period: float = 1e4):
-    """Sinusoidal embedding [cos, sin] of scalar timesteps t [B] -> [B, dim] (DiT, float32)."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     """Fixed 2D sin-cos positional embedding [grid_size**2, dim] (MAE / DiT)."""
 
@@ -182,52 +162,9 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """adaLN modulation ``x * (1 + scale) + shift`` with per-sample shift/scale [B, D]."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """LayerNorm without affine parameters; statistics in float32, result in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
 # ------------------------------------------------------------------------------------------
 # Layers
 # ------------------------------------------------------------------------------------------
-
-_xavier = nnx.initializers.xavier_uniform()
-_normal = nnx.initializers.normal(0.02)
-_zeros = nnx.initializers.zeros_init()
-
-
-def _partitioned(init, names):
-    """``init`` annotated with logical axis names; sharded eagerly only when a mesh is set."""
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return nnx.with_partitioning(init, names, eager_sharding=eager)
-
-
-def constrain(x: jax.Array, names: tuple) -> jax.Array:
-    """``x`` pinned (``with_sharding_constraint``) to the layout the active logical axis rules give
-    ``names``; a no-op without a mesh or without rules. A name the rules lack is an error."""
-    if jax.sharding.get_abstract_mesh().empty or not spmd.get_logical_axis_rules():
-        return x
-    return jax.lax.with_sharding_constraint(x, spmd.get_pspec(PartitionSpec(*names)))
-
-
-def _linear(d_in, d_out, names, dtype, rngs, init=_xavier, zero=False) -> nnx.Linear:
-    """Linear with kernel axes ``names`` and bias axis ``names[1]``; ``zero`` zero-inits both."""
-    return nnx.Linear(
-        d_in,
-        d_out,
-        dtype=dtype,
-        kernel_init=_partitioned(_zeros if zero else init, names),
-        bias_init=_partitioned(_zeros, names[1:]),
-        rngs=rngs,
-    )
 
 
 class DiTBlock(nnx.Module):
@@ -240,28 +177,30 @@ class DiTBlock(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         d, dt = config.hidden_size, jnp.dtype(config.dtype)
         self.num_heads = config.num_heads
-        self.modulation = _linear(d, 6 * d, ("embed", "adaln"), dt, rngs, zero=config.zero_init)
-        self.q = _linear(d, d, ("embed", "heads"), dt, rngs)
-        self.k = _linear(d, d, ("embed", "heads"), dt, rngs)
-        self.v = _linear(d, d, ("embed", "heads"), dt, rngs)
-        self.out = _linear(d, d, ("heads", "embed"), dt, rngs)
-        self.fc1 = _linear(d, config.mlp_hidden, ("embed", "mlp"), dt, rngs)
-        self.fc2 = _linear(config.mlp_hidden, d, ("mlp", "embed"), dt, rngs)
+        self.implementation = config.attention
+        self.modulation = linear(d, 6 * d, ("embed", "adaln"), dt, rngs, zero=config.zero_init)
+        self.q = linear(d, d, ("embed", "heads"), dt, rngs)
+        self.k = linear(d, d, ("embed", "heads"), dt, rngs)
+        self.v = linear(d, d, ("embed", "heads"), dt, rngs)
+        self.out = linear(d, d, ("heads", "embed"), dt, rngs)
+        self.fc1 = linear(d, config.mlp_hidden, ("embed", "mlp"), dt, rngs)
+        self.fc2 = linear(config.mlp_hidden, d, ("mlp", "embed"), dt, rngs)
 
-    def __call__(self, x: jax.Array, c: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """x [B, S, D], c = SiLU(conditioning) [B, D], key_mask bool [B, S]."""
+    def __call__(self, x: jax.Array, c: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+        """x [B, S, D], c = SiLU(conditioning) [B, D], key_mask bool [B, S] (None: all keys valid)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(self.modulation(c), 6, -1)
         h = self.attention(modulate(layer_norm(x), shift_a, scale_a), key_mask)
         x = constrain(x + gate_a[:, None] * h, TOKENS)
         h = constrain(jax.nn.gelu(self.fc1(modulate(layer_norm(x), shift_m, scale_m)), approximate=True), MLP_HIDDEN)
         return constrain(x + gate_m[:, None] * self.fc2(h), TOKENS)
 
-    def attention(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """Multi-head self-attention over valid keys; logits and softmax in float32."""
+    def attention(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+        """Multi-head self-attention over valid keys (``config.attention`` implementation)."""
         b, s, d = x.shape
         heads = lambda y: constrain(y.reshape(b, s, self.num_heads, d // self.num_heads), HEADS)
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        o = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         return self.out(o.reshape(b, s, d))
 
 
@@ -271,26 +210,26 @@ class DiT(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         self.config = config
         d, dt = config.hidden_size, jnp.dtype(config.dtype)
-        self.patch_embed = _linear(config.patch_dim, d, ("patch", "embed"), dt, rngs)
-        self.time_fc1 = _linear(FREQUENCY_DIM, d, ("freq", "mlp"), dt, rngs, init=_normal)
-        self.time_fc2 = _linear(d, d, ("mlp", "embed"), dt, rngs, init=_normal)
+        self.patch_embed = linear(config.patch_dim, d, ("patch", "embed"), dt, rngs)
+        self.time_fc1 = linear(FREQUENCY_DIM, d, ("freq", "mlp"), dt, rngs, init=NORMAL_INIT)
+        self.time_fc2 = linear(d, d, ("mlp", "embed"), dt, rngs, init=NORMAL_INIT)
         if config.num_classes:
             self.label_embed = nnx.Embed(
                 config.num_classes + 1,  # last row: the null label (classifier-free guidance)
                 d,
                 dtype=dt,
-                embedding_init=_partitioned(_normal, ("vocab", "embed")),
+                embedding_init=partitioned(NORMAL_INIT, ("vocab", "embed")),
                 rngs=rngs,
             )
         if config.text_dim:
-            self.text_proj = _linear(config.text_dim, d, ("text_embed", "embed"), dt, rngs)
-            self.text_pool = _linear(d, d, ("mlp", "embed"), dt, rngs)
+            self.text_proj = linear(config.text_dim, d, ("text_embed", "embed"), dt, rngs)
+            self.text_pool = linear(d, d, ("mlp", "embed"), dt, rngs)
         if config.use_source:
-            self.source_embed = _linear(config.patch_dim, d, ("patch", "embed"), dt, rngs)
-            self.source_type = nnx.Param(_partitioned(_normal, ("embed",))(rngs.params(), (d,)))
+            self.source_embed = linear(config.patch_dim, d, ("patch", "embed"), dt, rngs)
+            self.source_type = nnx.Param(partitioned(NORMAL_INIT, ("embed",))(rngs.params(), (d,)))
         self.blocks = nnx.List([DiTBlock(config, rngs=rngs) for _ in range(config.depth)])
-        self.final_modulation = _linear(d, 2 * d, ("embed", "adaln"), dt, rngs, zero=config.zero_init)
-        self.final_proj = _linear(d, config.patch_dim, ("embed", "patch"), dt, rngs, zero=config.zero_init)
+        self.final_modulation = linear(d, 2 * d, ("embed", "adaln"), dt, rngs, zero=config.zero_init)
+        self.final_proj = linear(d, config.patch_dim, ("embed", "patch"), dt, rngs, zero=config.zero_init)
 
     def __call__(self, x: jax.Array, t: jax.Array, cond: Condition) -> jax.Array:
         """x [B, H, W, C] noisy state, t [B] sigma in [0, 1], cond -> velocity [B, H, W, C] f32."""
@@ -300,7 +239,7 @@ class DiT(nnx.Module):
         pos = jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size), dt)
 
         tokens = [self.patch_embed(patchify(x.astype(dt), cfg.patch_size)) + pos]
-        masks = [jnp.ones((b, cfg.num_patches), bool)]
+        masks = [jnp.ones((b, cfg.num_patches), bool)]  # image tokens are always valid keys
         c = self.time_fc2(nnx.silu(self.time_fc1(timestep_embedding(t * 1000).astype(dt))))
 
         if cfg.num_classes:
@@ -321,14 +260,13 @@ class DiT(nnx.Module):
             masks.append(jnp.broadcast_to(source_mask, (b, cfg.num_patches)))
 
         h = constrain(jnp.concatenate(tokens, axis=1), TOKENS)
-        key_mask = jnp.concatenate(masks, axis=1)
+        key_mask = jnp.concatenate(masks, axis=1) if len(masks) > 1 else None  # image tokens only: no mask
         c = nnx.silu(c)
 
         def apply(block: DiTBlock, h: jax.Array) -> jax.Array:
             return block(h, c, key_mask)
 
-        if cfg.remat != "none":
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
+        apply = rematerialised(apply, cfg.remat)
         for block in self.blocks:
             h = apply(block, h)
 

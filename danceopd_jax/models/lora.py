@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from danceopd_jax.models.layers import ZEROS_INIT, partitioned
 from danceopd_jax.models.weights import (
     TensorSource,
     WeightsError,
@@ -84,12 +85,6 @@ class LoRAParam(nnx.Param):
     """A LoRA factor: what the optimiser trains while every other variable stays frozen."""
 
 
-def _annotated(init, names):
-    """``init`` with logical axis names; sharded eagerly only when a mesh is set (as in ``dit``)."""
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return nnx.with_partitioning(init, names, eager_sharding=eager)
-
-
 class LoRALinear(nnx.Linear):
     """``base`` (its own variables and settings) plus a low-rank update: y = base(x) + (alpha/r) (x A) B."""
 
@@ -101,8 +96,8 @@ class LoRALinear(nnx.Linear):
                 setattr(self, name, value)
         in_axis, out_axis = base.kernel.get_metadata().get("out_sharding") or (None, None)
         shape_a, shape_b = (base.in_features, rank), (rank, base.out_features)
-        self.lora_a = LoRAParam(_annotated(_kaiming_uniform, (in_axis, "lora_rank"))(rngs.params(), shape_a, base.param_dtype))
-        self.lora_b = LoRAParam(_annotated(nnx.initializers.zeros_init(), ("lora_rank", out_axis))(rngs.params(), shape_b, base.param_dtype))
+        self.lora_a = LoRAParam(partitioned(_kaiming_uniform, (in_axis, "lora_rank"))(rngs.params(), shape_a, base.param_dtype))
+        self.lora_b = LoRAParam(partitioned(ZEROS_INIT, ("lora_rank", out_axis))(rngs.params(), shape_b, base.param_dtype))
         self.alpha = alpha
 
     @property

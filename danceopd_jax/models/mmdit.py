@@ -35,6 +35,11 @@ Logical axis names on every variable (``nnx.with_partitioning``): ``embed`` (hid
 (joint_attention_dim), ``pooled`` (pooled_projection_dim), ``freq`` (timestep frequencies),
 ``norm`` (qk-norm scales, head_dim: map it unsharded). Hidden -> hidden projections outside
 attention (the conditioning MLPs' second layers) use ``('mlp', 'embed')`` as in ``dit.py``.
+
+Activations are pinned as in ``dit.py`` (``layers.constrain``; no-ops without a mesh or rules):
+both token streams after every residual update ``TOKENS`` [B, S, D], each stream's q/k/v
+``HEADS`` [B, S, H, Dh], the MLP hidden ``MLP_HIDDEN``. So the rules must also name
+``layers.ACTIVATION_AXES`` (part of ``LOGICAL_AXES``).
 """
 
 import dataclasses
@@ -48,22 +53,29 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.core.conditioning import Condition
-from danceopd_jax.models.dit import (
+from danceopd_jax.models.layers import (
+    ACTIVATION_AXES,
     FREQUENCY_DIM,
+    HEADS,
+    MLP_HIDDEN,
+    NORMAL_INIT,
     REMAT_POLICIES,
-    _linear,
-    _normal,
-    _partitioned,
-    _xavier,
-    _zeros,
+    TOKENS,
+    XAVIER_INIT,
+    ZEROS_INIT,
+    check_attention,
+    constrain,
     layer_norm,
+    linear,
     modulate,
+    partitioned,
+    rematerialised,
     timestep_embedding,
     unpatchify,
 )
 from danceopd_jax.models.weights import load_state, open_safetensors, param_shapes
 
-LOGICAL_AXES = ("embed", "heads", "mlp", "adaln", "patch", "text_embed", "pooled", "freq", "norm")
+LOGICAL_AXES = ("embed", "heads", "mlp", "adaln", "patch", "text_embed", "pooled", "freq", "norm", *ACTIVATION_AXES)
 
 NORM_EPS = 1e-6  # every LayerNorm and the RMS qk-norm of SD3
 QK_NORMS = (None, "rms_norm")
@@ -99,7 +111,7 @@ class MMDiTConfig:
 
     ``dtype`` is the compute dtype of the token projections (parameters stay float32, see the
     module docstring); ``remat`` rematerialises each block in the backward pass
-    (``REMAT_POLICIES`` of ``dit.py``). ``sample_size`` only sets the positional table's
+    (``layers.REMAT_POLICIES``). ``sample_size`` only sets the positional table's
     frequency scale at initialisation (diffusers' ``base_size``); any latent size up to
     ``pos_embed_max_size * patch_size`` runs.
     """
@@ -119,6 +131,7 @@ class MMDiTConfig:
     qk_norm: str | None = None
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
         positive = (
@@ -158,6 +171,7 @@ class MMDiTConfig:
             raise ValueError(f"MMDiTConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"MMDiTConfig.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        check_attention("MMDiTConfig", self.attention, self.dtype)
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"MMDiTConfig.dtype must be a float dtype, got {self.dtype!r}")
 
@@ -170,7 +184,7 @@ class MMDiTConfig:
         return MLP_RATIO * self.inner_dim
 
 
-_DIFFUSERS_KEYS = tuple(f.name for f in dataclasses.fields(MMDiTConfig) if f.name not in ("dtype", "remat"))
+_DIFFUSERS_KEYS = tuple(f.name for f in dataclasses.fields(MMDiTConfig) if f.name not in ("dtype", "remat", "attention"))
 
 
 def config_from_diffusers(d: dict, **overrides) -> MMDiTConfig:
@@ -266,8 +280,8 @@ class PatchEmbed(nnx.Module):
             strides=(p, p),
             padding="VALID",
             dtype=jnp.dtype(config.dtype),
-            kernel_init=_partitioned(_xavier, (None, None, "patch", "embed")),
-            bias_init=_partitioned(_zeros, ("embed",)),
+            kernel_init=partitioned(XAVIER_INIT, (None, None, "patch", "embed")),
+            bias_init=partitioned(ZEROS_INIT, ("embed",)),
             rngs=rngs,
         )
         base_size = config.sample_size // p
@@ -275,7 +289,7 @@ class PatchEmbed(nnx.Module):
         def table(key, shape, dtype=jnp.float32):
             return sincos_table(d, g, base_size)[None].astype(dtype)
 
-        self.pos_embed = Buffer(_partitioned(table, (None, None, "embed"))(rngs.params(), (1, g * g, d)))
+        self.pos_embed = Buffer(partitioned(table, (None, None, "embed"))(rngs.params(), (1, g * g, d)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, C] -> float32 tokens [B, (H/p)*(W/p), D], row-major."""
@@ -292,8 +306,8 @@ class TwoLayerEmbedder(nnx.Module):
     """``linear_2(SiLU(linear_1(x)))`` in float32: diffusers' TimestepEmbedding / PixArtAlphaTextProjection."""
 
     def __init__(self, d_in: int, d: int, in_axis: str, *, rngs: nnx.Rngs):
-        self.linear_1 = _linear(d_in, d, (in_axis, "mlp"), jnp.float32, rngs, init=_normal)
-        self.linear_2 = _linear(d, d, ("mlp", "embed"), jnp.float32, rngs, init=_normal)
+        self.linear_1 = linear(d_in, d, (in_axis, "mlp"), jnp.float32, rngs, init=NORMAL_INIT)
+        self.linear_2 = linear(d, d, ("mlp", "embed"), jnp.float32, rngs, init=NORMAL_INIT)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(nnx.silu(self.linear_1(x.astype(jnp.float32))))
@@ -304,7 +318,7 @@ class TimeTextEmbed(nnx.Module):
 
     diffusers' CombinedTimestepTextProjEmbeddings: 256 frequencies, ``flip_sin_to_cos=True``
     ([cos, sin]) and ``downscale_freq_shift=0`` (``freq_k = 10000^(-k/128)``), which is
-    ``dit.timestep_embedding``.
+    ``layers.timestep_embedding``.
     """
 
     def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
@@ -321,7 +335,7 @@ class AdaLNModulation(nnx.Module):
 
     def __init__(self, d: int, chunks: int, *, rngs: nnx.Rngs):
         self.chunks = chunks
-        self.linear = _linear(d, chunks * d, ("embed", "adaln"), jnp.float32, rngs)
+        self.linear = linear(d, chunks * d, ("embed", "adaln"), jnp.float32, rngs)
 
     def __call__(self, c: jax.Array) -> list[jax.Array]:
         """``c = SiLU(temb)`` [B, D], float32."""
@@ -334,7 +348,7 @@ def _rms_norm(config: MMDiTConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
         config.attention_head_dim,
         epsilon=NORM_EPS,
         dtype=jnp.dtype(config.dtype),
-        scale_init=_partitioned(nnx.initializers.ones_init(), ("norm",)),
+        scale_init=partitioned(nnx.initializers.ones_init(), ("norm",)),
         rngs=rngs,
     )
 
@@ -354,20 +368,21 @@ class Attention(nnx.Module):
     def __init__(self, config: MMDiTConfig, *, joint: bool, context_pre_only: bool = False, rngs: nnx.Rngs):
         d, dt = config.inner_dim, jnp.dtype(config.dtype)
         self.num_heads = config.num_attention_heads
+        self.implementation = config.attention
         self.joint, self.context_pre_only = joint, context_pre_only
-        self.to_q = _linear(d, d, ("embed", "heads"), dt, rngs)
-        self.to_k = _linear(d, d, ("embed", "heads"), dt, rngs)
-        self.to_v = _linear(d, d, ("embed", "heads"), dt, rngs)
-        self.to_out = _linear(d, d, ("heads", "embed"), dt, rngs)
+        self.to_q = linear(d, d, ("embed", "heads"), dt, rngs)
+        self.to_k = linear(d, d, ("embed", "heads"), dt, rngs)
+        self.to_v = linear(d, d, ("embed", "heads"), dt, rngs)
+        self.to_out = linear(d, d, ("heads", "embed"), dt, rngs)
         qk_norm = config.qk_norm is not None
         self.norm_q = _rms_norm(config, rngs) if qk_norm else None
         self.norm_k = _rms_norm(config, rngs) if qk_norm else None
         if joint:
-            self.add_q_proj = _linear(d, d, ("embed", "heads"), dt, rngs)
-            self.add_k_proj = _linear(d, d, ("embed", "heads"), dt, rngs)
-            self.add_v_proj = _linear(d, d, ("embed", "heads"), dt, rngs)
+            self.add_q_proj = linear(d, d, ("embed", "heads"), dt, rngs)
+            self.add_k_proj = linear(d, d, ("embed", "heads"), dt, rngs)
+            self.add_v_proj = linear(d, d, ("embed", "heads"), dt, rngs)
             if not context_pre_only:
-                self.to_add_out = _linear(d, d, ("heads", "embed"), dt, rngs)
+                self.to_add_out = linear(d, d, ("heads", "embed"), dt, rngs)
             self.norm_added_q = _rms_norm(config, rngs) if qk_norm else None
             self.norm_added_k = _rms_norm(config, rngs) if qk_norm else None
 
@@ -375,7 +390,7 @@ class Attention(nnx.Module):
         """[B, S, H*Dh] -> [B, S, H, Dh], qk-normalised per head when there is a ``norm``."""
         b, s, hd = y.shape
         y = y.reshape(b, s, self.num_heads, hd // self.num_heads)
-        return y if norm is None else norm(y)
+        return constrain(y if norm is None else norm(y), HEADS)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None):
         """Image tokens x [B, N, D] (and text tokens [B, L, D] when joint) in the compute dtype.
@@ -385,7 +400,7 @@ class Attention(nnx.Module):
         """
         q, k, v = self._heads(self.to_q(x), self.norm_q), self._heads(self.to_k(x), self.norm_k), self._heads(self.to_v(x))
         if not self.joint:
-            o = jax.nn.dot_product_attention(q, k, v)
+            o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
             return self.to_out(o.reshape(x.shape[0], x.shape[1], -1))
         ck, cv = self._heads(self.add_k_proj(context), self.norm_added_k), self._heads(self.add_v_proj(context))
         k, v = jnp.concatenate([k, ck], axis=1), jnp.concatenate([v, cv], axis=1)
@@ -393,7 +408,7 @@ class Attention(nnx.Module):
         if not self.context_pre_only:
             cq = self._heads(self.add_q_proj(context), self.norm_added_q)
             q = jnp.concatenate([q, cq], axis=1)
-        o = jax.nn.dot_product_attention(q, k, v)
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         o = o.reshape(o.shape[0], o.shape[1], -1)
         image = self.to_out(o[:, :n])
         return image, (None if self.context_pre_only else self.to_add_out(o[:, n:]))
@@ -404,11 +419,11 @@ class FeedForward(nnx.Module):
 
     def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
         d, dt = config.inner_dim, jnp.dtype(config.dtype)
-        self.fc1 = _linear(d, config.mlp_hidden, ("embed", "mlp"), dt, rngs)
-        self.fc2 = _linear(config.mlp_hidden, d, ("mlp", "embed"), dt, rngs)
+        self.fc1 = linear(d, config.mlp_hidden, ("embed", "mlp"), dt, rngs)
+        self.fc2 = linear(config.mlp_hidden, d, ("mlp", "embed"), dt, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        return self.fc2(constrain(jax.nn.gelu(self.fc1(x), approximate=True), MLP_HIDDEN))
 
 
 class JointTransformerBlock(nnx.Module):
@@ -451,17 +466,17 @@ class JointTransformerBlock(nnx.Module):
             context_in = modulate(layer_norm(context, NORM_EPS), c_shift_msa, c_scale_msa)
 
         attn_out, context_attn_out = self.attn(modulate(normed, shift_msa, scale_msa).astype(dt), context_in.astype(dt))
-        x = x + gate_msa[:, None] * attn_out
+        x = constrain(x + gate_msa[:, None] * attn_out, TOKENS)
         if self.dual:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
-            x = x + gate_msa2[:, None] * self.attn2(modulate(normed, shift_msa2, scale_msa2).astype(dt))
-        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp).astype(dt))
+            x = constrain(x + gate_msa2[:, None] * self.attn2(modulate(normed, shift_msa2, scale_msa2).astype(dt)), TOKENS)
+        x = constrain(x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp).astype(dt)), TOKENS)
         if self.context_pre_only:
             return x, None
 
-        context = context + c_gate_msa[:, None] * context_attn_out
+        context = constrain(context + c_gate_msa[:, None] * context_attn_out, TOKENS)
         h = modulate(layer_norm(context, NORM_EPS), c_shift_mlp, c_scale_mlp).astype(dt)
-        return x, context + c_gate_mlp[:, None] * self.ff_context(h)
+        return x, constrain(context + c_gate_mlp[:, None] * self.ff_context(h), TOKENS)
 
 
 class MMDiT(nnx.Module):
@@ -477,7 +492,7 @@ class MMDiT(nnx.Module):
         d, dt = config.inner_dim, jnp.dtype(config.dtype)
         self.pos_embed = PatchEmbed(config, rngs=rngs)
         self.time_text_embed = TimeTextEmbed(config, rngs=rngs)
-        self.context_embedder = _linear(config.joint_attention_dim, config.caption_projection_dim, ("text_embed", "embed"), dt, rngs)
+        self.context_embedder = linear(config.joint_attention_dim, config.caption_projection_dim, ("text_embed", "embed"), dt, rngs)
         last = config.num_layers - 1
         self.transformer_blocks = nnx.List(
             [
@@ -487,20 +502,19 @@ class MMDiT(nnx.Module):
         )
         self.norm_out = AdaLNModulation(d, 2, rngs=rngs)
         patch_out = config.patch_size**2 * config.out_channels
-        self.proj_out = _linear(d, patch_out, ("embed", "patch"), dt, rngs)
+        self.proj_out = linear(d, patch_out, ("embed", "patch"), dt, rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, cond: Condition) -> jax.Array:
         cfg, dt = self.config, jnp.dtype(self.config.dtype)
         b, h, w, _ = x.shape
-        tokens = self.pos_embed(x.astype(dt))
-        context = self.context_embedder(cond["text"].astype(dt)).astype(jnp.float32)
+        tokens = constrain(self.pos_embed(x.astype(dt)), TOKENS)
+        context = constrain(self.context_embedder(cond["text"].astype(dt)).astype(jnp.float32), TOKENS)
         c = nnx.silu(self.time_text_embed(1000.0 * t.astype(jnp.float32), cond["pooled"]))
 
         def apply(block: JointTransformerBlock, tokens: jax.Array, context: jax.Array):
             return block(tokens, context, c)
 
-        if cfg.remat != "none":
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
+        apply = rematerialised(apply, cfg.remat)
         for block in self.transformer_blocks:
             tokens, context = apply(block, tokens, context)
 

@@ -1,8 +1,10 @@
 """The SD3 family in a run: models over one shared frozen base, prompt embeddings, the CFG null.
 
 A run on an SD3 / SD3.5 pipeline folder (``config.model_dir``) holds the folder's transformer
-once, as the frozen *base* state. Every model spec of ``kind="mmdit"`` is that base plus at
-most one LoRA:
+once, as the frozen *base* state: its weights, or those of the single file
+``config.transformer_path`` (diffusers or Stability AI naming, ``models.sd3_original``) with the
+folder's configs, text encoders and VAE. Every model spec of ``kind="mmdit"`` is that base plus
+at most one LoRA:
 
   * the student: base + a fresh trainable LoRA (``lora_rank`` > 0; paper: rank 128 on the
     attention and MLP projections); only the LoRA is in the optimizer and the checkpoints;
@@ -24,9 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.data.prompt_embeddings import PromptEmbeddings, encode_table, load_table
-from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_prompts
-from danceopd_jax.models.weights import load_state, open_safetensors
+from danceopd_jax.data.prompt_embeddings import (
+    PromptEmbeddings,
+    encode_table,
+    load_table,
+)
+from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_original, sd3_prompts
+from danceopd_jax.models.weights import WeightsMismatch, load_state
 
 CLIP_TOKENS = 77  # SD3's CLIP token count; the text sequence is CLIP_TOKENS + T5's max_sequence_length
 
@@ -41,6 +47,14 @@ def lora_targets(targets: str) -> list[str]:
     return [t.strip() for t in targets.split(",") if t.strip()]
 
 
+def add_student_lora(model: nnx.Module, spec) -> nnx.Module:
+    """``model`` with the student spec's fresh LoRA: ``lora_rank``, ``lora_alpha`` (0 = rank) on the
+    layers ``lora_targets`` selects, drawn from ``nnx.Rngs(seed + 1)``; in place, returned."""
+    alpha = spec.lora_alpha or spec.lora_rank
+    lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=nnx.Rngs(spec.seed + 1))
+    return model
+
+
 def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
     """The spec's model: the folder's transformer, with a fresh LoRA for ``lora_rank`` > 0.
 
@@ -50,24 +64,57 @@ def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
 
     def make() -> nnx.Module:
         model = mmdit.MMDiT(config, rngs=nnx.Rngs(spec.seed))
-        if spec.lora_rank:
-            alpha = spec.lora_alpha or spec.lora_rank
-            lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=nnx.Rngs(spec.seed + 1))
-        return model
+        return add_student_lora(model, spec) if spec.lora_rank else model
 
     return make
 
 
-def load_base(model_dir: str, abstract_base: nnx.State, shardings) -> nnx.State:
-    """The folder's transformer weights as the (sharded) frozen base state, checked and read lazily."""
-    folder = sd3_folder.pipeline_components(model_dir)["transformer"]
-    return load_state(abstract_base, open_safetensors(folder), mmdit.torch_names_of(abstract_base), shardings=shardings)
+def load_base(model_dir: str, abstract_base: nnx.State, shardings, transformer_path: str = "") -> nnx.State:
+    """The frozen base state, checked and read lazily: the folder's transformer weights, or those of
+    the single file ``transformer_path`` in their place (diffusers or Stability AI naming, ``sd3_original``)."""
+    path = transformer_path or sd3_folder.pipeline_components(model_dir)["transformer"]
+    tensors = sd3_original.open_transformer(path)
+    return load_state(abstract_base, tensors, mmdit.torch_names_of(abstract_base), shardings=shardings)
 
 
 def expert_delta(lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx.State):
     """``(graphdef, delta)`` of a teacher that is the base plus the LoRA file ``lora_path``."""
     base = nnx.merge(base_graphdef, abstract_base)
     return lora.load_lora_deltas(base, mmdit.torch_names_of(abstract_base), *lora.read_lora(lora_path))
+
+
+# ---------------------------------------------------------------- checks before loading
+
+
+def weight_modules(model_dir: str) -> dict[str, str]:
+    """``{NNX layer path: diffusers module}`` of the folder transformer's layers with a ``kernel`` (its
+    linears and the patch conv), from its ``config.json`` alone: no weights are read, the model is
+    traced abstractly once per config (``mmdit.torch_names``)."""
+    return lora.module_names(mmdit.torch_names(transformer_config(model_dir, "float32", "none")))
+
+
+def check_lora_targets(model_dir: str, targets: str) -> None:
+    """Raise ``lora.UnknownLoRATarget`` for the first pattern of ``targets`` that selects no layer of
+    the folder's transformer (``lora.target_matches``, the rule ``lora.add_lora`` applies)."""
+    layers = weight_modules(model_dir)
+    for target in lora_targets(targets):
+        if not any(lora.target_matches(target, path) for path in layers):
+            names = sorted({path.rsplit(".", 1)[-1] for path in layers})
+            raise lora.UnknownLoRATarget(
+                f"unknown LoRA target {target!r}: it matches no layer of {model_dir}/transformer; layers are named "
+                f"{', '.join(names)} (e.g. {next(iter(layers))})"
+            )
+
+
+def check_lora_file(model_dir: str, lora_path: str) -> None:
+    """Raise ``WeightsMismatch`` when the LoRA file adapts modules the folder's transformer does not have
+    (names only: ranks and shapes are checked when the file is loaded, ``lora.load_lora_deltas``)."""
+    tensors, _ = lora.read_lora(lora_path)
+    known = set(weight_modules(model_dir).values())
+    unknown = sorted({k.rsplit(".lora_", 1)[0] for k in tensors} - known)
+    if unknown:
+        shown = ", ".join(unknown[:6]) + (f", ... ({len(unknown) - 6} more)" if len(unknown) > 6 else "")
+        raise WeightsMismatch(f"{lora_path}: adapts {len(unknown)} modules {model_dir}/transformer does not have: {shown}")
 
 
 # ---------------------------------------------------------------- prompts

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.models.dit import _partitioned
+from danceopd_jax.models.layers import partitioned
 from danceopd_jax.models.weights import param_shapes
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "mlp", "buckets", "bias_heads")
@@ -130,7 +130,7 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, ma
 
 
 def _linear(d_in, d_out, names, dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=_partitioned(_normal, names), rngs=rngs)
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=partitioned(_normal, names), rngs=rngs)
 
 
 def _rms_norm(config: T5Config, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -139,7 +139,7 @@ def _rms_norm(config: T5Config, rngs: nnx.Rngs) -> nnx.RMSNorm:
         config.d_model,
         epsilon=config.layer_norm_epsilon,
         dtype=jnp.dtype(config.dtype),
-        scale_init=_partitioned(_ones, ("embed",)),
+        scale_init=partitioned(_ones, ("embed",)),
         rngs=rngs,
     )
 
@@ -189,11 +189,11 @@ class T5EncoderModel(nnx.Module):
         dt = jnp.dtype(config.dtype)
         self.shared = nnx.Embed(
             config.vocab_size, config.d_model, dtype=dt,
-            embedding_init=_partitioned(_normal, ("vocab", "embed")), rngs=rngs,
+            embedding_init=partitioned(_normal, ("vocab", "embed")), rngs=rngs,
         )
         self.relative_attention_bias = nnx.Embed(
             config.relative_attention_num_buckets, config.num_heads,
-            embedding_init=_partitioned(_normal, ("buckets", "bias_heads")), rngs=rngs,
+            embedding_init=partitioned(_normal, ("buckets", "bias_heads")), rngs=rngs,
         )
         self.block = nnx.List([T5Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_layer_norm = _rms_norm(config, rngs)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from danceopd_jax.models.dit import _partitioned
+from danceopd_jax.models.layers import partitioned
 from danceopd_jax.models.weights import param_shapes
 
 LOGICAL_AXES = ("kernel_h", "kernel_w", "channels_in", "channels_out")
@@ -197,8 +197,8 @@ def _conv(c_in, c_out, kernel_size, dtype, rngs, *, strides=1, padding=None) -> 
         strides=strides,
         padding=padding if padding is not None else ((pad, pad), (pad, pad)),
         dtype=dtype,
-        kernel_init=_partitioned(nnx.initializers.lecun_normal(), _CONV_AXES),
-        bias_init=_partitioned(nnx.initializers.zeros_init(), ("channels_out",)),
+        kernel_init=partitioned(nnx.initializers.lecun_normal(), _CONV_AXES),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("channels_out",)),
         rngs=rngs,
     )
 
@@ -208,8 +208,8 @@ def _linear(d_in, d_out, dtype, rngs) -> nnx.Linear:
         d_in,
         d_out,
         dtype=dtype,
-        kernel_init=_partitioned(nnx.initializers.lecun_normal(), ("channels_in", "channels_out")),
-        bias_init=_partitioned(nnx.initializers.zeros_init(), ("channels_out",)),
+        kernel_init=partitioned(nnx.initializers.lecun_normal(), ("channels_in", "channels_out")),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("channels_out",)),
         rngs=rngs,
     )
 
@@ -219,8 +219,8 @@ class GroupNorm(nnx.Module):
 
     def __init__(self, channels: int, num_groups: int):
         self.num_groups = num_groups
-        self.scale = nnx.Param(_partitioned(nnx.initializers.ones_init(), ("channels_in",))(None, (channels,)))
-        self.bias = nnx.Param(_partitioned(nnx.initializers.zeros_init(), ("channels_in",))(None, (channels,)))
+        self.scale = nnx.Param(partitioned(nnx.initializers.ones_init(), ("channels_in",))(None, (channels,)))
+        self.bias = nnx.Param(partitioned(nnx.initializers.zeros_init(), ("channels_in",))(None, (channels,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return group_norm(x, self.scale[...], self.bias[...], self.num_groups)

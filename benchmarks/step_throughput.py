@@ -1,0 +1,495 @@
+"""Throughput of the DanceOPD train step at real model sizes (random weights): step time,
+samples/s, TFLOP/s, MFU, peak device memory, and where the time goes (rollout, teacher and
+student passes), with the truncated rollout and with the full-length one.
+
+    python benchmarks/step_throughput.py --peak-tflops 989 --out docs/PERFORMANCE.md   # one H100
+    python benchmarks/step_throughput.py --models DiT-tiny/2,MMDiT-tiny --resolutions 64 \\
+        --batch-size 2 --rollout-steps 4 --dtype float32                             # CPU check
+
+Every (model, resolution) runs in its own process (``--one``), so peak device memory is that
+configuration's alone and one that runs out of memory does not stop the others.
+
+The step is the paper's (PAPER.md): per-step routing to one expert field, an Euler rollout of
+``--rollout-steps`` (16) from noise on the shifted grid, K = 1 query state from ``low_t``, the
+expert's velocity there, the float32 MSE, AdamW (lr 2e-4, weight decay 0, clip 1.0), bf16
+compute with float32 parameters. It is built from the same pieces as ``train.setup_run``
+(``core.step.make_loss_fn``, ``make_train_step``, ``parallel`` shardings, state donated); the
+data pipeline is left out (a fixed random batch on the device).
+
+Models (latents of a VAE with 8x downsampling: 256 px -> 32x32, 512 px -> 64x64):
+
+  DiT-B/2, DiT-XL/2  class-conditional DiT (1000 classes, as in Peebles & Xie), 4 latent
+                     channels; the student is fully trained, the expert is another DiT.
+  SD3.5-M            ``MMDIT_PRESETS["sd35_medium"]`` (2.24B), 16 channels, text of 77 CLIP +
+                     256 T5 tokens (4096 wide) and a 2048 pooled vector; the student is a
+                     rank-128 LoRA (alpha 128) on attention q, k, v, out and the MLPs over the
+                     frozen base, and the expert is the same base plus another rank-128 LoRA,
+                     as in the paper's realism run.
+  DiT-tiny/2, MMDiT-tiny  small stand-ins for a CPU check.
+
+FLOPs are analytical (``models.dit.forward_flops`` / ``models.mmdit.forward_flops``: 2*m*n*k
+per matrix product, attention included, LoRA products and elementwise work not counted):
+
+  rollout  E[Euler steps run] forwards on B samples: E[max query index of the batch] (Monte
+           Carlo over 2000 draws of the sampler) when truncated, N - 1 when not
+  teacher  one forward on B*K states (two with CFG)
+  student  forward + backward on B*K states: 3 forwards for a fully trained student; 2 for a
+           LoRA student (the backward computes input gradients but no weight gradients of the
+           frozen base)
+
+MFU = FLOPs per step / step time / (``--peak-tflops`` x devices). The H100 SXM's dense bf16
+peak is 989 TFLOP/s (datasheet); a large bf16 matrix product reaches about 800 on the
+machines this was measured on, so 80% MFU is the practical ceiling.
+
+Where the time goes: the rollout (truncated and full), the teacher forward and the student's
+forward + backward are each jitted alone on the same shapes and timed; ``other`` is the step
+minus those three (loss, optimizer update, the step's glue).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from danceopd_jax import parallel
+from danceopd_jax.config_lib import base_config
+from danceopd_jax.core.fields import cfg_field, model_field, unconditional
+from danceopd_jax.core.objectives import per_sample_mse
+from danceopd_jax.core.rollout import rollout_query_states
+from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
+from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
+from danceopd_jax.models import dit, layers, lora, mmdit
+
+PAPER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "fc1", "fc2")
+SD3_TEXT_LEN = 77 + 256  # CLIP tokens + T5 tokens
+NUM_CLASSES = 1000
+QUERIES = 1  # K
+SAMPLER = "low_t"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    kind: str  # "dit" | "mmdit"
+    preset: str
+    channels: int
+    batch_256: int  # default global batch at 256 px (512 px: a quarter, at least 1)
+    lora_rank: int = 0
+    overrides: tuple = ()  # extra config fields (tiny stand-ins)
+
+
+MODELS = {
+    "DiT-B/2": ModelChoice("dit", "B", 4, batch_256=64),
+    "DiT-XL/2": ModelChoice("dit", "XL", 4, batch_256=32),
+    "SD3.5-M": ModelChoice("mmdit", "sd35_medium", 16, batch_256=8, lora_rank=128),
+    "DiT-tiny/2": ModelChoice("dit", "tiny", 4, batch_256=2),
+    "MMDiT-tiny": ModelChoice(
+        "mmdit", "sd35_medium", 16, batch_256=2, lora_rank=4,
+        overrides=(("num_layers", 2), ("attention_head_dim", 8), ("num_attention_heads", 2), ("joint_attention_dim", 32),
+                   ("caption_projection_dim", 16), ("pooled_projection_dim", 16), ("dual_attention_layers", (0,))),
+    ),
+}  # fmt: skip
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="DiT-B/2,DiT-XL/2,SD3.5-M", help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--resolutions", default="256,512", help="comma-separated image sizes in pixels (latent = px / 8)")
+    parser.add_argument("--batch-size", type=int, default=0, help="global batch B (0: the model's default, a quarter at 512 px)")
+    parser.add_argument("--rollout-steps", type=int, default=16, help="Euler steps N (paper: 16)")
+    parser.add_argument("--shift", type=float, default=3.0, help="sigma-grid shift (SD3.5: 3)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale of the expert field (1: no CFG)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--attention", default="xla", choices=layers.ATTENTION_IMPLEMENTATIONS, help="attention implementation")
+    parser.add_argument("--remat", default="none", choices=tuple(layers.REMAT_POLICIES), help="student remat policy")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
+    parser.add_argument("--no-full-rollout", action="store_true", help="skip the step with the full-length rollout")
+    parser.add_argument("--no-parts", action="store_true", help="skip timing the rollout, teacher and student passes alone")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
+    parser.add_argument("--out", default=None, help="also write the table (Markdown) here")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PX"), help=argparse.SUPPRESS)  # one configuration, JSON out
+    args = parser.parse_args(argv)
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"--models: unknown model {name!r}; valid: {', '.join(MODELS)}")
+    for px in args.resolutions.split(","):
+        if not px.isdigit() or int(px) % 16:
+            parser.error(f"--resolutions: {px!r} is not a pixel size divisible by 16 (latent / 8, patch 2)")
+    return args
+
+
+def batch_size(choice: ModelChoice, px: int, args) -> int:
+    return args.batch_size or max(1, choice.batch_256 * 256**2 // px**2)
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_config(choice: ModelChoice, latent: int, args, *, zero_init: bool = False):
+    """The ``DiTConfig`` / ``MMDiTConfig`` of ``choice`` at a latent side; random non-zero fields."""
+    common = dict(dtype=args.dtype, remat=args.remat, attention=args.attention, **dict(choice.overrides))
+    if choice.kind == "dit":
+        return dit.dit_config(choice.preset, image_size=latent, channels=choice.channels, num_classes=NUM_CLASSES,
+                              zero_init=zero_init, **common)  # fmt: skip
+    return mmdit.mmdit_config(choice.preset, sample_size=latent, **common)
+
+
+def condition(choice: ModelChoice, config, batch: int, key) -> dict:
+    """A random condition batch: class labels (DiT) or SD3 text + pooled embeddings (MMDiT)."""
+    if choice.kind == "dit":
+        return {"label": jax.random.randint(key, (batch,), 0, NUM_CLASSES)}
+    k1, k2 = jax.random.split(key)
+    return {
+        "text": jax.random.normal(k1, (batch, SD3_TEXT_LEN, config.joint_attention_dim), jnp.float32),
+        "pooled": jax.random.normal(k2, (batch, config.pooled_projection_dim), jnp.float32),
+    }
+
+
+def null_condition(choice: ModelChoice) -> callable:
+    """The CFG null: the null label (DiT) or zero text and pooled embeddings (MMDiT)."""
+    if choice.kind == "dit":
+        return unconditional
+    return lambda cond: jax.tree.map(jnp.zeros_like, cond)
+
+
+@dataclasses.dataclass
+class Models:
+    """The student's ``apply(params, x, t, cond)``, its trainable params and the frozen experts
+    pytree with its route-field builder, as ``train.setup_run`` builds them."""
+
+    apply: callable
+    params: nnx.State
+    experts: dict
+    expert_shardings: dict
+    route_fields: callable
+    lora_student: bool
+
+
+def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float) -> Models:
+    null = null_condition(choice)
+    if choice.kind == "dit":
+        make = lambda seed: lambda: dit.DiT(config, rngs=nnx.Rngs(seed))  # noqa: E731
+        graphdef, params, _ = parallel.create_sharded_state(make(0), mesh, rules)
+        expert_graphdef, expert, shardings = parallel.create_sharded_state(make(1), mesh, rules)
+        apply = lambda p, x, t, cond: nnx.merge(graphdef, p)(x, t, cond)  # noqa: E731
+        fields = lambda e: [cfg_field(model_field(expert_graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
+        return Models(apply, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
+
+    def make_lora(seed: int):
+        def make():
+            model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))  # the same base for student and expert
+            lora.add_lora(model, rank=choice.lora_rank, alpha=choice.lora_rank, targets=PAPER_LORA_TARGETS, rngs=nnx.Rngs(seed))
+            return model
+
+        return make
+
+    graphdef, abstract, _ = parallel.abstract_model_state(make_lora(1), mesh, rules)
+    graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
+    lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
+    with parallel.sharding_context(mesh, rules):
+        split = lambda seed: nnx.split(make_lora(seed)(), lora.LoRAParam, ...)[1:]  # noqa: E731
+        params = jax.jit(lambda: split(1)[0], out_shardings=lora_shardings)()
+        base = jax.jit(lambda: split(1)[1], out_shardings=base_shardings)()
+        # the expert's delta: another LoRA with non-zero B (a fresh adapter's B is zero)
+        delta = jax.jit(lambda: jax.tree.map(lambda a: a + 0.01, split(2)[0]), out_shardings=lora_shardings)()
+    apply = lambda p, x, t, cond: nnx.merge(graphdef, *p)(x, t, cond)  # noqa: E731
+    fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731
+    experts, shardings = {"base": base, "delta": delta}, {"base": base_shardings, "delta": lora_shardings}
+    return Models(apply, params, experts, shardings, fields, lora_student=True)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def forward_flops(choice: ModelChoice, config, batch: int) -> int:
+    if choice.kind == "dit":
+        return dit.forward_flops(config, batch)
+    return mmdit.forward_flops(config, batch, config.sample_size, SD3_TEXT_LEN)
+
+
+def expected_rollout_steps(batch: int, n: int, draws: int = 2000) -> float:
+    """Mean Euler steps of the truncated rollout: ``E[max(query indices of a batch)]``."""
+    keys = jax.random.split(jax.random.key(0), draws)
+    maxima = jax.vmap(lambda key: jnp.max(sample_query_indices(key, batch, QUERIES, n, SAMPLER)))(keys)
+    return float(jnp.mean(maxima))
+
+
+def step_flops(choice: ModelChoice, config, batch: int, args, *, lora_student: bool) -> dict[str, float]:
+    """FLOPs of one step by part (module docstring); rollout for the truncated and the full loop."""
+    forward = forward_flops(choice, config, batch)
+    query_forward = forward_flops(choice, config, batch * QUERIES)
+    return {
+        "rollout": expected_rollout_steps(batch, args.rollout_steps) * forward,
+        "rollout_full": (args.rollout_steps - 1) * forward,
+        "teacher": (2 if args.cfg_scale != 1.0 else 1) * query_forward,
+        "student": (2 if lora_student else 3) * query_forward,
+    }
+
+
+# ---------------------------------------------------------------- timing
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` (blocked on its outputs) over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_bytes(compiled) -> int:
+    """Device memory the compiled program holds at once (XLA buffer assignment)."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def device_peak_bytes() -> int | None:
+    """The device allocator's peak bytes in use so far in this process (None where not reported)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def time_train_steps(step, state, experts, batch, steps: int):
+    """``(median seconds, final state)`` of ``steps`` steps after 2 warm-up steps; the state is donated."""
+    times, route = [], jnp.int32(0)
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        state, metrics = step(state, experts, batch, route)
+        jax.block_until_ready((state, metrics))
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    if not np.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"non-finite loss {float(metrics['loss'])}")
+    return statistics.median(times), state
+
+
+def part_times(models: Models, batch: dict, sigmas, args, repeats: int) -> dict[str, float]:
+    """Median seconds of the rollout (truncated, full), the teacher forward and the student f+b alone."""
+    n, b = args.rollout_steps, batch["image"].shape[0]
+    params, experts, cond = models.params, models.experts, batch["cond"]
+    student_params = (lambda p, e: (p, e["base"])) if models.lora_student else (lambda p, e: p)
+    noise = jax.random.normal(jax.random.key(1), batch["image"].shape, jnp.float32)
+    index_keys = iter(jax.random.split(jax.random.key(2), 4 * (repeats + 1)))
+    indices = lambda: sample_query_indices(next(index_keys), b, QUERIES, n, SAMPLER)  # noqa: E731
+
+    @functools.partial(jax.jit, static_argnames="truncate")
+    def rollout(params, experts, noise, cond, indices, truncate):
+        field = functools.partial(models.apply, student_params(params, experts))
+        return rollout_query_states(field, noise, sigmas, cond, indices, truncate)
+
+    states, times = rollout(params, experts, noise, cond, indices(), True)
+    states, times = states[:, 0], times[:, 0]  # K = 1
+
+    @jax.jit
+    def teacher(experts, states, times, cond):
+        return models.route_fields(experts)[0](states, times, cond)
+
+    target = teacher(experts, states, times, cond)
+
+    @jax.jit
+    def student(params, experts, states, times, cond, target):
+        def loss(p):
+            return jnp.mean(per_sample_mse(models.apply(student_params(p, experts), states, times, cond), target))
+
+        return jax.value_and_grad(loss)(params)
+
+    out = {
+        "rollout_s": median_seconds(lambda: rollout(params, experts, noise, cond, indices(), True), repeats),
+        "teacher_s": median_seconds(lambda: teacher(experts, states, times, cond), repeats),
+        "student_s": median_seconds(lambda: student(params, experts, states, times, cond, target), repeats),
+    }
+    if not args.no_full_rollout:
+        out["rollout_full_s"] = median_seconds(lambda: rollout(params, experts, noise, cond, indices(), False), repeats)
+    return out
+
+
+def run_one(model_name: str, px: int, args) -> dict:
+    """All figures of one (model, resolution), in this process."""
+    choice = MODELS[model_name]
+    latent, b = px // 8, batch_size(choice, px, args)
+    config = model_config(choice, latent, args)
+    base = base_config()
+    mesh = parallel.make_mesh({"data": -1})
+    logical = dit.LOGICAL_AXES if choice.kind == "dit" else tuple(dict.fromkeys(mmdit.LOGICAL_AXES + lora.LORA_AXES + layers.ACTIVATION_AXES))
+    rules = parallel.axis_rules({k: v for k, v in base.logical_axis_rules.items() if k in logical}, logical)
+
+    start = time.perf_counter()
+    models = build_models(choice, config, mesh, rules, args.cfg_scale)
+    jax.block_until_ready((models.params, models.experts))
+    build_s = time.perf_counter() - start
+
+    lr = make_lr_schedule(2e-4, 0, 1000, "constant")
+    optimizer = make_optimizer(lr, weight_decay=0.0, grad_clip=1.0)
+    init = lambda p: init_train_state(p, optimizer, 0, use_ema=False)  # noqa: E731
+    state_shardings = parallel.shardings_of(jax.eval_shape(init, models.params), mesh, rules)
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    sigmas = sigma_grid(args.rollout_steps, args.shift)
+    key_image, key_cond = jax.random.split(jax.random.key(0))
+    batch = jax.device_put(
+        {"image": jax.random.normal(key_image, (b, latent, latent, choice.channels)), "cond": condition(choice, config, b, key_cond)},
+        batch_sharding,
+    )
+
+    def compiled_step(truncate: bool):
+        loss = make_loss_fn("danceopd", models.apply, models.route_fields, routing_mode="per_step", route_weights=[1.0],
+                            group_sizes=[b], sigmas=sigmas, num_queries=QUERIES, sampler=SAMPLER, truncate_rollout=truncate)  # fmt: skip
+        if models.lora_student:
+            inner = loss
+            loss = lambda params, experts, *rest: inner((params, experts["base"]), experts, *rest)  # noqa: E731
+        step = jax.jit(
+            make_train_step(loss, optimizer, lr, group_sizes=[b]),
+            in_shardings=(state_shardings, models.expert_shardings, batch_sharding, replicated),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+        with parallel.sharding_context(mesh, rules):
+            state = jax.jit(init, out_shardings=state_shardings)(models.params)
+            start = time.perf_counter()
+            compiled = step.lower(state, models.experts, batch, jnp.int32(0)).compile()
+        return compiled, state, time.perf_counter() - start
+
+    result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
+                  devices=jax.device_count(), build_s=build_s,
+                  params=sum(x.size for x in jax.tree.leaves(models.params)),
+                  frozen=sum(x.size for x in jax.tree.leaves(models.experts)),
+                  flops=step_flops(choice, config, b, args, lora_student=models.lora_student))  # fmt: skip
+    with parallel.sharding_context(mesh, rules):
+        for truncate in (True, False) if not args.no_full_rollout else (True,):
+            compiled, state, compile_s = compiled_step(truncate)
+            name = "step" if truncate else "step_full"
+            result[f"{name}_compile_s"] = compile_s
+            result[f"{name}_peak_bytes"] = peak_bytes(compiled)
+            result[f"{name}_s"], state = time_train_steps(compiled, state, models.experts, batch, args.steps)
+            del state, compiled
+            print(json.dumps(result), flush=True)  # partial: the parent keeps the last complete line
+        if not args.no_parts:
+            result.update(part_times(models, batch, sigmas, args, args.steps))
+    result["device_peak_bytes"] = device_peak_bytes()
+    return result
+
+
+# ---------------------------------------------------------------- table
+
+
+def run_all(args, argv, header_lines: list[str]) -> list[dict]:
+    """Each (model, resolution) in its own process; a failed one is reported and skipped. Each
+    result is printed as JSON and the table rewritten (``--out``) as soon as it is in."""
+    results = []
+    for name in args.models.split(","):
+        for px in map(int, args.resolutions.split(",")):
+            command = [sys.executable, os.path.abspath(__file__), *argv, "--one", name, str(px)]
+            print(f"== {name} at {px} px", flush=True)
+            json_lines, other = [], []
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+                for line in proc.stdout:  # echoed as they come: a partial result survives a killed run's log
+                    (json_lines if line.startswith("{") else other).append(line.rstrip())
+                    if line.startswith("{"):
+                        print(f"   {line.rstrip()}", flush=True)
+            if proc.returncode or not json_lines:
+                errors = [line for line in other if "Error" in line] or other or [f"exit {proc.returncode}"]
+                print(f"   failed (exit {proc.returncode}): {errors[-1]}", flush=True)
+                results.append(dict(model=name, px=px, error=errors[-1]))
+                write_outputs(args, header_lines, results)
+                continue
+            results.append(json.loads(json_lines[-1]))
+            print(f"   {summary(results[-1], args)}", flush=True)
+            write_outputs(args, header_lines, results)
+    return results
+
+
+def achieved(result: dict, full: bool = False) -> float:
+    """FLOP/s of the step (truncated rollout, or the full one)."""
+    f = result["flops"]
+    total = f["rollout_full" if full else "rollout"] + f["teacher"] + f["student"]
+    return total / result["step_full_s" if full else "step_s"]
+
+
+def mfu(result: dict, args, full: bool = False) -> str:
+    if not args.peak_tflops:
+        return "-"
+    return f"{100 * achieved(result, full) / (args.peak_tflops * 1e12 * result['devices']):.1f}"
+
+
+def summary(r: dict, args) -> str:
+    return (f"B {r['batch']}: step {r['step_s'] * 1e3:.1f} ms, {r['batch'] / r['step_s']:.2f} samples/s, "
+            f"{achieved(r) / 1e12:.1f} TFLOP/s, MFU {mfu(r, args)}%, compile {r['step_compile_s']:.0f} s")  # fmt: skip
+
+
+def gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def table(results: list[dict], args) -> list[str]:
+    head = ["model", "px", "B", "step ms", "samples/s", "TFLOP/s", "MFU %", "peak GiB (XLA / device)",
+            "rollout / teacher / student / other ms", "full rollout: step ms", "samples/s", "MFU %", "trunc / full step"]  # fmt: skip
+    rows = [head, ["---"] * len(head)]
+    for r in results:
+        if "error" in r:
+            rows.append([r["model"], str(r["px"]), "-", f"failed: {r['error'][:80]}"] + [""] * (len(head) - 4))
+            continue
+        split = "-"
+        if "rollout_s" in r:
+            parts = [r["rollout_s"], r["teacher_s"], r["student_s"]]
+            split = " / ".join(f"{s * 1e3:.0f}" for s in [*parts, r["step_s"] - sum(parts)])
+        full = ["-", "-", "-", "-"]
+        if "step_full_s" in r:
+            full = [f"{r['step_full_s'] * 1e3:.1f}", f"{r['batch'] / r['step_full_s']:.2f}", mfu(r, args, full=True),
+                    f"{r['step_s'] / r['step_full_s']:.2f}"]  # fmt: skip
+        rows.append([r["model"], str(r["px"]), str(r["batch"]), f"{r['step_s'] * 1e3:.1f}", f"{r['batch'] / r['step_s']:.2f}",
+                     f"{achieved(r) / 1e12:.1f}", mfu(r, args), f"{gib(r['step_peak_bytes'])} / {gib(r['device_peak_bytes'])}",
+                     split, *full])  # fmt: skip
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def header(args, argv) -> list[str]:
+    device = jax.devices()[0]
+    import flax
+
+    return [
+        f"device: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); jax {jax.__version__}, "
+        f"flax {flax.__version__}, python {platform.python_version()}",
+        f"command: python benchmarks/step_throughput.py {shlex.join(argv)}",
+        f"N {args.rollout_steps} rollout steps (shift {args.shift}), K {QUERIES} ({SAMPLER}), cfg {args.cfg_scale}, "
+        f"dtype {args.dtype} (float32 params), attention {args.attention}, remat {args.remat}; "
+        f"step = median of {args.steps} after 2 warm-up; MFU against {args.peak_tflops or '(no peak given)'} TFLOP/s per device",
+    ]
+
+
+def main(argv) -> None:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args)), flush=True)
+        return
+    lines = header(args, argv)
+    print("\n".join(lines), flush=True)
+    results = run_all(args, argv, lines)
+    print("\n" + "\n".join(table(results, args)))
+
+
+def write_outputs(args, header_lines: list[str], results: list[dict]) -> None:
+    """The header and table as Markdown at ``--out`` and the raw results as JSON beside it."""
+    if not args.out:
+        return
+    with open(args.out, "w") as f:
+        f.write("\n".join([*header_lines, "", *table(results, args)]) + "\n")
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,97 @@
+"""Command: export the trained student of an SD3 run for diffusers.
+
+    python -m danceopd_jax.export --workdir W --out DIR [--merged]
+
+Writes, from the run's latest checkpoint (its EMA when the run kept one):
+
+  * ``DIR/pytorch_lora_weights.safetensors``: the student's LoRA in diffusers naming
+    (``models.lora.export_lora``), ranks and alphas in its metadata; diffusers loads it with
+    ``pipe.load_lora_weights(DIR)`` or ``transformer.load_lora_adapter(DIR, weight_name=...)``;
+  * with ``--merged``, ``DIR/transformer/``: the full transformer with the LoRA folded in
+    (``models.lora.export_merged``, float32, diffusers' state-dict names) beside a copy of the
+    folder's ``transformer/config.json``, so ``SD3Transformer2DModel.from_pretrained(DIR/transformer)``
+    loads it (e.g. in place of the pipeline's transformer).
+
+Only SD3 runs (``config.model_dir``) have a LoRA student to export; a DiT run's checkpoint is
+already its whole model. Bad input (no run at ``W``, a DiT run, a run without checkpoints, a
+moved model folder, an ``--out`` that is not empty) is one line ``error: ...`` on stderr and exit
+code 2, checked before the weights are read. Everything is written to a temporary folder beside
+``DIR`` and renamed to ``DIR`` when complete: a failed export leaves nothing.
+"""
+
+import os
+import shutil
+
+from absl import app, flags
+from flax import nnx
+
+from danceopd_jax import checkpoints, sd3_sampling
+from danceopd_jax.commands import fail, start
+from danceopd_jax.models import lora, sd3_folder
+from danceopd_jax.models.sd3_folder import ModelFolderError
+from danceopd_jax.models.weights import WeightsError, WeightsMismatch
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
+MERGED_FILE = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an SD3 training run (config.json + checkpoints).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (created; must not exist or be empty).")
+_MERGED = flags.DEFINE_bool("merged", False, "Also write the merged full transformer (DIR/transformer/).")
+
+
+def check_export(workdir: str, out: str) -> None:
+    """Raise a one-line error unless ``workdir`` is an SD3 run with a checkpoint and ``out`` is free."""
+    config = sd3_sampling.sd3_run_config(workdir)  # FileNotFoundError / ValueError (a DiT run)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out} exists and is not an empty folder")
+    if checkpoints.latest_step(workdir) is None:
+        raise FileNotFoundError(f"no checkpoints under {checkpoints.checkpoint_dir(workdir)}: nothing trained to export")
+    sd3_folder.pipeline_components(config.model_dir)  # ModelFolderError: the folder moved or is broken
+
+
+def export_run(workdir: str, out: str, merged: bool = False) -> sd3_sampling.SD3Student:
+    """Write the LoRA (and with ``merged`` the merged transformer) of the SD3 run in ``workdir`` to ``out``.
+
+    Checked first (``check_export``); written into a temporary folder renamed to ``out`` at the
+    end. Returns the exported student.
+    """
+    check_export(workdir, out)
+    student = sd3_sampling.load_student(workdir)
+    model = student.model()
+    target = os.path.abspath(out)
+    staging = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed export of this pid
+    os.makedirs(staging)
+    try:
+        lora.export_lora(model, student.torch_names, os.path.join(staging, LORA_FILE))
+        if merged:
+            os.makedirs(os.path.join(staging, "transformer"))
+            lora.export_merged(model, student.torch_names, os.path.join(staging, MERGED_FILE))
+            transformer = sd3_folder.pipeline_components(student.config.model_dir)["transformer"]
+            shutil.copyfile(os.path.join(transformer, "config.json"), os.path.join(staging, "transformer", "config.json"))
+        os.replace(staging, out)  # replaces an empty folder at ``out``, atomically
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return student
+
+
+def main(argv) -> None:
+    start(argv, workdir=_WORKDIR.value, out=_OUT.value)
+    try:
+        check_export(_WORKDIR.value, _OUT.value)
+    except (OSError, ValueError) as error:
+        fail(error)
+    try:
+        student = export_run(_WORKDIR.value, _OUT.value, _MERGED.value)
+    except (OSError, ModelFolderError, WeightsError, WeightsMismatch) as error:  # weights that do not fit, a full disk
+        fail(error)
+    layers = len(nnx.to_flat_state(student.adapters)) // 2
+    weights = "EMA" if student.config.optimizer.ema_decay > 0 else "params"
+    print(f"wrote {os.path.join(_OUT.value, LORA_FILE)} ({layers} adapted layers, checkpoint step {student.step}, {weights})")
+    if _MERGED.value:
+        print(f"wrote {os.path.join(_OUT.value, 'transformer')}/ (merged transformer + config.json)")
+
+
+if __name__ == "__main__":
+    app.run(main)
