@@ -64,7 +64,7 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax import parallel
-from danceopd_jax.config_lib import base_config
+from danceopd_jax.config_lib import SD3_LORA_TARGETS, base_config
 from danceopd_jax.core.fields import cfg_field, model_field, unconditional
 from danceopd_jax.core.objectives import per_sample_mse
 from danceopd_jax.core.rollout import rollout_query_states
@@ -72,7 +72,6 @@ from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
 from danceopd_jax.models import dit, layers, lora, mmdit
 
-PAPER_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "fc1", "fc2")
 SD3_TEXT_LEN = 77 + 256  # CLIP tokens + T5 tokens
 NUM_CLASSES = 1000
 QUERIES = 1  # K
@@ -180,29 +179,28 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float) -> 
     null = null_condition(choice)
     if choice.kind == "dit":
         make = lambda seed: lambda: dit.DiT(config, rngs=nnx.Rngs(seed))  # noqa: E731
-        graphdef, params, _ = parallel.create_sharded_state(make(0), mesh, rules)
-        expert_graphdef, expert, shardings = parallel.create_sharded_state(make(1), mesh, rules)
+        graphdef, _, shardings = parallel.abstract_model_state(make(0), mesh, rules)
+        with parallel.sharding_context(mesh, rules):  # student and expert from one compiled init
+            params, expert = jax.jit(lambda: [nnx.split(make(seed)())[1] for seed in (0, 1)], out_shardings=[shardings] * 2)()
         apply = lambda p, x, t, cond: nnx.merge(graphdef, p)(x, t, cond)  # noqa: E731
-        fields = lambda e: [cfg_field(model_field(expert_graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
+        fields = lambda e: [cfg_field(model_field(graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
         return Models(apply, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
 
-    def make_lora(seed: int):
-        def make():
-            model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))  # the same base for student and expert
-            lora.add_lora(model, rank=choice.lora_rank, alpha=choice.lora_rank, targets=PAPER_LORA_TARGETS, rngs=nnx.Rngs(seed))
-            return model
+    def make_lora():
+        model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))
+        lora.add_lora(model, rank=choice.lora_rank, alpha=choice.lora_rank, targets=SD3_LORA_TARGETS.split(","), rngs=nnx.Rngs(1))
+        return model
 
-        return make
-
-    graphdef, abstract, _ = parallel.abstract_model_state(make_lora(1), mesh, rules)
+    graphdef, abstract, _ = parallel.abstract_model_state(make_lora, mesh, rules)
     graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
     lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
+    def init():  # one traced init of the model; the expert's delta: another LoRA with non-zero B
+        _, params, base = nnx.split(make_lora(), lora.LoRAParam, ...)
+        delta = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
+        return params, base, delta
+
     with parallel.sharding_context(mesh, rules):
-        split = lambda seed: nnx.split(make_lora(seed)(), lora.LoRAParam, ...)[1:]  # noqa: E731
-        params = jax.jit(lambda: split(1)[0], out_shardings=lora_shardings)()
-        base = jax.jit(lambda: split(1)[1], out_shardings=base_shardings)()
-        # the expert's delta: another LoRA with non-zero B (a fresh adapter's B is zero)
-        delta = jax.jit(lambda: jax.tree.map(lambda a: a + 0.01, split(2)[0]), out_shardings=lora_shardings)()
+        params, base, delta = jax.jit(init, out_shardings=(lora_shardings, base_shardings, lora_shardings))()
     apply = lambda p, x, t, cond: nnx.merge(graphdef, *p)(x, t, cond)  # noqa: E731
     fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731
     experts, shardings = {"base": base, "delta": delta}, {"base": base_shardings, "delta": lora_shardings}

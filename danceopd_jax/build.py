@@ -18,6 +18,7 @@ from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder, stack_records
+from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import MixedSource, make_bucket_source
 from danceopd_jax.models import lora, mmdit, sd3
 from danceopd_jax.models.dit import LOGICAL_AXES as DIT_AXES
@@ -49,6 +50,7 @@ def model_config(config: ConfigDict, spec: ConfigDict):
         use_source=spec.use_source,
         dtype=spec.dtype,
         remat=spec.get("remat", "none"),  # run configs saved before remat existed have no key
+        attention=spec.get("attention", "xla"),  # nor before attention
         zero_init=spec.zero_init,
     )
 
@@ -220,11 +222,17 @@ def make_batches(config: ConfigDict, sources: dict, text_embedder=None) -> Bucke
 PROMPT_TABLE = "prompt_embeddings.safetensors"  # an SD3 run's encoded prompts, in its workdir
 
 
-def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str):
-    """The embeddings of every prompt of the run's buckets (``models.sd3.prompt_table``), cached in ``workdir``.
+def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
+    """The embeddings of every prompt of the run's buckets: the table ``config.prompt_embeddings``
+    (checked to hold them by ``config_validation``), or encoded by the folder's text encoders and
+    cached in ``workdir`` (``models.sd3.prompt_table``).
 
     The condition shape was checked against the folder by ``config_validation``."""
-    prompts = sorted({source[i]["prompt"] for source in sources.values() for i in range(len(source))})
+    if config.prompt_embeddings:
+        return load_table(config.prompt_embeddings)
+    if workdir is None:
+        raise ValueError("an SD3 run (config.model_dir) without config.prompt_embeddings needs a workdir to encode its prompts into")
+    prompts = source_prompts(sources.values())
     return sd3.prompt_table(config.model_dir, prompts, os.path.join(workdir, PROMPT_TABLE), config.condition.text_len)
 
 

@@ -12,10 +12,12 @@ def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
     ``zero_init=False`` makes a random model a non-zero field (adaLN-Zero would output zero).
     ``checkpoint`` is a workdir of an earlier run (its latest checkpoint, EMA weights if kept).
     ``dtype`` is the compute dtype (parameters stay float32); ``remat`` (none | dots | full) trades
-    the student's backward-pass memory for recomputation (``models.dit.REMAT_POLICIES``).
+    the student's backward-pass memory for recomputation (``models.layers.REMAT_POLICIES``);
+    ``attention`` is ``xla`` (any device) or ``cudnn`` (cuDNN's fused flash attention: NVIDIA GPUs,
+    bf16 or fp16 compute; an SD3 run's experts compute like its student).
     """
     spec = dict(
-        kind="dit", preset=preset, patch_size=2, dtype="float32", remat="none", use_source=False, zero_init=True,
+        kind="dit", preset=preset, patch_size=2, dtype="float32", remat="none", attention="xla", use_source=False, zero_init=True,
         init="random", seed=0, checkpoint="", lora_rank=0, lora_alpha=0.0, lora_targets="", lora_path="",
     )  # fmt: skip
     spec.update(overrides)
@@ -85,6 +87,11 @@ def base_config() -> ConfigDict:
     # original ones (model.diffusion_model.joint_blocks.N..., fused qkv; an all-in-one file's VAE and
     # text-encoder tensors are ignored), models/sd3_original.py. "" = the folder's weights.
     config.transformer_path = ""
+    # An SD3 run's prompts encoded beforehand (python -m danceopd_jax.encode_prompts --model_dir D
+    # --prompts FILE --out TABLE.safetensors): the run reads this table instead of loading the text
+    # encoders, so model_dir may lack them. It must hold every prompt of the buckets and the empty
+    # prompt (the CFG null), at config.condition's shape. "" = encode into WORKDIR/prompt_embeddings.safetensors.
+    config.prompt_embeddings = ""
 
     config.student = model_spec()
     config.experts = ConfigDict()

@@ -9,8 +9,9 @@ known shape each; ``logical_axis_rules`` is free-form (its names are checked aga
 logical axes by ``parallel.axis_rules``). Then values: ranges, choices, and the references
 between models, fields, routes and buckets. An SD3 run's folder is checked from its JSON files
 and file headers alone, no weights read: its components, the condition shape, the student's LoRA
-target patterns and the experts' LoRA modules against the transformer's module names, and a
-single transformer file's naming (``transformer_path``).
+target patterns and the experts' LoRA modules against the transformer's module names, a single
+transformer file's naming (``transformer_path``), and a precomputed prompt table's shape and
+prompts (``prompt_embeddings``; the folder then needs no text encoders).
 """
 
 import dataclasses
@@ -29,13 +30,15 @@ from danceopd_jax.core.router import ASSIGNMENTS, labelled_count
 from danceopd_jax.core.routing import ROUTING_MODES
 from danceopd_jax.core.schedule import QUERY_SAMPLERS
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
-from danceopd_jax.data.sources import BUCKET_KINDS
+from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
+from danceopd_jax.data.sources import BUCKET_KINDS, make_bucket_source
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
 from danceopd_jax.models import sd3, sd3_folder, sd3_original
 from danceopd_jax.models.lora import UnknownLoRATarget
-from danceopd_jax.models.weights import open_safetensors
+from danceopd_jax.models.weights import WeightsError, open_safetensors
 from danceopd_jax.models.dit import PRESETS
+from danceopd_jax.models.layers import check_attention
 
 FIELD_KINDS = ("expert", "combination")
 INIT_KINDS = {"dit": ("random", "checkpoint"), "mmdit": ("pretrained",)}
@@ -73,7 +76,8 @@ FREE_FORM = object()  # a map whose keys are checked elsewhere
 # Keys that may be left out (``check_keys`` fills in the default): those SD3 support added, so that
 # configs, bucket entries and saved run configs written before it stay valid.
 DEFAULTED_KEYS = frozenset(
-    {"model_dir", "transformer_path", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha", "lora_targets", "lora_path"}
+    {"model_dir", "transformer_path", "prompt_embeddings", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha",
+     "lora_targets", "lora_path", "attention"}
 )
 
 
@@ -203,14 +207,23 @@ def _in_range(config: ConfigDict, key: str, low: float, high: float = math.inf, 
         _fail(key, f"must be in {left}{low:g}, {high:g}{right}, got {value}")
 
 
+def _check_compute(key: str, model: ConfigDict) -> None:
+    """How a model computes: its dtype, and an attention implementation that runs in it."""
+    if model.dtype not in DTYPES:
+        _fail(f"{key}.dtype", f"unknown value {model.dtype!r}; valid: {', '.join(DTYPES)}")
+    try:
+        check_attention("model", model.attention, model.dtype)
+    except ValueError as e:
+        _fail(f"{key}.attention", str(e).split(" ", 1)[1])  # drop the "model.attention" owner
+
+
 def _check_sd3_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool) -> None:
     """An SD3 model spec: the folder is set, a student trains a LoRA, an expert's LoRA file exists."""
     if not config.model_dir:
         _fail(f"{key}.kind", "kind 'mmdit' is the transformer of config.model_dir, which is not set")
     if model.init != "pretrained":
         _fail(f"{key}.init", f"kind 'mmdit' loads config.model_dir: must be 'pretrained', got {model.init!r}")
-    if model.dtype not in DTYPES:
-        _fail(f"{key}.dtype", f"unknown value {model.dtype!r}; valid: {', '.join(DTYPES)}")
+    _check_compute(key, model)
     if is_student:
         if model.lora_rank < 1:
             _fail(f"{key}.lora_rank", f"an SD3 student trains a LoRA over the shared base: must be >= 1, got {model.lora_rank}")
@@ -245,8 +258,7 @@ def _check_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bo
         _fail(f"{key}.lora_rank", "LoRA is for kind 'mmdit' (SD3) models")
     if model.preset not in PRESETS:
         _fail(f"{key}.preset", f"unknown preset {model.preset!r}; valid: {', '.join(PRESETS)}")
-    if model.dtype not in DTYPES:
-        _fail(f"{key}.dtype", f"unknown value {model.dtype!r}; valid: {', '.join(DTYPES)}")
+    _check_compute(key, model)
     if model.patch_size < 1:
         _fail(f"{key}.patch_size", f"must be >= 1, got {model.patch_size}")
     if config.image_size % model.patch_size:
@@ -393,10 +405,15 @@ def _check_condition(config: ConfigDict) -> None:
         _fail("condition.pooled_dim", "a pooled prompt embedding needs text (text_dim > 0)")
     if config.model_dir:
         try:
-            sd3_folder.pipeline_components(config.model_dir)
+            sd3_folder.pipeline_components(config.model_dir, text_encoders=False)
             sd3.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
         except ValueError as e:
             _fail("model_dir", str(e))
+        if not config.prompt_embeddings:  # the run encodes its prompts with the folder's text encoders
+            try:
+                sd3_folder.pipeline_components(config.model_dir)
+            except ValueError as e:
+                _fail("model_dir", f"{e}; or give prompts encoded beforehand as config.prompt_embeddings")
 
 
 def _check_transformer_path(config: ConfigDict) -> None:
@@ -412,6 +429,40 @@ def _check_transformer_path(config: ConfigDict) -> None:
         sd3_original.naming(open_safetensors(path))
     except ValueError as e:
         _fail("transformer_path", str(e))
+
+
+def _check_prompt_embeddings(config: ConfigDict) -> None:
+    """A precomputed table: an SD3 run's, readable, at the condition's shape, with every prompt of the
+    buckets (``data.prompt_embeddings.source_prompts``) and the empty prompt (the CFG null)."""
+    path = config.prompt_embeddings
+    if not path:
+        return
+    if not config.model_dir:
+        _fail("prompt_embeddings", "precomputed prompt embeddings are the text condition of an SD3 run; config.model_dir is not set")
+    if not os.path.isfile(path):
+        _fail("prompt_embeddings", f"no such file: {path}")
+    try:
+        table = load_table(path)
+    except WeightsError as e:
+        _fail("prompt_embeddings", str(e))
+    c = config.condition
+    got = f"text {list(table.text_shape)}, pooled [{table.pooled_dim}]"
+    want = f"text [{c.text_len}, {c.text_dim}], pooled [{c.pooled_dim}]"
+    if got != want:
+        _fail("prompt_embeddings", f"{path} holds {got} embeddings; config.condition needs {want} (text_len = 77 + T5 tokens)")
+    sources = [
+        make_bucket_source(b.kind, b.size, b.seed, config.image_size, config.channels, c.num_classes, b.path)
+        for b in config.data.buckets.values()
+        if "prompt" in BUCKET_KINDS[b.kind]
+    ]
+    missing = table.missing(["", *source_prompts(sources)])
+    if missing:
+        first = "the empty prompt (the CFG null)" if missing[0] == "" else repr(missing[0])
+        _fail(
+            "prompt_embeddings",
+            f"{path} lacks {len(missing)} of the run's prompts, first {first}; "
+            "encode them with python -m danceopd_jax.encode_prompts",
+        )
 
 
 def _check_optimizer(config: ConfigDict) -> None:
@@ -453,6 +504,7 @@ def validate(config: ConfigDict) -> None:
     _check_optimizer(config)
     _check_flowopd(config)
     _check_buckets(config)
+    _check_prompt_embeddings(config)
     _check_model(config, "student", config.student, is_student=True)
     for name, expert in config.experts.items():
         _check_model(config, f"experts.{name}", expert)

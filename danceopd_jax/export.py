@@ -46,7 +46,7 @@ def check_export(workdir: str, out: str) -> None:
         raise ValueError(f"--out {out} exists and is not an empty folder")
     if checkpoints.latest_step(workdir) is None:
         raise FileNotFoundError(f"no checkpoints under {checkpoints.checkpoint_dir(workdir)}: nothing trained to export")
-    sd3_folder.pipeline_components(config.model_dir)  # ModelFolderError: the folder moved or is broken
+    sd3_folder.pipeline_components(config.model_dir, text_encoders=False)  # ModelFolderError: the folder moved or is broken
 
 
 def export_run(workdir: str, out: str, merged: bool = False) -> sd3_sampling.SD3Student:
@@ -67,7 +67,7 @@ def export_run(workdir: str, out: str, merged: bool = False) -> sd3_sampling.SD3
         if merged:
             os.makedirs(os.path.join(staging, "transformer"))
             lora.export_merged(model, student.torch_names, os.path.join(staging, MERGED_FILE))
-            transformer = sd3_folder.pipeline_components(student.config.model_dir)["transformer"]
+            transformer = sd3_folder.pipeline_components(student.config.model_dir, text_encoders=False)["transformer"]
             shutil.copyfile(os.path.join(transformer, "config.json"), os.path.join(staging, "transformer", "config.json"))
         os.replace(staging, out)  # replaces an empty folder at ``out``, atomically
     except BaseException:

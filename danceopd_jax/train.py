@@ -265,11 +265,9 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
     # ---------------------------------------------------------------- input, router
     sources = build.make_sources(config)
     prompt_table = None
-    if config.model_dir:  # SD3: every prompt encoded once by the folder's text encoders (models/sd3.py)
-        if workdir is None:
-            raise ValueError("an SD3 run (config.model_dir) needs a workdir for its prompt embeddings")
+    if config.model_dir:  # SD3: every prompt encoded once by the folder's text encoders, or a given table
         prompt_table = build.sd3_prompt_table(config, sources, workdir)
-        _log(f"prompt embeddings: {len(prompt_table.prompts)} prompts in {os.path.join(workdir, build.PROMPT_TABLE)}")
+        _log(f"prompt embeddings: {len(prompt_table.prompts)} prompts in {prompt_table.where}")
     batches = build.make_batches(config, sources, prompt_table)
     batch_sharding = parallel.batch_sharding(mesh)
     router_params, router_report = None, None

@@ -75,6 +75,8 @@ def test_missing_keys_and_wrong_types_are_named(change, message):
          "config.data.buckets.edit.kind: 'edit' records carry 'prompt', which config.condition.text_dim turns off"),
         ({"condition.text_dim": 0}, "config.condition.text_len: text_len and text_dim must both be 0 or both > 0"),
         ({"student.dtype": "int8"}, "config.student.dtype: unknown value 'int8'"),
+        ({"student.attention": "flash"}, "config.student.attention: must be one of xla, cudnn, got 'flash'"),
+        ({"experts.edit_expert.attention": "cudnn"}, "config.experts.edit_expert.attention: 'cudnn' needs dtype bfloat16 or float16"),
         ({"student.patch_size": 0}, "config.student.patch_size: must be >= 1"),
         ({"optimizer.decay": "linear"}, "config.optimizer.decay: unknown value 'linear'"),
         ({"log_every": 0}, "config.log_every: must be an integer >= 1"),

@@ -48,6 +48,7 @@ from danceopd_jax.models.layers import (
     NORMAL_INIT,
     REMAT_POLICIES,
     TOKENS,
+    attention,
     check_attention,
     constrain,
     layer_norm,
@@ -199,8 +200,7 @@ class DiTBlock(nnx.Module):
         b, s, d = x.shape
         heads = lambda y: constrain(y.reshape(b, s, self.num_heads, d // self.num_heads), HEADS)
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        o = attention(q, k, v, self.implementation, key_mask)
         return self.out(o.reshape(b, s, d))
 
 

@@ -62,6 +62,33 @@ def check_attention(owner: str, attention: str, dtype: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, key_mask: jax.Array | None = None) -> jax.Array:
+    """``softmax(q k^T / sqrt(Dh)) v`` over the valid keys: q [B, T, H, Dh], k and v [B, S, H, Dh],
+    ``key_mask`` bool [B, S] (None: all valid) -> [B, T, H, Dh].
+
+    cuDNN's fused kernel takes only even sequence lengths when differentiated with a mask (SD3's
+    joint sequence is 256 image + 333 text = 589 tokens at 256 px), so for ``"cudnn"`` an odd
+    length is padded by one token that is masked out of the keys and sliced off the output
+    (``even_length_attention``).
+    """
+    if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+        return even_length_attention(q, k, v, implementation, key_mask)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, key_mask: jax.Array | None = None) -> jax.Array:
+    """``attention`` computed on q, k, v padded to even lengths, the padded key masked out."""
+    t, s = q.shape[1], k.shape[1]
+    pad = lambda y: jnp.pad(y, ((0, 0), (0, y.shape[1] % 2), (0, 0), (0, 0)))  # noqa: E731
+    if key_mask is None:
+        key_mask = jnp.ones((k.shape[0], s), bool)
+    key_mask = jnp.pad(key_mask, ((0, 0), (0, s % 2)), constant_values=False)
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=key_mask[:, None, None, :], implementation=implementation)
+    return out[:, :t]
+
+
+
 def patchify(x: jax.Array, p: int) -> jax.Array:
     """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order, (p, p, C) inside."""
     b, h, w, c = x.shape

@@ -63,6 +63,7 @@ from danceopd_jax.models.layers import (
     TOKENS,
     XAVIER_INIT,
     ZEROS_INIT,
+    attention,
     check_attention,
     constrain,
     layer_norm,
@@ -400,7 +401,7 @@ class Attention(nnx.Module):
         """
         q, k, v = self._heads(self.to_q(x), self.norm_q), self._heads(self.to_k(x), self.norm_k), self._heads(self.to_v(x))
         if not self.joint:
-            o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+            o = attention(q, k, v, self.implementation)
             return self.to_out(o.reshape(x.shape[0], x.shape[1], -1))
         ck, cv = self._heads(self.add_k_proj(context), self.norm_added_k), self._heads(self.add_v_proj(context))
         k, v = jnp.concatenate([k, ck], axis=1), jnp.concatenate([v, cv], axis=1)
@@ -408,7 +409,7 @@ class Attention(nnx.Module):
         if not self.context_pre_only:
             cq = self._heads(self.add_q_proj(context), self.norm_added_q)
             q = jnp.concatenate([q, cq], axis=1)
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        o = attention(q, k, v, self.implementation)
         o = o.reshape(o.shape[0], o.shape[1], -1)
         image = self.to_out(o[:, :n])
         return image, (None if self.context_pre_only else self.to_add_out(o[:, n:]))

@@ -14,8 +14,10 @@ at most one LoRA:
 So a student and M teachers cost one base plus M + 1 small adapter states (``docs/MODELS.md``).
 Prompts are encoded once, up front, with the folder's CLIP-L, CLIP-G and T5 encoders
 (``models.sd3_prompts``) into a table under the workdir (``data.prompt_embeddings``); the
-encoders are freed before training. The classifier-free-guidance null of SD3 is the encoding of
-the empty prompt (not zeros), so CFG fields here use ``null_condition``.
+encoders are freed before training. A table encoded beforehand (``config.prompt_embeddings``,
+``python -m danceopd_jax.encode_prompts``) replaces them: the folder then needs no text encoders.
+The classifier-free-guidance null of SD3 is the encoding of the empty prompt (not zeros), so CFG
+fields here use ``null_condition``.
 """
 
 import os
@@ -26,20 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.data.prompt_embeddings import (
-    PromptEmbeddings,
-    encode_table,
-    load_table,
-)
+from danceopd_jax.data.prompt_embeddings import Encoder, PromptEmbeddings, encode_table, load_table
 from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_original, sd3_prompts
 from danceopd_jax.models.weights import WeightsMismatch, load_state
 
 CLIP_TOKENS = 77  # SD3's CLIP token count; the text sequence is CLIP_TOKENS + T5's max_sequence_length
 
 
-def transformer_config(model_dir: str, dtype: str, remat: str) -> mmdit.MMDiTConfig:
-    """The ``MMDiTConfig`` of the folder's transformer with a compute dtype and remat policy."""
-    return mmdit.config_from_diffusers(sd3_folder.component_config(model_dir, "transformer"), dtype=dtype, remat=remat)
+def transformer_config(model_dir: str, dtype: str, remat: str, attention: str = "xla") -> mmdit.MMDiTConfig:
+    """The ``MMDiTConfig`` of the folder's transformer with a compute dtype, remat policy and attention."""
+    transformer = sd3_folder.component_config(model_dir, "transformer")
+    return mmdit.config_from_diffusers(transformer, dtype=dtype, remat=remat, attention=attention)
 
 
 def lora_targets(targets: str) -> list[str]:
@@ -60,7 +59,7 @@ def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
 
     An expert's LoRA file is applied afterwards (``expert_delta``); here it is the plain base.
     """
-    config = transformer_config(model_dir, spec.dtype, spec.remat)
+    config = transformer_config(model_dir, spec.dtype, spec.remat, spec.get("attention", "xla"))
 
     def make() -> nnx.Module:
         model = mmdit.MMDiT(config, rngs=nnx.Rngs(spec.seed))
@@ -72,7 +71,7 @@ def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
 def load_base(model_dir: str, abstract_base: nnx.State, shardings, transformer_path: str = "") -> nnx.State:
     """The frozen base state, checked and read lazily: the folder's transformer weights, or those of
     the single file ``transformer_path`` in their place (diffusers or Stability AI naming, ``sd3_original``)."""
-    path = transformer_path or sd3_folder.pipeline_components(model_dir)["transformer"]
+    path = transformer_path or sd3_folder.pipeline_components(model_dir, text_encoders=False)["transformer"]
     tensors = sd3_original.open_transformer(path)
     return load_state(abstract_base, tensors, mmdit.torch_names_of(abstract_base), shardings=shardings)
 
@@ -120,15 +119,9 @@ def check_lora_file(model_dir: str, lora_path: str) -> None:
 # ---------------------------------------------------------------- prompts
 
 
-def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32") -> PromptEmbeddings:
-    """The embeddings of ``prompts`` (and the empty prompt) at ``path``: read if it has them all, else encoded.
-
-    ``text_len`` = 77 CLIP tokens + T5's ``max_sequence_length``.
-    """
-    if os.path.isfile(path):
-        table = load_table(path)
-        if all(p in table for p in ["", *prompts]) and table.text_shape[0] == text_len:
-            return table
+def prompt_encoder(model_dir: str, text_len: int, dtype: str = "float32") -> Encoder:
+    """``prompts -> {"text": [B, text_len, D], "pooled": [B, P]}`` (numpy) by the folder's CLIP-L, CLIP-G
+    and T5, loaded here; ``text_len`` = 77 CLIP tokens + T5's ``max_sequence_length``."""
     encoders = sd3_prompts.load_sd3_text_encoders(model_dir, dtype=dtype)
     max_sequence_length = text_len - CLIP_TOKENS
 
@@ -136,8 +129,18 @@ def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: in
         out = sd3_prompts.encode_prompts(encoders, batch, max_sequence_length)
         return {k: np.asarray(v) for k, v in out.items()}
 
+    return encode
+
+
+def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32") -> PromptEmbeddings:
+    """The embeddings of ``prompts`` (and the empty prompt) at ``path``: read if it has them all, else
+    encoded (``prompt_encoder``)."""
+    if os.path.isfile(path):
+        table = load_table(path)
+        if not table.missing(["", *prompts]) and table.text_shape[0] == text_len:
+            return table
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return encode_table(path, prompts, encode)
+    return encode_table(path, prompts, prompt_encoder(model_dir, text_len, dtype))
 
 
 def null_condition(table: PromptEmbeddings) -> dict[str, np.ndarray]:

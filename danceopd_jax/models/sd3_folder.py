@@ -11,7 +11,9 @@ A diffusers pipeline folder (what ``save_pretrained`` writes and what users down
     scheduler/                  scheduler_config.json (FlowMatchEulerDiscreteScheduler: ``shift``)
 
 SD3 runs without T5 (``text_encoder_3: [null, null]``), so the third encoder and tokenizer are
-optional; every other component must be present, with its config.
+optional; every other component must be present, with its config. A run given precomputed prompt
+embeddings (``config.prompt_embeddings``) never loads the text encoders: their components are then
+not needed (``text_encoders=False``).
 """
 
 import json
@@ -22,6 +24,7 @@ REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
 OPTIONAL = ("text_encoder_3", "tokenizer_3")
 CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # the components' config file, config.json otherwise
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", *TOKENIZERS)
 
 
 class ModelFolderError(ValueError):
@@ -42,8 +45,9 @@ def read_json(path: str) -> dict:
     return data
 
 
-def pipeline_components(model_dir: str) -> dict[str, str]:
-    """``{component: folder}`` of an SD3 pipeline folder, checked: the index, and each component's folder and config."""
+def pipeline_components(model_dir: str, text_encoders: bool = True) -> dict[str, str]:
+    """``{component: folder}`` of an SD3 pipeline folder, checked: the index, and each component's folder
+    and config; the text encoders and tokenizers only with ``text_encoders`` (else left out)."""
     if not os.path.isdir(model_dir):
         raise ModelFolderError(f"{model_dir}: no such model folder")
     index = read_json(os.path.join(model_dir, "model_index.json"))
@@ -54,6 +58,8 @@ def pipeline_components(model_dir: str) -> dict[str, str]:
         )
     components = {}
     for name in REQUIRED + OPTIONAL:
+        if not text_encoders and name in TEXT_COMPONENTS:
+            continue
         entry = index.get(name)
         if entry is None or entry == [None, None]:
             if name in REQUIRED:
@@ -73,8 +79,9 @@ def pipeline_components(model_dir: str) -> dict[str, str]:
 
 
 def component_config(model_dir: str, name: str) -> dict:
-    """The config dict of component ``name`` of a checked pipeline folder."""
-    folder = pipeline_components(model_dir)[name]
+    """The config dict of component ``name`` of a checked pipeline folder (the text encoders are
+    checked only when ``name`` is one of them)."""
+    folder = pipeline_components(model_dir, text_encoders=name in TEXT_COMPONENTS)[name]
     return read_json(os.path.join(folder, CONFIG_FILES.get(name, "config.json")))
 
 

@@ -1,0 +1,80 @@
+"""Command: encode a prompt file with an SD3 folder's text encoders into a prompt-embedding table.
+
+    python -m danceopd_jax.encode_prompts --model_dir D --prompts FILE --out TABLE.safetensors \\
+        [--text_len 333] [--batch_size 16]
+
+``FILE`` is a prompt file as prompt-file buckets read it (``.txt``: one prompt per line, ``.jsonl``:
+``{"prompt": ...}`` per line; ``data.prompt_files``). Its distinct prompts and the empty prompt
+(the CFG null of an SD3 run) are encoded by ``D``'s CLIP-L, CLIP-G and T5 (``models.sd3``) in
+batches of ``--batch_size``, as a run encodes its own (``text`` [text_len, D] = 77 CLIP tokens +
+``text_len - 77`` T5 tokens, ``pooled`` [P]), and written to ``TABLE`` (``data.prompt_embeddings``;
+written to a temporary name, then renamed). A run given ``--config.prompt_embeddings=TABLE``
+reads it instead of loading the text encoders (the run's ``model_dir`` may then lack them).
+
+Bad input (a missing or malformed prompt file, a folder that is not an SD3 pipeline or whose text
+encoders do not load, ``--text_len`` <= 77, an ``--out`` that is a folder) is one line
+``error: ...`` on stderr and exit code 2, before any prompt is encoded.
+"""
+
+import os
+import time
+
+from absl import app, flags
+
+from danceopd_jax.commands import fail, start
+from danceopd_jax.data.prompt_embeddings import Encoder, encode_table, table_prompts
+from danceopd_jax.data.prompt_files import read_prompts
+from danceopd_jax.models import sd3, sd3_folder
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "SD3 / SD3.5 diffusers pipeline folder (its text encoders).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...} per line).")
+_OUT = flags.DEFINE_string("out", None, "Output table (.safetensors); replaced if it exists.")
+_TEXT_LEN = flags.DEFINE_integer("text_len", 333, "Text tokens: 77 CLIP + T5 tokens (the run's config.condition.text_len).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per encoder call.")
+
+
+def with_progress(encode: Encoder, total: int) -> Encoder:
+    """``encode`` printing ``encoded n/total prompts`` after each batch."""
+    done, started = 0, time.time()
+
+    def encode_and_report(batch: list[str]):
+        nonlocal done
+        out = encode(batch)
+        done += len(batch)
+        print(f"encoded {done}/{total} prompts ({time.time() - started:.1f}s)", flush=True)
+        return out
+
+    return encode_and_report
+
+
+def check_arguments(model_dir: str, out: str, text_len: int, batch_size: int) -> None:
+    """Raise ``ValueError`` for a bad flag value or a folder that is not an SD3 pipeline with its text encoders."""
+    if text_len <= sd3.CLIP_TOKENS:
+        raise ValueError(f"--text_len {text_len}: must be {sd3.CLIP_TOKENS} CLIP tokens + at least one T5 token")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; give the table's file name")
+    sd3_folder.pipeline_components(model_dir)  # ModelFolderError names what is missing
+
+
+def main(argv) -> None:
+    start(argv, model_dir=_MODEL_DIR.value, prompts=_PROMPTS.value, out=_OUT.value)
+    try:
+        check_arguments(_MODEL_DIR.value, _OUT.value, _TEXT_LEN.value, _BATCH_SIZE.value)
+        prompts = read_prompts(_PROMPTS.value)
+    except ValueError as error:  # PromptFileError and ModelFolderError are ValueErrors
+        fail(error)
+    total = len(table_prompts(prompts))
+    print(f"encoding {total} prompts (the distinct ones of {_PROMPTS.value} and the empty prompt) with {_MODEL_DIR.value}")
+    try:
+        encode = sd3.prompt_encoder(_MODEL_DIR.value, _TEXT_LEN.value)
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        table = encode_table(_OUT.value, prompts, with_progress(encode, total), _BATCH_SIZE.value)
+    except (OSError, ValueError) as error:  # a missing subfolder, weights that do not fit, an unwritable --out
+        fail(error)
+    print(f"wrote {_OUT.value}: {len(table.prompts)} prompts, text {list(table.text_shape)}, pooled [{table.pooled_dim}]")
+
+
+if __name__ == "__main__":
+    app.run(main)
