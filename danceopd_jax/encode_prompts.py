@@ -20,17 +20,12 @@ import os
 import time
 
 from absl import app, flags
+from absl.flags import FLAGS
 
 from danceopd_jax.commands import fail, start
 from danceopd_jax.data.prompt_embeddings import Encoder, encode_table, table_prompts
 from danceopd_jax.data.prompt_files import read_prompts
 from danceopd_jax.models import sd3, sd3_folder
-
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "SD3 / SD3.5 diffusers pipeline folder (its text encoders).")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...} per line).")
-_OUT = flags.DEFINE_string("out", None, "Output table (.safetensors); replaced if it exists.")
-_TEXT_LEN = flags.DEFINE_integer("text_len", 333, "Text tokens: 77 CLIP + T5 tokens (the run's config.condition.text_len).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per encoder call.")
 
 
 def with_progress(encode: Encoder, total: int) -> Encoder:
@@ -59,22 +54,33 @@ def check_arguments(model_dir: str, out: str, text_len: int, batch_size: int) ->
 
 
 def main(argv) -> None:
-    start(argv, model_dir=_MODEL_DIR.value, prompts=_PROMPTS.value, out=_OUT.value)
+    start(argv, model_dir=FLAGS.model_dir, prompts=FLAGS.prompts, out=FLAGS.out)
     try:
-        check_arguments(_MODEL_DIR.value, _OUT.value, _TEXT_LEN.value, _BATCH_SIZE.value)
-        prompts = read_prompts(_PROMPTS.value)
+        check_arguments(FLAGS.model_dir, FLAGS.out, FLAGS.text_len, FLAGS.batch_size)
+        prompts = read_prompts(FLAGS.prompts)
     except ValueError as error:  # PromptFileError and ModelFolderError are ValueErrors
         fail(error)
     total = len(table_prompts(prompts))
-    print(f"encoding {total} prompts (the distinct ones of {_PROMPTS.value} and the empty prompt) with {_MODEL_DIR.value}")
+    print(f"encoding {total} prompts (the distinct ones of {FLAGS.prompts} and the empty prompt) with {FLAGS.model_dir}")
     try:
-        encode = sd3.prompt_encoder(_MODEL_DIR.value, _TEXT_LEN.value)
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        table = encode_table(_OUT.value, prompts, with_progress(encode, total), _BATCH_SIZE.value)
+        encode = sd3.prompt_encoder(FLAGS.model_dir, FLAGS.text_len)
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        table = encode_table(FLAGS.out, prompts, with_progress(encode, total), FLAGS.batch_size)
     except (OSError, ValueError) as error:  # a missing subfolder, weights that do not fit, an unwritable --out
         fail(error)
-    print(f"wrote {_OUT.value}: {len(table.prompts)} prompts, text {list(table.text_shape)}, pooled [{table.pooled_dim}]")
+    print(f"wrote {FLAGS.out}: {len(table.prompts)} prompts, text {list(table.text_shape)}, pooled [{table.pooled_dim}]")
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a command: importing the module for its
+    functions defines none (two commands' ``--out`` would clash in one process)."""
+    flags.DEFINE_string("model_dir", None, "SD3 / SD3.5 diffusers pipeline folder (its text encoders).")
+    flags.DEFINE_string("prompts", None, "Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...} per line).")
+    flags.DEFINE_string("out", None, "Output table (.safetensors); replaced if it exists.")
+    flags.DEFINE_integer("text_len", 333, "Text tokens: 77 CLIP + T5 tokens (the run's config.condition.text_len).")
+    flags.DEFINE_integer("batch_size", 16, "Prompts per encoder call.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -23,6 +23,7 @@ import os
 import shutil
 
 from absl import app, flags
+from absl.flags import FLAGS
 from flax import nnx
 
 from danceopd_jax import checkpoints, sd3_sampling
@@ -33,10 +34,6 @@ from danceopd_jax.models.weights import WeightsError, WeightsMismatch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 MERGED_FILE = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an SD3 training run (config.json + checkpoints).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (created; must not exist or be empty).")
-_MERGED = flags.DEFINE_bool("merged", False, "Also write the merged full transformer (DIR/transformer/).")
 
 
 def check_export(workdir: str, out: str) -> None:
@@ -77,21 +74,30 @@ def export_run(workdir: str, out: str, merged: bool = False) -> sd3_sampling.SD3
 
 
 def main(argv) -> None:
-    start(argv, workdir=_WORKDIR.value, out=_OUT.value)
+    start(argv, workdir=FLAGS.workdir, out=FLAGS.out)
     try:
-        check_export(_WORKDIR.value, _OUT.value)
+        check_export(FLAGS.workdir, FLAGS.out)
     except (OSError, ValueError) as error:
         fail(error)
     try:
-        student = export_run(_WORKDIR.value, _OUT.value, _MERGED.value)
+        student = export_run(FLAGS.workdir, FLAGS.out, FLAGS.merged)
     except (OSError, ModelFolderError, WeightsError, WeightsMismatch) as error:  # weights that do not fit, a full disk
         fail(error)
     layers = len(nnx.to_flat_state(student.adapters)) // 2
     weights = "EMA" if student.config.optimizer.ema_decay > 0 else "params"
-    print(f"wrote {os.path.join(_OUT.value, LORA_FILE)} ({layers} adapted layers, checkpoint step {student.step}, {weights})")
-    if _MERGED.value:
-        print(f"wrote {os.path.join(_OUT.value, 'transformer')}/ (merged transformer + config.json)")
+    print(f"wrote {os.path.join(FLAGS.out, LORA_FILE)} ({layers} adapted layers, checkpoint step {student.step}, {weights})")
+    if FLAGS.merged:
+        print(f"wrote {os.path.join(FLAGS.out, 'transformer')}/ (merged transformer + config.json)")
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a command: importing the module for its
+    functions defines none (two commands' ``--out`` would clash in one process)."""
+    flags.DEFINE_string("workdir", None, "Workdir of an SD3 training run (config.json + checkpoints).")
+    flags.DEFINE_string("out", None, "Output folder (created; must not exist or be empty).")
+    flags.DEFINE_bool("merged", False, "Also write the merged full transformer (DIR/transformer/).")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

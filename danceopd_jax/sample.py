@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 from absl import app, flags
+from absl.flags import FLAGS
 from PIL import Image
 
 from danceopd_jax import checkpoints, sd3_sampling
@@ -31,45 +32,49 @@ from danceopd_jax.tasks import TASKS, get_task
 
 _TASK_HELP = "; ".join(f"{name}: {task.description}" for name, task in TASKS.items())
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).")
-_PROMPT = flags.DEFINE_string("prompt", "", "Prompt, or edit instruction for an edit task.")
-_TASK = flags.DEFINE_string("task", "t2i", f"One of {', '.join(TASKS)} ({_TASK_HELP}); edit tasks need --source.")
-_SOURCE = flags.DEFINE_string("source", None, "Source image of an edit (any size; resized).")
-_CFG = flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale at sampling (1 = none).")
-_STEPS = flags.DEFINE_integer("steps", None, "Euler steps (default: the run's rollout_steps).")
-_NUM = flags.DEFINE_integer("num", 1, "Number of samples, written side by side.")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
-_OUT = flags.DEFINE_string("out", None, "Output PNG path.")
-_BASE = flags.DEFINE_bool("base", False, "SD3 runs: sample the folder's untrained transformer (no LoRA), for comparison.")
-
 
 def main(argv) -> None:
-    start(argv, workdir=_WORKDIR.value, out=_OUT.value)
-    if _NUM.value < 1 or (_STEPS.value is not None and _STEPS.value < 1):
+    start(argv, workdir=FLAGS.workdir, out=FLAGS.out)
+    if FLAGS.num < 1 or (FLAGS.steps is not None and FLAGS.steps < 1):
         fail("--num and --steps must be >= 1")
-    prompts = [_PROMPT.value] * _NUM.value
+    prompts = [FLAGS.prompt] * FLAGS.num
     try:
-        task = get_task(_TASK.value)  # the task is checked before any image or weights are read
-        config = checkpoints.load_run_config(_WORKDIR.value)
-        check_run_task(config, task, prompts, [_SOURCE.value] * _NUM.value if _SOURCE.value else None)
-        if _BASE.value and not config.get("model_dir"):
-            raise ValueError(f"--base samples the untrained transformer of an SD3 run; {_WORKDIR.value} is a DiT run")
-        sources = [read_image(_SOURCE.value, config.image_size)] * _NUM.value if _SOURCE.value else None
+        task = get_task(FLAGS.task)  # the task is checked before any image or weights are read
+        config = checkpoints.load_run_config(FLAGS.workdir)
+        check_run_task(config, task, prompts, [FLAGS.source] * FLAGS.num if FLAGS.source else None)
+        if FLAGS.base and not config.get("model_dir"):
+            raise ValueError(f"--base samples the untrained transformer of an SD3 run; {FLAGS.workdir} is a DiT run")
+        sources = [read_image(FLAGS.source, config.image_size)] * FLAGS.num if FLAGS.source else None
     except (ValueError, OSError) as error:
         fail(error)
     try:
-        model = sd3_sampling.load_student(_WORKDIR.value, trained=False) if _BASE.value else _WORKDIR.value
-        images = sample_task(model, task, prompts, sources, steps=_STEPS.value, cfg_scale=_CFG.value, seed=_SEED.value)
+        model = sd3_sampling.load_student(FLAGS.workdir, trained=False) if FLAGS.base else FLAGS.workdir
+        images = sample_task(model, task, prompts, sources, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed)
     except (OSError, ModelFolderError, WeightsError, WeightsMismatch) as error:  # no checkpoint, a moved or broken model folder
         fail(error)
     row = np.concatenate(list(images), axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    Image.fromarray(row).save(_OUT.value)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    Image.fromarray(row).save(FLAGS.out)
     print(
-        f"wrote {_OUT.value} ({_NUM.value} sample(s), task {task.name}, "
-        f"{_STEPS.value or config.rollout_steps} steps, cfg {_CFG.value}{', untrained base' if _BASE.value else ''})"
+        f"wrote {FLAGS.out} ({FLAGS.num} sample(s), task {task.name}, "
+        f"{FLAGS.steps or config.rollout_steps} steps, cfg {FLAGS.cfg_scale}{', untrained base' if FLAGS.base else ''})"
     )
 
 
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a command (see ``export.define_flags``)."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json + checkpoints).")
+    flags.DEFINE_string("prompt", "", "Prompt, or edit instruction for an edit task.")
+    flags.DEFINE_string("task", "t2i", f"One of {', '.join(TASKS)} ({_TASK_HELP}); edit tasks need --source.")
+    flags.DEFINE_string("source", None, "Source image of an edit (any size; resized).")
+    flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale at sampling (1 = none).")
+    flags.DEFINE_integer("steps", None, "Euler steps (default: the run's rollout_steps).")
+    flags.DEFINE_integer("num", 1, "Number of samples, written side by side.")
+    flags.DEFINE_integer("seed", 0, "Noise seed.")
+    flags.DEFINE_string("out", None, "Output PNG path.")
+    flags.DEFINE_bool("base", False, "SD3 runs: sample the folder's untrained transformer (no LoRA), for comparison.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny sizes) and their rollout cross-check holds; no timing is asserted."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -17,25 +18,36 @@ def test_step_benchmark_runs_and_scan_matches_python_loop():
     assert "yes" in rows[0], rows[0]  # lax.scan and Python-loop rollouts give the same states
 
 
-def test_step_throughput_benchmark_runs_each_configuration(tmp_path):
-    """Tiny DiT and LoRA-MMDiT steps (truncated and full rollout) run in their own processes and
-    land in the Markdown table and the JSON beside it; FLOPs count the full rollout's extra steps."""
+def load_script(name: str):
+    """A benchmark script as a module (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path):
+    """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
+    land in the Markdown table and the JSON beside it; FLOPs count the full rollout's extra steps,
+    3 forwards for a fully trained student's forward + backward and 2 for a LoRA student's."""
     out = tmp_path / "perf.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--models", "DiT-tiny/2,MMDiT-tiny",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--models", "MMDiT-tiny",
            "--resolutions", "32", "--batch-size", "2", "--rollout-steps", "4", "--dtype", "float32", "--steps", "1",
            "--peak-tflops", "1", "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(out.with_suffix(".json").read_text())
-    assert [(r["model"], r["px"]) for r in results] == [("DiT-tiny/2", 32), ("MMDiT-tiny", 32)], results
-    for r in results:
-        assert "error" not in r, r
-        assert r["latent"] == 4 and r["batch"] == 2
-        assert 0 < r["flops"]["rollout"] <= r["flops"]["rollout_full"]  # E[max index] <= N - 1
-        assert all(r[k] > 0 for k in ("step_s", "step_full_s", "rollout_s", "rollout_full_s", "teacher_s", "student_s"))
-        assert r["step_peak_bytes"] > 0
-    lora, full = results[1], results[0]
-    assert lora["params"] < lora["frozen"]  # the LoRA student trains adapters over a frozen base
-    assert full["flops"]["student"] == 3 * full["flops"]["teacher"] and lora["flops"]["student"] == 2 * lora["flops"]["teacher"]
-    table = out.read_text()
-    assert "| DiT-tiny/2 | 32 | 2 |" in table and "| MMDiT-tiny | 32 | 2 |" in table, table
+    [r] = json.loads(out.with_suffix(".json").read_text())
+    assert (r["model"], r["px"], r["latent"], r["batch"]) == ("MMDiT-tiny", 32, 4, 2) and "error" not in r, r
+    assert 0 < r["flops"]["rollout"] <= r["flops"]["rollout_full"]  # E[max index] <= N - 1
+    assert all(r[k] > 0 for k in ("step_s", "step_full_s", "rollout_s", "rollout_full_s", "teacher_s", "student_s"))
+    assert r["step_peak_bytes"] > 0
+    assert r["params"] < r["frozen"]  # the LoRA student trains adapters over a frozen base
+    assert r["flops"]["student"] == 2 * r["flops"]["teacher"]
+    assert "| MMDiT-tiny | 32 | 2 |" in out.read_text()
+
+    bench = load_script("step_throughput")
+    args = bench.parse_args(["--rollout-steps", "4"])
+    choice = bench.MODELS["DiT-XL/2"]
+    flops = bench.step_flops(choice, bench.model_config(choice, 32, args), 1, args, lora_student=False)
+    assert flops["student"] == 3 * flops["teacher"] and flops["rollout_full"] == 3 * flops["teacher"]
+    assert abs(flops["teacher"] / 2 - 118.6e9) < 0.01 * 118.6e9  # DiT-XL/2 at 256 px: 118.6 GMACs (Peebles & Xie, Table 4)
