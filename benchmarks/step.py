@@ -52,6 +52,7 @@ from danceopd_jax.core.rollout import euler_step, rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.models.dit import forward_flops
 from danceopd_jax.train import setup_run
+from measure import expected_rollout_steps, median_seconds, peak_bytes
 
 ROUTE = "edit"  # the only route with weight > 0
 SMOKE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
@@ -92,18 +93,11 @@ def benchmark_config(preset: str, args):
     return config
 
 
-def expected_rollout_forwards(config, draws: int = 2000) -> float:
-    """Mean Euler steps of the truncated rollout: ``E[max(query indices of a batch)]``."""
-    b, k, n = config.batch_size, config.queries_per_rollout, config.rollout_steps
-    keys = jax.random.split(jax.random.key(0), draws)
-    maxima = jax.vmap(lambda key: jnp.max(sample_query_indices(key, b, k, n, config.query_sampler)))(keys)
-    return float(jnp.mean(maxima))
-
 
 def step_flops(config) -> dict[str, int]:
     """FLOPs of one DanceOPD step by part (see the module docstring), and their total."""
     b, k = config.batch_size, config.queries_per_rollout
-    n = expected_rollout_forwards(config)
+    n = expected_rollout_steps(b, k, config.rollout_steps, config.query_sampler)
     text_len = config.condition.text_len
     field = config.fields[config.routes[ROUTE].field]
     student = build.model_config(config, config.student)
@@ -128,11 +122,6 @@ def compile_step(step, run, route, batch):
     compiled = step.lower(run.state, run.experts, batch, jnp.int32(route)).compile()
     return compiled, time.perf_counter() - start
 
-
-def peak_bytes(compiled) -> int:
-    """Device memory a compiled step holds at once: arguments, outputs not aliased to them, temporaries."""
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
 def time_steps(run, compiled: dict, batches, warmup: int = 2) -> dict[str, float]:
@@ -196,23 +185,13 @@ def rollout_comparison(run, batch, repeats: int, tolerance: float) -> dict:
     noise = jax.random.normal(key_noise, batch["image"].shape, jnp.float32)
     indices = sample_query_indices(key_index, noise.shape[0], config.queries_per_rollout, config.rollout_steps)
     fns = rollout_fns(run, noise, batch["cond"], indices)
-    result = {f"{name}_s": median_time(fn, repeats) for name, fn in fns.items()}
+    result = {f"{name}_s": median_seconds(fn, repeats) for name, fn in fns.items()}
     states = {name: np.asarray(fn()) for name, fn in fns.items()}
     diffs = [np.abs(states[name] - states["scan"]) for name in ("truncated", "loop")]
     result["max_diff"] = float(max(np.max(d) for d in diffs))
     result["allclose"] = all(np.allclose(states[n], states["scan"], rtol=tolerance, atol=tolerance) for n in ("truncated", "loop"))
     return result
 
-
-def median_time(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` (blocked on its outputs) over ``repeats`` calls after one warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def benchmark_preset(preset: str, args) -> dict:

@@ -58,6 +58,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +72,7 @@ from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
 from danceopd_jax.models import dit, layers, lora, mmdit
+from measure import expected_rollout_steps, median_seconds, peak_bytes
 
 SD3_TEXT_LEN = 77 + 256  # CLIP tokens + T5 tokens
 NUM_CLASSES = 1000
@@ -216,19 +218,13 @@ def forward_flops(choice: ModelChoice, config, batch: int) -> int:
     return mmdit.forward_flops(config, batch, config.sample_size, SD3_TEXT_LEN)
 
 
-def expected_rollout_steps(batch: int, n: int, draws: int = 2000) -> float:
-    """Mean Euler steps of the truncated rollout: ``E[max(query indices of a batch)]``."""
-    keys = jax.random.split(jax.random.key(0), draws)
-    maxima = jax.vmap(lambda key: jnp.max(sample_query_indices(key, batch, QUERIES, n, SAMPLER)))(keys)
-    return float(jnp.mean(maxima))
-
 
 def step_flops(choice: ModelChoice, config, batch: int, args, *, lora_student: bool) -> dict[str, float]:
     """FLOPs of one step by part (module docstring); rollout for the truncated and the full loop."""
     forward = forward_flops(choice, config, batch)
     query_forward = forward_flops(choice, config, batch * QUERIES)
     return {
-        "rollout": expected_rollout_steps(batch, args.rollout_steps) * forward,
+        "rollout": expected_rollout_steps(batch, QUERIES, args.rollout_steps, SAMPLER) * forward,
         "rollout_full": (args.rollout_steps - 1) * forward,
         "teacher": (2 if args.cfg_scale != 1.0 else 1) * query_forward,
         "student": (2 if lora_student else 3) * query_forward,
@@ -238,22 +234,6 @@ def step_flops(choice: ModelChoice, config, batch: int, args, *, lora_student: b
 # ---------------------------------------------------------------- timing
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` (blocked on its outputs) over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_bytes(compiled) -> int:
-    """Device memory the compiled program holds at once (XLA buffer assignment)."""
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
 def device_peak_bytes() -> int | None:
@@ -323,7 +303,7 @@ def run_one(model_name: str, px: int, args) -> dict:
     config = model_config(choice, latent, args)
     base = base_config()
     mesh = parallel.make_mesh({"data": -1})
-    logical = dit.LOGICAL_AXES if choice.kind == "dit" else tuple(dict.fromkeys(mmdit.LOGICAL_AXES + lora.LORA_AXES + layers.ACTIVATION_AXES))
+    logical = dit.LOGICAL_AXES if choice.kind == "dit" else mmdit.LOGICAL_AXES + lora.LORA_AXES
     rules = parallel.axis_rules({k: v for k, v in base.logical_axis_rules.items() if k in logical}, logical)
 
     start = time.perf_counter()
@@ -456,8 +436,6 @@ def table(results: list[dict], args) -> list[str]:
 
 def header(args, argv) -> list[str]:
     device = jax.devices()[0]
-    import flax
-
     return [
         f"device: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); jax {jax.__version__}, "
         f"flax {flax.__version__}, python {platform.python_version()}",

@@ -34,8 +34,7 @@ def logical_axes(config: ConfigDict) -> tuple[str, ...]:
     """The logical axis names of the run's models (rules must map each; ``parallel.axis_rules``)."""
     if not config.model_dir:
         return DIT_AXES
-    activations = tuple(a for a in DIT_AXES if a.startswith("activation_"))  # the rules' shared activation names
-    return tuple(dict.fromkeys(mmdit.LOGICAL_AXES + lora.LORA_AXES + activations))
+    return mmdit.LOGICAL_AXES + lora.LORA_AXES  # both models name the shared layers.ACTIVATION_AXES
 
 
 def model_config(config: ConfigDict, spec: ConfigDict):

@@ -108,7 +108,7 @@ def base_config() -> ConfigDict:
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # Logical axis -> mesh axes (``parallel.axis_rules``; axes left out are replicated): parameters
     # (embed over fsdp, heads and mlp over tensor) and the activations the models pin
-    # (``models.dit.ACTIVATION_AXES``: batch over data x fsdp, heads and MLP hidden over tensor).
+    # (``models.layers.ACTIVATION_AXES``: batch over data x fsdp, heads and MLP hidden over tensor).
     config.logical_axis_rules = ConfigDict(
         dict(embed="fsdp", heads="tensor", mlp="tensor", activation_batch=("data", "fsdp"), activation_heads="tensor",
              activation_mlp="tensor")

@@ -4,7 +4,7 @@ Mesh axes are ``data``, ``fsdp`` and ``tensor`` (``-1`` = fill with the remainin
 Parameters carry logical names (``embed``, ``heads``, ``mlp``, ...); the config's rules map them
 to mesh axes. The batch is sharded over (``data``, ``fsdp``). Axes are GSPMD ``Auto`` so that
 logical annotations propagate through the model (DESIGN.md, environment facts). Activation
-constraints (``models.dit.constrain``) take effect in code traced inside ``sharding_context``.
+constraints (``models.layers.constrain``) take effect in code traced inside ``sharding_context``.
 """
 
 import contextlib

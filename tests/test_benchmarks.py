@@ -18,15 +18,16 @@ def test_step_benchmark_runs_and_scan_matches_python_loop():
     assert "yes" in rows[0], rows[0]  # lax.scan and Python-loop rollouts give the same states
 
 
-def load_script(name: str):
-    """A benchmark script as a module (``benchmarks/`` is not a package)."""
+def load_script(name: str, monkeypatch):
+    """A benchmark script as a module (``benchmarks/`` is not a package; its scripts import ``measure`` beside them)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path):
+def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
     land in the Markdown table and the JSON beside it; FLOPs count the full rollout's extra steps,
     3 forwards for a fully trained student's forward + backward and 2 for a LoRA student's."""
@@ -45,7 +46,7 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path):
     assert r["flops"]["student"] == 2 * r["flops"]["teacher"]
     assert "| MMDiT-tiny | 32 | 2 |" in out.read_text()
 
-    bench = load_script("step_throughput")
+    bench = load_script("step_throughput", monkeypatch)
     args = bench.parse_args(["--rollout-steps", "4"])
     choice = bench.MODELS["DiT-XL/2"]
     flops = bench.step_flops(choice, bench.model_config(choice, 32, args), 1, args, lora_student=False)
