@@ -149,14 +149,14 @@ def rollout_fns(run, noise, cond, indices):
     """
     config = run.config
     graphdef = parallel.abstract_model_state(build.model_factory(config, config.student), run.mesh, run.rules)[0]
-    apply = build.student_apply(graphdef)
+    apply = build.StudentApply(graphdef)
     sigmas = sigma_grid(config.rollout_steps, config.shift)
     host_sigmas = [np.float32(s) for s in np.asarray(sigmas)]
     params = run.state.params
 
     @functools.partial(jax.jit, static_argnames="truncate")
     def jitted(params, noise, cond, indices, truncate):
-        return rollout_query_states(functools.partial(apply, params), noise, sigmas, cond, indices, truncate)[0]
+        return rollout_query_states(apply.frozen_field(params), noise, sigmas, cond, indices, truncate)[0]
 
     @jax.jit
     def one_step(params, x, sigma, sigma_next, cond):

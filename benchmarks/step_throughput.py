@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from danceopd_jax import parallel
+from danceopd_jax import build, parallel
 from danceopd_jax.config_lib import SD3_LORA_TARGETS, base_config
 from danceopd_jax.core.fields import cfg_field, model_field, unconditional
 from danceopd_jax.core.objectives import per_sample_mse
@@ -166,10 +166,12 @@ def null_condition(choice: ModelChoice) -> callable:
 
 @dataclasses.dataclass
 class Models:
-    """The student's ``apply(params, x, t, cond)``, its trainable params and the frozen experts
-    pytree with its route-field builder, as ``train.setup_run`` builds them."""
+    """The student's ``apply(params, x, t, cond)`` (``build.StudentApply``), its trainable params
+    and the frozen experts pytree with its route-field builder, as ``train.setup_run`` builds them;
+    ``student_params(params, experts)`` is what ``apply`` takes (a LoRA student adds the base)."""
 
-    apply: callable
+    apply: build.StudentApply
+    student_params: callable
     params: nnx.State
     experts: dict
     expert_shardings: dict
@@ -184,9 +186,10 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float) -> 
         graphdef, _, shardings = parallel.abstract_model_state(make(0), mesh, rules)
         with parallel.sharding_context(mesh, rules):  # student and expert from one compiled init
             params, expert = jax.jit(lambda: [nnx.split(make(seed)())[1] for seed in (0, 1)], out_shardings=[shardings] * 2)()
-        apply = lambda p, x, t, cond: nnx.merge(graphdef, p)(x, t, cond)  # noqa: E731
+            expert = build.frozen_in_compute_dtype(graphdef, expert, shardings)  # as train.setup_run stores experts
         fields = lambda e: [cfg_field(model_field(graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
-        return Models(apply, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
+        student_params = lambda p, e: p  # noqa: E731
+        return Models(build.StudentApply(graphdef), student_params, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
 
     def make_lora():
         model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))
@@ -203,10 +206,12 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float) -> 
 
     with parallel.sharding_context(mesh, rules):
         params, base, delta = jax.jit(init, out_shardings=(lora_shardings, base_shardings, lora_shardings))()
-    apply = lambda p, x, t, cond: nnx.merge(graphdef, *p)(x, t, cond)  # noqa: E731
+        base = build.frozen_in_compute_dtype(graphdef, base, base_shardings, params)  # as build.load_sd3_models
+        delta = build.frozen_in_compute_dtype(graphdef, delta, lora_shardings, base)
     fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731
+    student_params = lambda p, e: {"lora": p, "base": e["base"]}  # noqa: E731
     experts, shardings = {"base": base, "delta": delta}, {"base": base_shardings, "delta": lora_shardings}
-    return Models(apply, params, experts, shardings, fields, lora_student=True)
+    return Models(build.StudentApply(graphdef), student_params, params, experts, shardings, fields, lora_student=True)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -260,14 +265,13 @@ def part_times(models: Models, batch: dict, sigmas, args, repeats: int) -> dict[
     """Median seconds of the rollout (truncated, full), the teacher forward and the student f+b alone."""
     n, b = args.rollout_steps, batch["image"].shape[0]
     params, experts, cond = models.params, models.experts, batch["cond"]
-    student_params = (lambda p, e: (p, e["base"])) if models.lora_student else (lambda p, e: p)
     noise = jax.random.normal(jax.random.key(1), batch["image"].shape, jnp.float32)
     index_keys = iter(jax.random.split(jax.random.key(2), 4 * (repeats + 1)))
     indices = lambda: sample_query_indices(next(index_keys), b, QUERIES, n, SAMPLER)  # noqa: E731
 
     @functools.partial(jax.jit, static_argnames="truncate")
     def rollout(params, experts, noise, cond, indices, truncate):
-        field = functools.partial(models.apply, student_params(params, experts))
+        field = models.apply.frozen_field(models.student_params(params, experts))
         return rollout_query_states(field, noise, sigmas, cond, indices, truncate)
 
     states, times = rollout(params, experts, noise, cond, indices(), True)
@@ -282,7 +286,7 @@ def part_times(models: Models, batch: dict, sigmas, args, repeats: int) -> dict[
     @jax.jit
     def student(params, experts, states, times, cond, target):
         def loss(p):
-            return jnp.mean(per_sample_mse(models.apply(student_params(p, experts), states, times, cond), target))
+            return jnp.mean(per_sample_mse(models.apply(models.student_params(p, experts), states, times, cond), target))
 
         return jax.value_and_grad(loss)(params)
 
@@ -326,9 +330,8 @@ def run_one(model_name: str, px: int, args) -> dict:
     def compiled_step(truncate: bool):
         loss = make_loss_fn("danceopd", models.apply, models.route_fields, routing_mode="per_step", route_weights=[1.0],
                             group_sizes=[b], sigmas=sigmas, num_queries=QUERIES, sampler=SAMPLER, truncate_rollout=truncate)  # fmt: skip
-        if models.lora_student:
-            inner = loss
-            loss = lambda params, experts, *rest: inner((params, experts["base"]), experts, *rest)  # noqa: E731
+        inner = loss
+        loss = lambda params, experts, *rest: inner(models.student_params(params, experts), experts, *rest)  # noqa: E731
         step = jax.jit(
             make_train_step(loss, optimizer, lr, group_sizes=[b]),
             in_shardings=(state_shardings, models.expert_shardings, batch_sharding, replicated),
@@ -345,6 +348,7 @@ def run_one(model_name: str, px: int, args) -> dict:
                   devices=jax.device_count(), build_s=build_s,
                   params=sum(x.size for x in jax.tree.leaves(models.params)),
                   frozen=sum(x.size for x in jax.tree.leaves(models.experts)),
+                  frozen_bytes=sum(x.nbytes for x in jax.tree.leaves(models.experts)),
                   flops=step_flops(choice, config, b, args, lora_student=models.lora_student))  # fmt: skip
     with parallel.sharding_context(mesh, rules):
         for truncate in (True, False) if not args.no_full_rollout else (True,):

@@ -12,8 +12,9 @@ from ml_collections import ConfigDict
 from danceopd_jax import checkpoints, parallel
 from danceopd_jax.core import router, routing
 from danceopd_jax.core.route_weights import RouteWeights
+from danceopd_jax.core.compute_dtype import cast_to_compute_dtype
 from danceopd_jax.core.conditioning import unconditional
-from danceopd_jax.core.fields import Field, cfg_field, linear_combination, model_field
+from danceopd_jax.core.fields import Field, cfg_field, inference_field, linear_combination, model_field
 from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
@@ -71,13 +72,32 @@ def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple
     return graphdef, state, shardings
 
 
+def load_expert(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
+    """``load_model`` for a frozen expert, its parameters stored in their compute dtype (``frozen_in_compute_dtype``)."""
+    graphdef, state, shardings = load_model(config, spec, mesh, rules)
+    return graphdef, frozen_in_compute_dtype(graphdef, state, shardings), shardings
+
+
+def frozen_in_compute_dtype(graphdef: nnx.GraphDef, frozen: nnx.State, shardings, *context: nnx.State) -> nnx.State:
+    """``frozen`` (a part of the model ``graphdef`` whose other parts are ``context``) with each
+    parameter stored in the dtype its layer computes in (``core.compute_dtype``).
+
+    A bf16 layer's float32 weights then take half the memory and are not converted on every
+    call; the layers' outputs are the same bit for bit. Frozen states only: trained parameters
+    keep their float32 master copy.
+    """
+    cast = jax.jit(lambda frozen, *context: cast_to_compute_dtype(graphdef, frozen, *context)[0], out_shardings=shardings)
+    return cast(frozen, *context)
+
+
 def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     """The models of an SD3 run (``models.sd3``) over one shared base read from ``config.model_dir``
     (or ``config.transformer_path``).
 
     Returns ``(student graphdef, student params, experts, expert shardings, expert graphdefs)``:
     the student's params are its LoRA; ``experts`` holds the base (``SHARED_BASE``) and each
-    expert's LoRA delta (an empty state for the plain base). The full transformer is traced
+    expert's LoRA delta (an empty state for the plain base), both stored in their compute dtype
+    (``frozen_in_compute_dtype``). The full transformer is traced
     abstractly once, as the plain base; the student is that abstract base plus a fresh LoRA, so
     only the adapters are traced again (full-size abstract traces take tens of seconds).
     """
@@ -93,27 +113,41 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     lora_shardings = parallel.shardings_of(abstract_lora, mesh, rules)
     with parallel.sharding_context(mesh, rules):
         params = jax.jit(lambda: nnx.split(make_student(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
-    experts = {SHARED_BASE: sd3.load_base(config.model_dir, abstract_base, base_shardings, config.transformer_path)}
+    base = sd3.load_base(config.model_dir, abstract_base, base_shardings, config.transformer_path)
+    experts = {SHARED_BASE: frozen_in_compute_dtype(base_graphdef, base, base_shardings)}
     shardings = {SHARED_BASE: base_shardings}
     graphdefs = {}
     for name, spec in config.experts.items():
         if spec.lora_path:
             graphdefs[name], delta = sd3.expert_delta(spec.lora_path, base_graphdef, abstract_base)
             delta_shardings = parallel.shardings_of(delta, mesh, expert_rules)
-            experts[name], shardings[name] = jax.device_put(delta, delta_shardings), delta_shardings
+            experts[name] = frozen_in_compute_dtype(graphdefs[name], delta, delta_shardings, experts[SHARED_BASE])
+            shardings[name] = delta_shardings
         else:
             graphdefs[name], experts[name], shardings[name] = base_graphdef, nnx.State({}), nnx.State({})
     return student_graphdef, params, experts, shardings, graphdefs
 
 
-def student_apply(graphdef: nnx.GraphDef):
-    """``apply(params, x, t, cond)`` of the student; an SD3 student's params are ``{"lora", "base"}``."""
+class StudentApply:
+    """The student as ``apply(params, x, t, cond)``; an SD3 student's params are ``{"lora", "base"}``.
 
-    def apply(params, x, t, cond):
-        states = (params["lora"], params["base"]) if isinstance(params, dict) else (params,)
-        return nnx.merge(graphdef, *states)(x, t, cond)
+    ``frozen_field(params)`` is the student over constant params for the rollout loop
+    (``objectives.frozen_student``): its layers' parameters are cast to their compute dtype once
+    per step instead of on every Euler step (``fields.inference_field``).
+    """
 
-    return apply
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.graphdef = graphdef
+
+    @staticmethod
+    def states(params) -> tuple[nnx.State, ...]:
+        return (params["lora"], params["base"]) if isinstance(params, dict) else (params,)
+
+    def __call__(self, params, x, t, cond):
+        return nnx.merge(self.graphdef, *self.states(params))(x, t, cond)
+
+    def frozen_field(self, params) -> Field:
+        return inference_field(self.graphdef, *self.states(params))
 
 
 def _field(config: ConfigDict, name: str, expert_fields: dict[str, Field], null) -> Field:
@@ -162,7 +196,7 @@ def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphde
 def _make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
     return make_loss_fn(
         config.method,
-        student_apply(student_graphdef),
+        StudentApply(student_graphdef),
         route_fields_builder(config, expert_graphdefs),
         routing_mode=config.routing,
         route_weights=route_weights(config),

@@ -106,6 +106,10 @@ def base_config() -> ConfigDict:
     # step and route; True keeps the old params/optimizer state/EMA on device and counts it (skipped_steps).
     config.skip_nonfinite_steps = False
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Multi-slice TPU or multi-host GPU: each axis's outer factor across the data-centre network
+    # (slices, or processes where devices have no slice index; -1 fills). ``mesh`` is then the
+    # inner factor within one slice or host: axis a spans dcn_mesh[a] * mesh[a] devices. All 1: flat.
+    config.dcn_mesh = ConfigDict(dict(data=1, fsdp=1, tensor=1))
     # Logical axis -> mesh axes (``parallel.axis_rules``; axes left out are replicated): parameters
     # (embed over fsdp, heads and mlp over tensor) and the activations the models pin
     # (``models.layers.ACTIVATION_AXES``: batch over data x fsdp, heads and MLP hidden over tensor).

@@ -1,6 +1,8 @@
 """Device mesh, logical-to-mesh axis rules and the shardings of the train step.
 
-Mesh axes are ``data``, ``fsdp`` and ``tensor`` (``-1`` = fill with the remaining devices).
+Mesh axes are ``data``, ``fsdp`` and ``tensor`` (``-1`` = fill with the remaining devices);
+on several TPU slices or hosts, ``config.dcn_mesh`` splits them into an outer part across the
+data-centre network and an inner part within a slice or host (``make_mesh``).
 Parameters carry logical names (``embed``, ``heads``, ``mlp``, ...); the config's rules map them
 to mesh axes. The batch is sharded over (``data``, ``fsdp``). Axes are GSPMD ``Auto`` so that
 logical annotations propagate through the model (DESIGN.md, environment facts). Activation
@@ -12,7 +14,9 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from danceopd_jax.config_validation import ConfigError
@@ -23,32 +27,73 @@ BATCH_AXES = ("data", "fsdp")
 Rules = tuple[tuple[str, Any], ...]
 
 
-def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-    """Resolve the ``-1`` (fill) entry of ``axis_sizes`` against ``num_devices``; errors name the axis."""
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int, key: str = "config.mesh", unit: str = "devices") -> tuple[int, ...]:
+    """Resolve the ``-1`` (fill) entry of ``axis_sizes`` against ``num_devices`` (counted in
+    ``unit``); errors name ``key`` and the axis."""
     unknown = sorted(set(axis_sizes) - set(MESH_AXES))
     if unknown:
-        raise ConfigError(f"config.mesh: unknown axis {unknown[0]!r}; valid: {', '.join(MESH_AXES)}")
+        raise ConfigError(f"{key}: unknown axis {unknown[0]!r}; valid: {', '.join(MESH_AXES)}")
     sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
     fills = [name for name, size in zip(MESH_AXES, sizes) if size == -1]
     bad = [name for name, size in zip(MESH_AXES, sizes) if size == 0 or size < -1]
     if bad:
-        raise ConfigError(f"config.mesh.{bad[0]}: size must be >= 1 or -1 (fill), got {axis_sizes[bad[0]]}")
+        raise ConfigError(f"{key}.{bad[0]}: size must be >= 1 or -1 (fill), got {axis_sizes[bad[0]]}")
     if len(fills) > 1:
-        raise ConfigError(f"config.mesh: only one axis may be -1 (fill), got {', '.join(fills)}")
+        raise ConfigError(f"{key}: only one axis may be -1 (fill), got {', '.join(fills)}")
     fixed = math.prod(size for size in sizes if size != -1)
     if fills:
         if num_devices % fixed:
-            raise ConfigError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' product {fixed}")
+            raise ConfigError(f"{key}: {num_devices} {unit} do not divide by the fixed axes' product {fixed}")
         sizes[sizes.index(-1)] = num_devices // fixed
     elif fixed != num_devices:
-        raise ConfigError(f"config.mesh: axes multiply to {fixed} but there are {num_devices} devices")
+        raise ConfigError(f"{key}: axes multiply to {fixed} but there are {num_devices} {unit}")
     return tuple(sizes)
 
 
-def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def granules(devices: Sequence[jax.Device]) -> tuple[str, dict[int, list[jax.Device]]]:
+    """The units of the slow (DCN) network the devices fall into, ``(attribute, {index: devices})``:
+    TPU slices where the devices report more than one ``slice_index`` (multi-slice), else
+    processes (hosts; CPU and GPU devices report one slice or none)."""
+    for attribute in ("slice_index", "process_index"):
+        groups: dict[int, list[jax.Device]] = {}
+        for device in devices:
+            groups.setdefault(getattr(device, attribute, None), []).append(device)
+        if len(groups) > 1 and None not in groups:
+            break
+    return attribute, groups
+
+
+def make_mesh(
+    axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None, dcn_axis_sizes: Mapping[str, int] | None = None
+) -> Mesh:
+    """The ``data`` x ``fsdp`` x ``tensor`` mesh over ``devices`` (default all); ``dcn_axis_sizes``
+    (``config.dcn_mesh``) other than all 1 makes it a hybrid mesh (``hybrid_layout``)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(axis_sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    dcn_axis_sizes = dict(dcn_axis_sizes or {})
+    if all(size == 1 for size in dcn_axis_sizes.values()):
+        mesh_shape(dcn_axis_sizes, 1, key="config.dcn_mesh")  # names an unknown axis
+        return jax.make_mesh(mesh_shape(axis_sizes, len(devices)), MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(hybrid_layout(axis_sizes, dcn_axis_sizes, devices), MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_layout(axis_sizes: Mapping[str, int], dcn_axis_sizes: Mapping[str, int], devices: Sequence) -> np.ndarray:
+    """The devices of a hybrid mesh as an array [data, fsdp, tensor].
+
+    Each axis is split into an outer factor ``dcn_axis_sizes`` across granules joined by the
+    data-centre network (TPU slices, or processes where devices carry no slice index) and an
+    inner factor ``axis_sizes`` within one granule (ICI, NVLink): axis ``a`` spans
+    ``dcn[a] * axis_sizes[a]`` devices, laid out by ``mesh_utils.create_hybrid_device_mesh``
+    (granule-major, so collectives over an inner factor stay inside a granule).
+    """
+    attribute, groups = granules(devices)
+    sizes = {len(group) for group in groups.values()}
+    if len(sizes) > 1:
+        raise ConfigError(f"config.dcn_mesh: the devices' {attribute} groups differ in size: {sorted(sizes)}")
+    granule, plural = ("slice", "slices") if attribute == "slice_index" else ("process", "processes")
+    dcn = mesh_shape(dcn_axis_sizes, len(groups), key="config.dcn_mesh", unit=plural)
+    ici = mesh_shape(axis_sizes, sizes.pop(), unit=f"devices per {granule}")
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attribute == "process_index")
 
 
 def axis_rules(rules: Mapping[str, Any], logical_axes: Sequence[str]) -> Rules:

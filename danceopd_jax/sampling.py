@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from danceopd_jax import build, checkpoints, parallel, sd3_sampling
-from danceopd_jax.core.fields import cfg_field, model_field
+from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.pipeline import RecordEncoder, stack_records
@@ -59,7 +59,7 @@ def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: floa
     @jax.jit
     def run(params, cond, key):
         batch = jax.tree.leaves(cond)[0].shape[0]
-        field = cfg_field(model_field(graphdef, params), cfg_scale)
+        field = cfg_field(inference_field(graphdef, params), cfg_scale)
         noise = jax.random.normal(key, (batch,) + image_shape, jnp.float32)
         return jnp.clip(sample(field, noise, sigma_grid(steps, shift), cond), -1.0, 1.0)
 

@@ -29,7 +29,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
-from danceopd_jax.core.fields import cfg_field, model_field
+from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.models import lora, mmdit, sd3, sd3_folder, sd3_prompts, vae
@@ -104,7 +104,7 @@ def _sampler(graphdef: nnx.GraphDef, latent_shape: tuple, steps: int, shift: flo
 
     @jax.jit
     def run(adapters, base, cond, null, key):
-        field = cfg_field(model_field(graphdef, adapters, base), cfg_scale, sd3.with_null(null))
+        field = cfg_field(inference_field(graphdef, adapters, base), cfg_scale, sd3.with_null(null))
         noise = jax.random.normal(key, (cond["text"].shape[0], *latent_shape), jnp.float32)
         return sample(field, noise, sigma_grid(steps, shift), cond)
 

@@ -258,7 +258,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
     ``workdir`` holds what a run derives once (an SD3 run's prompt embeddings)."""
     # ---------------------------------------------------------------- config, mesh
     validate(config)
-    mesh = parallel.make_mesh(config.mesh, devices)
+    mesh = parallel.make_mesh(config.mesh, devices, config.get("dcn_mesh"))  # run configs saved before dcn_mesh have none
     rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
     _check_layout(config, mesh)
 
@@ -290,7 +290,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
         experts, expert_shardings, expert_graphdefs = {}, {}, {}
     if config.method != "flow_matching" and not config.model_dir:
         for name, spec in config.experts.items():
-            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, expert_rules)
+            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_expert(config, spec, mesh, expert_rules)
 
     # ---------------------------------------------------------------- optimizer, state
     opt = config.optimizer
@@ -375,7 +375,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     use_compilation_cache(config, workdir)
     run = setup_run(config, workdir=workdir)
     num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
-    _log(f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+    dcn = {axis: size for axis, size in config.get("dcn_mesh", {}).items() if size != 1}
+    _log(f"mesh {dict(run.mesh.shape)}{f' (across the DCN: {dcn})' if dcn else ''} over {jax.device_count()} {jax.devices()[0].platform} devices, "
          f"{jax.process_count()} process(es); method {config.method}, routing {config.routing}")
     _log(f"student: {num_params:,} parameters; experts: {', '.join(run.experts) or 'none'} (frozen)")
 

@@ -150,3 +150,16 @@ def test_quick_reproduction_end_to_end(tmp_path):
     merged = json.loads((tmp_path / "results.json").read_text())
     assert set(merged["results"]) == set(results) and merged["results"]["composition"] == results["composition"]
     assert [sorted(run["settings"]) for run in merged["meta"]["runs"]] == [sorted(results), ["realism"]]
+
+
+def test_reproduce_exits_cleanly_when_a_training_is_preempted(monkeypatch, tmp_path):
+    """SIGTERM inside one of reproduce's trainings (``train.Preempted``) ends the command with exit
+    code 0, as ``danceopd_jax.main`` does: the loop has saved, and the same command continues."""
+    from danceopd_jax.experiments import reproduce
+    from danceopd_jax.train import Preempted
+
+    def preempted(args, command):
+        raise Preempted(3, str(tmp_path))
+
+    monkeypatch.setattr(reproduce, "run", preempted)
+    reproduce.main(["--workdir", str(tmp_path), "--quick"])  # returns: no SystemExit, no traceback

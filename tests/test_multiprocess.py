@@ -1,5 +1,6 @@
 """A real multi-process run on this machine: 2 processes x 2 CPU devices joined by jax.distributed
-(gloo, coordinator on 127.0.0.1) through ``launch/local_multiprocess.sh`` and the real CLI."""
+(gloo, coordinator on 127.0.0.1) through ``launch/local_multiprocess.sh`` and the real CLI, on a
+flat mesh and on a hybrid one (``config.dcn_mesh``: the data axis across the processes)."""
 
 import os
 import pathlib
@@ -34,7 +35,7 @@ def _one_process(workdir, devices: int, *flags):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_two_processes_match_one_process_and_restore_on_another_mesh(tmp_path):
+def test_two_processes_on_flat_and_hybrid_meshes_match_one_process_and_restore_on_another_mesh(tmp_path):
     script = ["bash", "launch/local_multiprocess.sh", "2", "2", "configs/smoke.py", str(tmp_path / "multi"), *STEPS]
     multi = subprocess.run(script + [f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:] + (tmp_path / "multi" / "logs" / "process_1.log").read_text()[-2000:]
@@ -47,6 +48,13 @@ def test_two_processes_match_one_process_and_restore_on_another_mesh(tmp_path):
     params = [jax.tree.leaves(load_trained_model(str(tmp_path / d))[2]) for d in ("multi", "single")]
     for a, b in zip(*params, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    # A hybrid mesh: data across the two processes (the DCN factor), fsdp over each process's two devices.
+    hybrid_flags = ["--config.dcn_mesh.data=2", "--config.mesh.data=1", "--config.mesh.fsdp=2", f"--port={_free_port()}"]
+    hybrid = subprocess.run(script[:5] + [str(tmp_path / "hybrid"), *STEPS, *hybrid_flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert hybrid.returncode == 0, hybrid.stderr[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1} (across the DCN: {'data': 2}) over 4 cpu devices, 2 process(es)" in hybrid.stdout
+    assert [step for step, _, _ in _losses(hybrid.stdout)] == [step for step, _, _ in _losses(single.stdout)]
+    np.testing.assert_allclose([float(loss) for _, loss, _ in _losses(hybrid.stdout)], [float(loss) for _, loss, _ in _losses(single.stdout)], rtol=1e-5)
     # The two-process checkpoint restores in one process on an fsdp=2 mesh and continues like the single run.
     more = ["--config.num_train_steps=6", "--config.log_every=1"]
     resumed = _one_process(tmp_path / "multi", 2, *more, "--config.mesh.data=1", "--config.mesh.fsdp=-1")

@@ -1,7 +1,8 @@
 """Velocity fields: any function ``(x, t, cond) -> v`` over the shared flow state space.
 
-A frozen expert model is a field; so are operators on fields: the CFG field
-``u + a * (c - u)`` and linear combinations ``sum_k w_k v_k`` (PAPER.md, "Fields").
+A frozen expert model is a field (``model_field``; ``inference_field`` inside loops); so are
+operators on fields: the CFG field ``u + a * (c - u)`` and linear combinations
+``sum_k w_k v_k`` (PAPER.md, "Fields").
 Plain user functions with the same signature are fields too.
 """
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from danceopd_jax.core.compute_dtype import cast_to_compute_dtype
 from danceopd_jax.core.conditioning import Condition, concat_conditions, unconditional
 
 Field = Callable[[jax.Array, jax.Array, Condition], jax.Array]
@@ -27,6 +29,13 @@ def model_field(graphdef: nnx.GraphDef, *states: nnx.State) -> Field:
         return nnx.merge(graphdef, *states)(x, t, cond)
 
     return field
+
+
+def inference_field(graphdef: nnx.GraphDef, *states: nnx.State) -> Field:
+    """``model_field`` for a loop (rollout, sampler): each layer's parameters are cast to its
+    compute dtype once, here, not on every call in the loop; the same output bit for bit
+    (``compute_dtype``). Not for states that are differentiated."""
+    return model_field(graphdef, *cast_to_compute_dtype(graphdef, *states))
 
 
 def cfg_field(field: Field, scale: float, null: Callable[[Condition], Condition] = unconditional) -> Field:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from danceopd_jax.core.conditioning import Condition, repeat_condition
 from danceopd_jax.core.fields import Field
-from danceopd_jax.core.objectives import _frozen_student
+from danceopd_jax.core.objectives import frozen_student
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +161,7 @@ def flowopd_loss(
     cond = batch["cond"]
     noise_key, sde_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
-    rollout = rollout_sde(_frozen_student(student, params), noise, sigmas, cond, sde_key, eta)
+    rollout = rollout_sde(frozen_student(student, params), noise, sigmas, cond, sde_key, eta)
     num_steps, batch_size = rollout.states.shape[:2]
     item_shape = rollout.states.shape[2:]
 

@@ -36,9 +36,15 @@ def per_sample_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
 
 
-def _frozen_student(student: Student, params) -> Field:
-    """The student as a field with gradients cut at its parameters (for rollouts)."""
+def frozen_student(student: Student, params) -> Field:
+    """The student as a field with gradients cut at its parameters (for rollouts).
+
+    A student with a ``frozen_field(params)`` method (``build.StudentApply``) builds the field
+    itself, with its parameters prepared once for the loop (cast to their compute dtype).
+    """
     frozen = jax.lax.stop_gradient(params)
+    if hasattr(student, "frozen_field"):
+        return student.frozen_field(frozen)
     return lambda x, t, cond: student(frozen, x, t, cond)
 
 
@@ -64,7 +70,7 @@ def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1,
     noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
     num_steps = sigmas.shape[0] - 1
     indices = sample_query_indices(index_key, noise.shape[0], num_queries, num_steps, sampler)
-    states, times = rollout_query_states(_frozen_student(student, params), noise, sigmas, cond, indices, truncate_rollout)
+    states, times = rollout_query_states(frozen_student(student, params), noise, sigmas, cond, indices, truncate_rollout)
     return _distill_states(student, params, target, states, times, cond)
 
 
@@ -72,7 +78,7 @@ def diffusionopd_loss(student, params, target, batch, key, *, sigmas):
     """DiffusionOPD (dense): all N rollout states, state i weighted by ``dt_i^2 / 2``; summed over i."""
     cond = batch["cond"]
     noise = jax.random.normal(key, batch["image"].shape, jnp.float32)
-    trajectory, _ = rollout_trajectory(_frozen_student(student, params), noise, sigmas, cond)
+    trajectory, _ = rollout_trajectory(frozen_student(student, params), noise, sigmas, cond)
     num_steps, batch_size = trajectory.shape[:2]
     states = jnp.swapaxes(trajectory, 0, 1).reshape((batch_size * num_steps,) + trajectory.shape[2:])
     times = jnp.tile(sigmas[:-1], batch_size)

@@ -19,15 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from danceopd_jax.core.conditioning import unconditional
-from danceopd_jax.core.fields import cfg_field, model_field
+from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import rollout_trajectory
 from danceopd_jax.core.schedule import sigma_grid
 
 
 @functools.partial(jax.jit, static_argnames=("model_graph", "anchor_graph", "steps", "shift", "scale"))
 def _guidance_sums(model_graph: nnx.GraphDef, model_params, anchor_graph: nnx.GraphDef, anchor_params, cond, noise, *, steps, shift, scale):
-    anchor = model_field(anchor_graph, anchor_params)
-    guided = cfg_field(model_field(model_graph, model_params), scale)
+    anchor = inference_field(anchor_graph, anchor_params)
+    guided = cfg_field(inference_field(model_graph, model_params), scale)
     sigmas = sigma_grid(steps, shift)
     states, _ = rollout_trajectory(anchor, noise, sigmas, cond)  # [N, B, ...]
 

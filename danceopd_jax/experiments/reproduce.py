@@ -34,7 +34,7 @@ from danceopd_jax.experiments import report, settings  # noqa: E402
 from danceopd_jax.pipeline import evaluate_loaded, evaluate_models, train_stages, validate_stages  # noqa: E402
 from danceopd_jax.sampling import encode_conditions, load_trained_model  # noqa: E402
 from danceopd_jax.shapes_configs import evaluation  # noqa: E402
-from danceopd_jax.train import LOSS_LOG, ROUTER_REPORT  # noqa: E402
+from danceopd_jax.train import LOSS_LOG, ROUTER_REPORT, Preempted  # noqa: E402
 
 DEFAULT_REPORT = os.path.join("docs", "RESULTS.md")
 DEFAULT_SEEDS = {"full": 3, "quick": 1}
@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Preempted:
+        return  # the training loop printed where it saved; the same command continues (exit code 0)
 
 
 if __name__ == "__main__":
