@@ -67,7 +67,7 @@ from flax import nnx
 from danceopd_jax import build, parallel
 from danceopd_jax.config_lib import SD3_LORA_TARGETS, base_config
 from danceopd_jax.core.fields import cfg_field, model_field, unconditional
-from danceopd_jax.core.objectives import per_sample_mse
+from danceopd_jax.core.objectives import frozen_student, per_sample_mse
 from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
@@ -114,6 +114,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument("--attention", default="xla", choices=layers.ATTENTION_IMPLEMENTATIONS, help="attention implementation")
     parser.add_argument("--remat", default="none", choices=tuple(layers.REMAT_POLICIES), help="student remat policy")
+    parser.add_argument("--cast", default="once", choices=("once", "per_call"),
+                        help="frozen parameters in their layers' compute dtype once (as a run does: experts stored so, the "
+                             "rollout's student cast before the loop) or cast by each layer on every call, inside the loop")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
     parser.add_argument("--no-full-rollout", action="store_true", help="skip the step with the full-length rollout")
     parser.add_argument("--no-parts", action="store_true", help="skip timing the rollout, teacher and student passes alone")
@@ -170,7 +173,7 @@ class Models:
     and the frozen experts pytree with its route-field builder, as ``train.setup_run`` builds them;
     ``student_params(params, experts)`` is what ``apply`` takes (a LoRA student adds the base)."""
 
-    apply: build.StudentApply
+    apply: callable
     student_params: callable
     params: nnx.State
     experts: dict
@@ -179,17 +182,27 @@ class Models:
     lora_student: bool
 
 
-def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float) -> Models:
+def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cast_once: bool = True) -> Models:
+    """The models of one configuration; ``cast_once=False`` keeps every frozen parameter in float32
+    and gives the student no ``frozen_field`` (each layer then casts on every call)."""
+
+    def stored(graphdef, frozen, shardings, *context):
+        return build.frozen_in_compute_dtype(graphdef, frozen, shardings, *context) if cast_once else frozen
+
+    def student(graphdef):
+        apply = build.StudentApply(graphdef)
+        return apply if cast_once else lambda p, x, t, cond: apply(p, x, t, cond)
+
     null = null_condition(choice)
     if choice.kind == "dit":
         make = lambda seed: lambda: dit.DiT(config, rngs=nnx.Rngs(seed))  # noqa: E731
         graphdef, _, shardings = parallel.abstract_model_state(make(0), mesh, rules)
         with parallel.sharding_context(mesh, rules):  # student and expert from one compiled init
             params, expert = jax.jit(lambda: [nnx.split(make(seed)())[1] for seed in (0, 1)], out_shardings=[shardings] * 2)()
-            expert = build.frozen_in_compute_dtype(graphdef, expert, shardings)  # as train.setup_run stores experts
+            expert = stored(graphdef, expert, shardings)  # as train.setup_run stores experts
         fields = lambda e: [cfg_field(model_field(graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
         student_params = lambda p, e: p  # noqa: E731
-        return Models(build.StudentApply(graphdef), student_params, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
+        return Models(student(graphdef), student_params, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
 
     def make_lora():
         model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))
@@ -206,12 +219,12 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float) -> 
 
     with parallel.sharding_context(mesh, rules):
         params, base, delta = jax.jit(init, out_shardings=(lora_shardings, base_shardings, lora_shardings))()
-        base = build.frozen_in_compute_dtype(graphdef, base, base_shardings, params)  # as build.load_sd3_models
-        delta = build.frozen_in_compute_dtype(graphdef, delta, lora_shardings, base)
+        base = stored(graphdef, base, base_shardings, params)  # as build.load_sd3_models
+        delta = stored(graphdef, delta, lora_shardings, base)
     fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731
     student_params = lambda p, e: {"lora": p, "base": e["base"]}  # noqa: E731
     experts, shardings = {"base": base, "delta": delta}, {"base": base_shardings, "delta": lora_shardings}
-    return Models(build.StudentApply(graphdef), student_params, params, experts, shardings, fields, lora_student=True)
+    return Models(student(graphdef), student_params, params, experts, shardings, fields, lora_student=True)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -271,7 +284,7 @@ def part_times(models: Models, batch: dict, sigmas, args, repeats: int) -> dict[
 
     @functools.partial(jax.jit, static_argnames="truncate")
     def rollout(params, experts, noise, cond, indices, truncate):
-        field = models.apply.frozen_field(models.student_params(params, experts))
+        field = frozen_student(models.apply, models.student_params(params, experts))
         return rollout_query_states(field, noise, sigmas, cond, indices, truncate)
 
     states, times = rollout(params, experts, noise, cond, indices(), True)
@@ -311,7 +324,7 @@ def run_one(model_name: str, px: int, args) -> dict:
     rules = parallel.axis_rules({k: v for k, v in base.logical_axis_rules.items() if k in logical}, logical)
 
     start = time.perf_counter()
-    models = build_models(choice, config, mesh, rules, args.cfg_scale)
+    models = build_models(choice, config, mesh, rules, args.cfg_scale, cast_once=args.cast == "once")
     jax.block_until_ready((models.params, models.experts))
     build_s = time.perf_counter() - start
 
@@ -345,7 +358,7 @@ def run_one(model_name: str, px: int, args) -> dict:
         return compiled, state, time.perf_counter() - start
 
     result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
-                  devices=jax.device_count(), build_s=build_s,
+                  devices=jax.device_count(), build_s=build_s, cast=args.cast,
                   params=sum(x.size for x in jax.tree.leaves(models.params)),
                   frozen=sum(x.size for x in jax.tree.leaves(models.experts)),
                   frozen_bytes=sum(x.nbytes for x in jax.tree.leaves(models.experts)),

@@ -29,11 +29,11 @@ def load_script(name: str, monkeypatch):
 
 def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
-    land in the Markdown table and the JSON beside it; FLOPs count the full rollout's extra steps,
+    land in the Markdown table and the JSON beside it, the frozen base stored in bf16 as a run stores it; FLOPs count the full rollout's extra steps,
     3 forwards for a fully trained student's forward + backward and 2 for a LoRA student's."""
     out = tmp_path / "perf.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--models", "MMDiT-tiny",
-           "--resolutions", "32", "--batch-size", "2", "--rollout-steps", "4", "--dtype", "float32", "--steps", "1",
+           "--resolutions", "32", "--batch-size", "2", "--rollout-steps", "4", "--dtype", "bfloat16", "--steps", "1",
            "--peak-tflops", "1", "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,6 +43,7 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     assert all(r[k] > 0 for k in ("step_s", "step_full_s", "rollout_s", "rollout_full_s", "teacher_s", "student_s"))
     assert r["step_peak_bytes"] > 0
     assert r["params"] < r["frozen"]  # the LoRA student trains adapters over a frozen base
+    assert r["cast"] == "once" and r["frozen_bytes"] < 4 * r["frozen"]  # frozen bf16 layers stored in bf16 (the float32 positional table dominates here)
     assert r["flops"]["student"] == 2 * r["flops"]["teacher"]
     assert "| MMDiT-tiny | 32 | 2 |" in out.read_text()
 
