@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 from danceopd_jax import checkpoints, parallel
 from danceopd_jax.core import router, routing
 from danceopd_jax.core.route_weights import RouteWeights
-from danceopd_jax.core.compute_dtype import cast_to_compute_dtype
+from danceopd_jax.core.compute_dtype import abstract_in_compute_dtype, cast_to_compute_dtype
 from danceopd_jax.core.conditioning import unconditional
 from danceopd_jax.core.fields import Field, cfg_field, inference_field, linear_combination, model_field
 from danceopd_jax.core.flowopd import FlowOPDOptions
@@ -113,8 +113,8 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     lora_shardings = parallel.shardings_of(abstract_lora, mesh, rules)
     with parallel.sharding_context(mesh, rules):
         params = jax.jit(lambda: nnx.split(make_student(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
-    base = sd3.load_base(config.model_dir, abstract_base, base_shardings, config.transformer_path)
-    experts = {SHARED_BASE: frozen_in_compute_dtype(base_graphdef, base, base_shardings)}
+    stored_base = abstract_in_compute_dtype(base_graphdef, abstract_base)  # read straight into the compute dtype
+    experts = {SHARED_BASE: sd3.load_base(config.model_dir, stored_base, base_shardings, config.transformer_path)}
     shardings = {SHARED_BASE: base_shardings}
     graphdefs = {}
     for name, spec in config.experts.items():

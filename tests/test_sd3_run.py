@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from danceopd_jax import build, export, sd3_sampling, train
+from danceopd_jax import build, export, parallel, sd3_sampling, train
 from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.data.prompt_embeddings import load_table
 from danceopd_jax.sampling import sample_task, to_uint8
@@ -290,3 +290,22 @@ def test_sample_and_export_bad_input_is_one_clear_line(trained, tmp_path):
     assert os.listdir(occupied) == ["keep.txt"]
     (tmp_path / "empty").mkdir()
     export.check_export(str(workdir), str(tmp_path / "empty"))  # an empty --out folder is fine
+
+
+def test_a_bf16_run_reads_its_frozen_base_straight_into_the_compute_dtype(folder):
+    """``build.load_sd3_models`` reads the bf16 layers' weights as bfloat16 (no float32 copy on the
+    device), equal to the float32 read cast, and leaves the float32 layers (adaLN, embedders) alone."""
+
+    def base_of(dtype: str):
+        config = smoke_config(folder, **{"student.dtype": dtype})
+        mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+        rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
+        return dict(nnx.to_flat_state(build.load_sd3_models(config, mesh, rules, rules)[2][build.SHARED_BASE]))
+
+    stored, full = base_of("bfloat16"), base_of("float32")
+    assert stored.keys() == full.keys()
+    dtypes = {path: leaf.dtype for path, leaf in stored.items()}
+    assert dtypes[("transformer_blocks", 0, "attn", "to_q", "kernel")] == jnp.bfloat16
+    assert dtypes[("transformer_blocks", 0, "norm1", "linear", "kernel")] == jnp.float32
+    for path, leaf in stored.items():
+        np.testing.assert_array_equal(np.asarray(leaf[...]), np.asarray(full[path][...].astype(leaf.dtype)), err_msg=str(path))

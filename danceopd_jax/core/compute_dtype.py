@@ -57,3 +57,9 @@ def cast_to_compute_dtype(graphdef: nnx.GraphDef, *states: nnx.State) -> tuple[n
         return leaf if dtype is None else leaf.astype(dtype)
 
     return tuple(jax.tree_util.tree_map_with_path(cast, state) for state in states)
+
+
+def abstract_in_compute_dtype(graphdef: nnx.GraphDef, abstract: nnx.State, *context: nnx.State) -> nnx.State:
+    """The shapes and dtypes of ``cast_to_compute_dtype(graphdef, abstract, *context)[0]``: the
+    target of a frozen state read from weight files straight into its compute dtype."""
+    return jax.eval_shape(lambda state, *rest: cast_to_compute_dtype(graphdef, state, *rest)[0], abstract, *context)
