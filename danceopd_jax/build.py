@@ -62,20 +62,19 @@ def model_factory(config: ConfigDict, spec: ConfigDict) -> Callable[[], nnx.Modu
     return lambda: DiT(dit, rngs=nnx.Rngs(spec.seed))
 
 
-def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
-    """``(graphdef, state, shardings)``: random init (``seed``) or another run's checkpoint, sharded."""
+def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules, *, frozen: bool = False) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, state, shardings)``: random init (``seed``) or another run's checkpoint, sharded.
+
+    ``frozen`` (an expert): parameters stored in their layers' compute dtype (``core.compute_dtype``),
+    a checkpoint restored straight into it.
+    """
     make = model_factory(config, spec)
     if spec.init == "random":
-        return parallel.create_sharded_state(make, mesh, rules)
+        graphdef, state, shardings = parallel.create_sharded_state(make, mesh, rules)
+        return graphdef, frozen_in_compute_dtype(graphdef, state, shardings) if frozen else state, shardings
     graphdef, abstract, shardings = parallel.abstract_model_state(make, mesh, rules)
-    state = checkpoints.restore_model_params(spec.checkpoint, abstract, shardings)
-    return graphdef, state, shardings
-
-
-def load_expert(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
-    """``load_model`` for a frozen expert, its parameters stored in their compute dtype (``frozen_in_compute_dtype``)."""
-    graphdef, state, shardings = load_model(config, spec, mesh, rules)
-    return graphdef, frozen_in_compute_dtype(graphdef, state, shardings), shardings
+    target = abstract_in_compute_dtype(graphdef, abstract) if frozen else abstract
+    return graphdef, checkpoints.restore_model_params(spec.checkpoint, target, shardings), shardings
 
 
 def frozen_in_compute_dtype(graphdef: nnx.GraphDef, frozen: nnx.State, shardings, *context: nnx.State) -> nnx.State:

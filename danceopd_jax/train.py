@@ -290,7 +290,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
         experts, expert_shardings, expert_graphdefs = {}, {}, {}
     if config.method != "flow_matching" and not config.model_dir:
         for name, spec in config.experts.items():
-            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_expert(config, spec, mesh, expert_rules)
+            expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, expert_rules, frozen=True)
 
     # ---------------------------------------------------------------- optimizer, state
     opt = config.optimizer

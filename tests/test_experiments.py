@@ -11,9 +11,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from ml_collections import ConfigDict
 
-from danceopd_jax import sampling
+from danceopd_jax import build, parallel, sampling
 from danceopd_jax.averaging import average_weights
+from danceopd_jax.core.compute_dtype import compute_dtypes
 from danceopd_jax.evaluation.guidance import effective_guidance
 from danceopd_jax.experiments import report
 from danceopd_jax.train import train_and_evaluate
@@ -163,3 +166,21 @@ def test_reproduce_exits_cleanly_when_a_training_is_preempted(monkeypatch, tmp_p
 
     monkeypatch.setattr(reproduce, "run", preempted)
     reproduce.main(["--workdir", str(tmp_path), "--quick"])  # returns: no SystemExit, no traceback
+
+
+def test_an_expert_checkpoint_is_restored_straight_into_its_compute_dtype(two_runs):
+    """``build.load_model(frozen=True)``, as a run loads its experts: a float32-trained checkpoint
+    read by a bf16 expert spec lands in bfloat16 for every layer-cast parameter, equal to the float32
+    restore cast (``core.compute_dtype``)."""
+    config = load_config()
+    spec = ConfigDict({**config.student.to_dict(), "init": "checkpoint", "checkpoint": str(two_runs[0]), "dtype": "bfloat16"})
+    mesh = parallel.make_mesh({"data": -1}, jax.devices()[:1])
+    rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
+    graphdef, stored, _ = build.load_model(config, spec, mesh, rules, frozen=True)
+    _, full, _ = build.load_model(config, spec, mesh, rules)
+    casts = compute_dtypes(nnx.merge(graphdef, full))
+    assert casts and {leaf.dtype for leaf in jax.tree.leaves(full)} == {np.dtype(np.float32)}
+    full = dict(nnx.to_flat_state(full))
+    for path, leaf in nnx.to_flat_state(stored):
+        assert leaf.dtype == casts.get(path, np.float32), path
+        np.testing.assert_array_equal(np.asarray(leaf[...]), np.asarray(full[path][...].astype(leaf.dtype)), err_msg=str(path))
