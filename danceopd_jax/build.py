@@ -95,8 +95,8 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
 
     Returns ``(student graphdef, student params, experts, expert shardings, expert graphdefs)``:
     the student's params are its LoRA; ``experts`` holds the base (``SHARED_BASE``) and each
-    expert's LoRA delta (an empty state for the plain base), both stored in their compute dtype
-    (``frozen_in_compute_dtype``). The full transformer is traced
+    expert's LoRA delta (an empty state for the plain base), both stored in their layers' compute
+    dtype (the base read straight into it: ``core.compute_dtype``). The full transformer is traced
     abstractly once, as the plain base; the student is that abstract base plus a fresh LoRA, so
     only the adapters are traced again (full-size abstract traces take tens of seconds).
     """
