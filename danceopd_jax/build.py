@@ -38,6 +38,11 @@ def logical_axes(config: ConfigDict) -> tuple[str, ...]:
     return mmdit.LOGICAL_AXES + lora.LORA_AXES  # both models name the shared layers.ACTIVATION_AXES
 
 
+def axis_rules(config: ConfigDict) -> parallel.Rules:
+    """The run's logical-axis rules (``config.logical_axis_rules`` over ``logical_axes``)."""
+    return parallel.axis_rules(config.logical_axis_rules, logical_axes(config))
+
+
 def model_config(config: ConfigDict, spec: ConfigDict):
     """The DiT config of a model spec (student or expert) in this run's image/condition space."""
     return dit_config(

@@ -259,7 +259,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
     # ---------------------------------------------------------------- config, mesh
     validate(config)
     mesh = parallel.make_mesh(config.mesh, devices, config.get("dcn_mesh"))  # run configs saved before dcn_mesh have none
-    rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
+    rules = build.axis_rules(config)
     _check_layout(config, mesh)
 
     # ---------------------------------------------------------------- input, router

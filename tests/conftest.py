@@ -1,4 +1,5 @@
-"""Shared test helpers: configs with overrides, a tiny SD3.5-style transformer config, XLA's FLOP count."""
+"""Shared test helpers: configs with overrides, a tiny SD3.5-style transformer config, random LoRA
+adapters, XLA's FLOP count."""
 
 import importlib.util
 import pathlib
@@ -40,6 +41,18 @@ SD35_TINY = dict(
     dual_attention_layers=(0, 2),
     qk_norm="rms_norm",
 )
+
+
+def randomise_adapters(model, seed=1, std=0.3):
+    """Non-zero B (and fresh A) on every LoRA adapter of ``model``, so LoRA changes the output."""
+    import jax
+    from flax import nnx
+
+    from danceopd_jax.models.lora import lora_split
+
+    _, adapters, _ = lora_split(model)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(adapters))))
+    nnx.update(model, jax.tree.map(lambda a: std * jax.random.normal(next(keys), a.shape), adapters))
 
 
 def xla_flops(fn, *args):

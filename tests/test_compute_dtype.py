@@ -14,7 +14,7 @@ from danceopd_jax.core.objectives import danceopd_loss
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.models import dit, lora, mmdit
 
-from conftest import SD35_TINY
+from conftest import SD35_TINY, randomise_adapters
 
 B = 2
 
@@ -28,9 +28,7 @@ def tiny_lora_mmdit():
     """SD3.5-style MMDiT (RMS qk-norm, conv patch embedding) in bf16 with non-zero LoRA adapters."""
     model = mmdit.MMDiT(mmdit.config_from_diffusers(SD35_TINY, dtype="bfloat16"), rngs=nnx.Rngs(0))
     lora.add_lora(model, rank=2, alpha=4, targets=SD3_LORA_TARGETS.split(","), rngs=nnx.Rngs(1))
-    for _, variable in nnx.iter_graph(model):
-        if isinstance(variable, lora.LoRAParam):
-            variable[...] = 0.1 * jax.random.normal(jax.random.key(variable.size), variable.shape)
+    randomise_adapters(model, std=0.1)
     return model
 
 

@@ -175,7 +175,7 @@ def test_an_expert_checkpoint_is_restored_straight_into_its_compute_dtype(two_ru
     config = load_config()
     spec = ConfigDict({**config.student.to_dict(), "init": "checkpoint", "checkpoint": str(two_runs[0]), "dtype": "bfloat16"})
     mesh = parallel.make_mesh({"data": -1}, jax.devices()[:1])
-    rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
+    rules = build.axis_rules(config)
     graphdef, stored, _ = build.load_model(config, spec, mesh, rules, frozen=True)
     _, full, _ = build.load_model(config, spec, mesh, rules)
     casts = compute_dtypes(nnx.merge(graphdef, full))

@@ -28,7 +28,7 @@ from danceopd_jax.models.weights import (
     write_safetensors,
 )
 
-from conftest import SD35_TINY, diffusers_velocity
+from conftest import SD35_TINY, diffusers_velocity, randomise_adapters
 
 B = 2
 CFG = dit_config("tiny", image_size=8, channels=3, num_classes=4, zero_init=False)
@@ -49,13 +49,6 @@ def inputs(cfg=CFG, seed=0):
     ks = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(ks[0], (B, cfg.image_size, cfg.image_size, cfg.channels))
     return x, jax.random.uniform(ks[1], (B,)), {"label": jnp.array([1, 3], jnp.int32)}
-
-
-def randomise_adapters(model, seed=1, std=0.3):
-    """Non-zero B (and fresh A) on every adapter, so LoRA changes the output."""
-    _, adapters, _ = lora_split(model)
-    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(adapters))))
-    nnx.update(model, jax.tree.map(lambda a: std * jax.random.normal(next(keys), a.shape), adapters))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -299,7 +299,7 @@ def test_a_bf16_run_reads_its_frozen_base_straight_into_the_compute_dtype(folder
     def base_of(dtype: str):
         config = smoke_config(folder, **{"student.dtype": dtype})
         mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-        rules = parallel.axis_rules(config.logical_axis_rules, build.logical_axes(config))
+        rules = build.axis_rules(config)
         return dict(nnx.to_flat_state(build.load_sd3_models(config, mesh, rules, rules)[2][build.SHARED_BASE]))
 
     stored, full = base_of("bfloat16"), base_of("float32")
