@@ -47,6 +47,7 @@ minus those three (loss, optimizer update, the step's glue).
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -182,6 +183,30 @@ class Models:
     lora_student: bool
 
 
+def random_state(abstract, shardings, seed: int):
+    """Random values in the shapes, dtypes and shardings of an abstract model state, drawn on the
+    host and put on the devices: N(0, 1/fan_in) for matrices, kernels and tables (fan_in: all
+    axes but the last), ones for norm scales, zeros for biases.
+
+    The timings need real-sized, finite weights, not the modules' own initialisers. A traced
+    init compiles kernels per initialiser on a GPU, which took 128 s for the two DiT-XL/2 models
+    on an H100 (184 s for SD3.5-M): the largest fixed cost of a benchmark call in a lease.
+    """
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def draw(index, path, a):  # one generator per leaf: the draws run in parallel threads
+        if a.ndim >= 2:
+            x = np.random.default_rng([seed, index]).standard_normal(a.shape, np.float32)
+            x *= 1 / np.sqrt(np.prod(a.shape[:-1]))
+            return x.astype(a.dtype, copy=False)
+        fill = np.ones if "scale" in jax.tree_util.keystr(path) else np.zeros
+        return fill(a.shape, a.dtype)
+
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        leaves = list(pool.map(draw, range(len(paths_and_leaves)), *zip(*paths_and_leaves, strict=True)))
+    return jax.device_put(treedef.unflatten(leaves), shardings)
+
+
 def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cast_once: bool = True) -> Models:
     """The models of one configuration; ``cast_once=False`` keeps every frozen parameter in float32
     and gives the student no ``frozen_field`` (each layer then casts on every call)."""
@@ -195,10 +220,9 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
 
     null = null_condition(choice)
     if choice.kind == "dit":
-        make = lambda seed: lambda: dit.DiT(config, rngs=nnx.Rngs(seed))  # noqa: E731
-        graphdef, _, shardings = parallel.abstract_model_state(make(0), mesh, rules)
-        with parallel.sharding_context(mesh, rules):  # student and expert from one compiled init
-            params, expert = jax.jit(lambda: [nnx.split(make(seed)())[1] for seed in (0, 1)], out_shardings=[shardings] * 2)()
+        graphdef, abstract, shardings = parallel.abstract_model_state(lambda: dit.DiT(config, rngs=nnx.Rngs(0)), mesh, rules)
+        params, expert = (random_state(abstract, shardings, seed) for seed in (0, 1))
+        with parallel.sharding_context(mesh, rules):
             expert = stored(graphdef, expert, shardings)  # as train.setup_run stores experts
         fields = lambda e: [cfg_field(model_field(graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
         student_params = lambda p, e: p  # noqa: E731
@@ -212,13 +236,9 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
     graphdef, abstract, _ = parallel.abstract_model_state(make_lora, mesh, rules)
     graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
     lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
-    def init():  # one traced init of the model; the expert's delta: another LoRA with non-zero B
-        _, params, base = nnx.split(make_lora(), lora.LoRAParam, ...)
-        delta = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
-        return params, base, delta
-
+    params, delta = (random_state(abstract_lora, lora_shardings, seed) for seed in (0, 2))  # delta: the expert's LoRA
+    base = random_state(abstract_base, base_shardings, 1)
     with parallel.sharding_context(mesh, rules):
-        params, base, delta = jax.jit(init, out_shardings=(lora_shardings, base_shardings, lora_shardings))()
         base = stored(graphdef, base, base_shardings, params)  # as build.load_sd3_models
         delta = stored(graphdef, delta, lora_shardings, base)
     fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731

@@ -31,3 +31,29 @@ def test_even_length_padding_leaves_attention_and_its_gradient_unchanged(masked)
         hidden = int(np.argmin(np.asarray(mask[0])))
         moved = even_length_attention(q, k, v.at[0, hidden].add(10.0), "xla", mask)
         np.testing.assert_allclose(moved, padded, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("lengths", [(5, 7), (6, 8)])
+def test_cudnn_attention_gets_even_lengths_and_a_full_mask(monkeypatch, masked, lengths):
+    """What cuDNN's fused kernel needs (jax's cuDNN layout checks; an H100 run raised on each):
+    even T and S when differentiated, and a mask as [B, 1, T, S], not [B, 1, 1, S]. CPU has no
+    cuDNN, so the call is recorded and answered by XLA."""
+    t, s = lengths
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, n, 2, 8)) for i, n in enumerate((t, s, s)))
+    mask = jnp.ones((2, s), bool).at[1, -2].set(False) if masked else None
+    calls, real = [], jax.nn.dot_product_attention
+
+    def recorded(q, k, v, *, mask=None, key_value_seq_lengths=None, implementation=None):
+        calls.append((q.shape, k.shape, None if mask is None else mask.shape, key_value_seq_lengths))
+        return real(q, k, v, mask=mask, key_value_seq_lengths=key_value_seq_lengths, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    out = attention(q, k, v, "cudnn", mask)
+    monkeypatch.undo()
+    [(q_shape, k_shape, mask_shape, kv_lengths)] = calls
+    assert q_shape[1] % 2 == 0 and k_shape[1] % 2 == 0
+    assert mask_shape in (None, (2, 1, q_shape[1], k_shape[1]))
+    if not masked and s % 2:  # the pad key is dropped by cuDNN's padding mask
+        np.testing.assert_array_equal(kv_lengths, [s, s])
+    np.testing.assert_allclose(out, attention(q, k, v, "xla", mask), rtol=0, atol=1e-6)

@@ -64,29 +64,34 @@ def check_attention(owner: str, attention: str, dtype: str) -> None:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, key_mask: jax.Array | None = None) -> jax.Array:
     """``softmax(q k^T / sqrt(Dh)) v`` over the valid keys: q [B, T, H, Dh], k and v [B, S, H, Dh],
-    ``key_mask`` bool [B, S] (None: all valid) -> [B, T, H, Dh].
-
-    cuDNN's fused kernel takes only even sequence lengths when differentiated with a mask (SD3's
-    joint sequence is 256 image + 333 text = 589 tokens at 256 px), so for ``"cudnn"`` an odd
-    length is padded by one token that is masked out of the keys and sliced off the output
-    (``even_length_attention``).
-    """
-    if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+    ``key_mask`` bool [B, S] (None: all valid) -> [B, T, H, Dh]. ``"cudnn"`` goes through
+    ``even_length_attention``, in the shapes cuDNN's fused kernel takes."""
+    if implementation == "cudnn":
         return even_length_attention(q, k, v, implementation, key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, key_mask: jax.Array | None = None) -> jax.Array:
-    """``attention`` computed on q, k, v padded to even lengths, the padded key masked out."""
+    """``attention`` computed on q, k, v padded to even lengths, in cuDNN's accepted shapes.
+
+    cuDNN's fused kernel takes only even sequence lengths when differentiated (SD3's joint
+    sequence is 256 image + 333 text = 589 tokens at 256 px). An odd length is padded by one
+    token, kept out of the keys and sliced off the output. Without a key mask, cuDNN's padding
+    mask (``key_value_seq_lengths``) drops the pad. A key mask goes in whole, as [B, 1, T, S]:
+    the only mask shape cuDNN takes.
+    """
     t, s = q.shape[1], k.shape[1]
     pad = lambda y: jnp.pad(y, ((0, 0), (0, y.shape[1] % 2), (0, 0), (0, 0)))  # noqa: E731
-    if key_mask is None:
-        key_mask = jnp.ones((k.shape[0], s), bool)
-    key_mask = jnp.pad(key_mask, ((0, 0), (0, s % 2)), constant_values=False)
-    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=key_mask[:, None, None, :], implementation=implementation)
+    q, k, v = pad(q), pad(k), pad(v)
+    mask = lengths = None
+    if key_mask is not None:
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, s % 2)), constant_values=False)
+        mask = jnp.broadcast_to(key_mask[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
+    elif s % 2:
+        lengths = jnp.full((q.shape[0],), s, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=lengths, implementation=implementation)
     return out[:, :t]
-
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
