@@ -73,12 +73,14 @@ from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
 from danceopd_jax.models import dit, layers, lora, mmdit
+import kernel_profile
 from measure import expected_rollout_steps, median_seconds, peak_bytes
 
 SD3_TEXT_LEN = 77 + 256  # CLIP tokens + T5 tokens
 NUM_CLASSES = 1000
 QUERIES = 1  # K
 SAMPLER = "low_t"
+PROFILED_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,9 @@ def parse_args(argv):
     parser.add_argument("--no-parts", action="store_true", help="skip timing the rollout, teacher and student passes alone")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of one device (H100 SXM bf16: 989)")
     parser.add_argument("--out", default=None, help="also write the table (Markdown) here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help=f"trace {PROFILED_STEPS} steps of each configuration into DIR/<model>_<px>/ and summarise "
+                             "the device kernels by category (kernel_profile.py)")  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PX"), help=argparse.SUPPRESS)  # one configuration, JSON out
     args = parser.parse_args(argv)
     for name in args.models.split(","):
@@ -294,6 +299,20 @@ def time_train_steps(step, state, experts, batch, steps: int):
     return statistics.median(times), state
 
 
+def trace_dir(root: str, model_name: str, px: int) -> str:
+    return os.path.join(root, f"{model_name.replace('/', '')}_{px}")
+
+
+def profile_steps(step, state, experts, batch, log_dir: str):
+    """``(kernel summary per step or None on a backend without device events, final state)`` of
+    ``PROFILED_STEPS`` steps traced by the profiler into ``log_dir``."""
+    with jax.profiler.trace(log_dir):
+        for _ in range(PROFILED_STEPS):
+            state, metrics = step(state, experts, batch, jnp.int32(0))
+            jax.block_until_ready((state, metrics))
+    return kernel_profile.summarise(kernel_profile.latest_trace(log_dir), PROFILED_STEPS), state
+
+
 def part_times(models: Models, batch: dict, sigmas, args, repeats: int) -> dict[str, float]:
     """Median seconds of the rollout (truncated, full), the teacher forward and the student f+b alone."""
     n, b = args.rollout_steps, batch["image"].shape[0]
@@ -390,6 +409,8 @@ def run_one(model_name: str, px: int, args) -> dict:
             result[f"{name}_compile_s"] = compile_s
             result[f"{name}_peak_bytes"] = peak_bytes(compiled)
             result[f"{name}_s"], state = time_train_steps(compiled, state, models.experts, batch, args.steps)
+            if args.profile and truncate:
+                result["kernels"], state = profile_steps(compiled, state, models.experts, batch, trace_dir(args.profile, model_name, px))
             del state, compiled
             print(json.dumps(result), flush=True)  # partial: the parent keeps the last complete line
         if not args.no_parts:
@@ -471,6 +492,18 @@ def table(results: list[dict], args) -> list[str]:
     return ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def kernel_tables(results: list[dict]) -> list[str]:
+    """For each profiled configuration: its step's device time by kernel category and longest ops."""
+    lines = []
+    for r in (r for r in results if "kernels" in r):
+        lines += ["", f"### {r['model']} at {r['px']} px, B {r['batch']}: device kernels of one step", ""]
+        if r["kernels"] is None:
+            lines.append(f"No device events in the trace ({jax.default_backend()} backend): nothing to split.")
+            continue
+        lines += kernel_profile.table(r["kernels"], achieved(r) * r["step_s"])
+    return lines
+
+
 def header(args, argv) -> list[str]:
     device = jax.devices()[0]
     return [
@@ -491,7 +524,7 @@ def main(argv) -> None:
     lines = header(args, argv)
     print("\n".join(lines), flush=True)
     results = run_all(args, argv, lines)
-    print("\n" + "\n".join(table(results, args)))
+    print("\n" + "\n".join([*table(results, args), *kernel_tables(results)]))
 
 
 def write_outputs(args, header_lines: list[str], results: list[dict]) -> None:
@@ -499,7 +532,7 @@ def write_outputs(args, header_lines: list[str], results: list[dict]) -> None:
     if not args.out:
         return
     with open(args.out, "w") as f:
-        f.write("\n".join([*header_lines, "", *table(results, args)]) + "\n")
+        f.write("\n".join([*header_lines, "", *table(results, args), *kernel_tables(results)]) + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(results, f, indent=1)
 

@@ -1,10 +1,15 @@
 """The benchmark scripts run (tiny sizes) and their rollout cross-check holds; no timing is asserted."""
 
+import gzip
 import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,7 +39,7 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     out = tmp_path / "perf.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--models", "MMDiT-tiny",
            "--resolutions", "32", "--batch-size", "2", "--rollout-steps", "4", "--dtype", "bfloat16", "--steps", "1",
-           "--peak-tflops", "1", "--out", str(out)]  # fmt: skip
+           "--peak-tflops", "1", "--out", str(out), "--profile", str(tmp_path / "profile")]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     [r] = json.loads(out.with_suffix(".json").read_text())
@@ -46,6 +51,7 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     assert r["cast"] == "once" and r["frozen_bytes"] < 4 * r["frozen"]  # frozen bf16 layers stored in bf16 (the float32 positional table dominates here)
     assert r["flops"]["student"] == 2 * r["flops"]["teacher"]
     assert "| MMDiT-tiny | 32 | 2 |" in out.read_text()
+    assert r["kernels"] is None and "No device events in the trace (cpu backend)" in out.read_text()  # CPU: no device kernels
 
     bench = load_script("step_throughput", monkeypatch)
     args = bench.parse_args(["--rollout-steps", "4"])
@@ -53,3 +59,46 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     flops = bench.step_flops(choice, bench.model_config(choice, 32, args), 1, args, lora_student=False)
     assert flops["student"] == 3 * flops["teacher"] and flops["rollout_full"] == 3 * flops["teacher"]
     assert abs(flops["teacher"] / 2 - 118.6e9) < 0.01 * 118.6e9  # DiT-XL/2 at 256 px: 118.6 GMACs (Peebles & Xie, Table 4)
+
+
+def gpu_trace(path: pathlib.Path, with_ops_thread: bool) -> pathlib.Path:
+    """A Chrome trace in the profiler's shape: a host process and a GPU with one stream thread of
+    kernels (two overlapping) and, optionally, a derived ``XLA Ops`` thread."""
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "XLA Ops"}},
+    ]
+    kernels = [  # (name, start us, duration us)
+        ("nvjet_tst_192x192_64x4_2x1_v_bz_TNT", 0, 400),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", 400, 300),
+        ("loop_multiply_fusion_3", 700, 200),
+        ("MemcpyD2D", 850, 100),  # overlaps the fusion by 50 us
+    ]
+    events = [{"ph": "X", "pid": 2, "tid": 7, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+    events.append({"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 5000})  # host: ignored
+    if with_ops_thread:
+        events.append({"ph": "X", "pid": 2, "tid": 8, "name": "fusion.3", "ts": 0, "dur": 600,
+                       "args": {"long_name": "%fusion.3 = bf16[8,8] fusion(...), kind=kCustom, calls=%gemm_fusion_dot.3"}})  # fmt: skip
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    return path
+
+
+def test_kernel_profile_splits_device_time_by_category(tmp_path, monkeypatch):
+    """Device kernels are summed by category per call, overlapping streams count once in the busy
+    time, host events are ignored, and an ``XLA Ops`` thread replaces the kernels it derives from."""
+    profile = load_script("kernel_profile", monkeypatch)
+    s = profile.summarise(gpu_trace(tmp_path / "a.trace.json.gz", with_ops_thread=False), calls=2)
+    assert s["category_ms"] == pytest.approx({"attention": 0.15, "matmul": 0.2, "collective": 0.0, "copy": 0.05, "other": 0.1})
+    assert (s["busy_ms"], s["span_ms"]) == pytest.approx((0.475, 0.475))  # 950 us of union over 2 calls
+    assert s["top"][0] == ["nvjet_tst_192x192_64x4_2x1_v_bz_TNT", pytest.approx(0.2), 0.5]
+    assert any("| matmul (" in line for line in profile.table(s, flops_per_call=1e9))
+
+    ops = profile.summarise(gpu_trace(tmp_path / "b.trace.json.gz", with_ops_thread=True), calls=1)
+    assert ops["category_ms"]["matmul"] == pytest.approx(sum(ops["category_ms"].values())) == pytest.approx(0.6)  # the Triton GEMM fusion, by its long name
+
+    with jax.profiler.trace(str(tmp_path / "cpu")):  # the CPU backend's ops run in host threads
+        jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((64, 64))))
+    assert profile.summarise(profile.latest_trace(tmp_path / "cpu"), calls=1) is None
