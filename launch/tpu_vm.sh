@@ -4,16 +4,18 @@
 #   launch/tpu_vm.sh setup   NAME --zone=Z            copy this checkout to every worker, pip install -e '.[tpu]'
 #   launch/tpu_vm.sh run     NAME --zone=Z CONFIG WORKDIR [--config.KEY=VALUE ...]   on --worker=all
 #   launch/tpu_vm.sh delete  NAME --zone=Z
-# Every subcommand takes --dry-run (print the gcloud commands, run nothing). On a pod slice every
-# worker runs the same command and joins jax.distributed (coordinator auto-detected on TPU);
+# Every subcommand takes --dry-run (print the gcloud commands, run nothing) and --slices=N (default 1).
+# N > 1 is a multislice job: one queued resource of N slices named NAME-0 .. NAME-<N-1>, set up and
+# run on every slice at once; split the mesh over them with --config.dcn_mesh.data=N.
+# Every worker runs the same command and joins jax.distributed (coordinator auto-detected on TPU);
 # WORKDIR must be shared by the workers (a GCS FUSE or NFS mount).
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1 name=$2
 shift 2
-zone="" type=v5litepod-8 version="" dry_run=0
+zone="" type=v5litepod-8 version="" dry_run=0 slices=1
 positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
@@ -21,12 +23,14 @@ for arg in "$@"; do
     --zone=*) zone=${arg#--zone=} ;;
     --type=*) type=${arg#--type=} ;;
     --version=*) version=${arg#--version=} ;;
+    --slices=*) slices=${arg#--slices=} ;;
     --config.*=*) overrides+=("$arg") ;;
     --*) echo "error: unknown option '$arg'" >&2; exit 2 ;;
     *) positional+=("$arg") ;;
   esac
 done
 [ -n "$zone" ] || { echo "error: --zone=ZONE is required" >&2; exit 2; }
+[[ "$slices" =~ ^[1-9][0-9]*$ ]] || { echo "error: --slices must be a positive integer, got '$slices'" >&2; exit 2; }
 if [ -z "$version" ]; then  # the software image Cloud TPU documents for each generation
   case "$type" in
     v4-*) version="tpu-ubuntu2204-base" ;;
@@ -38,25 +42,50 @@ if [ -z "$version" ]; then  # the software image Cloud TPU documents for each ge
 fi
 remote_dir=danceopd_jax
 tpu=(gcloud compute tpus tpu-vm)
+queued=(gcloud compute tpus queued-resources)
+nodes=("$name")
+if [ "$slices" -gt 1 ]; then  # the node names a multislice queued resource gives its slices
+  nodes=()
+  for ((i = 0; i < slices; i++)); do nodes+=("$name-$i"); done
+fi
 
 run() {  # print, or run, one command
   if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
+ssh_all() {  # one command on every worker of every slice; slices at once, the launch fails if one does
+  local node pids=()
+  for node in "${nodes[@]}"; do
+    if [ "$dry_run" = 1 ]; then run "${tpu[@]}" ssh "$node" "--zone=$zone" --worker=all "--command=$1"
+    else "${tpu[@]}" ssh "$node" "--zone=$zone" --worker=all "--command=$1" & pids+=("$!"); fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
 case "$action" in
   create)
-    run "${tpu[@]}" create "$name" "--zone=$zone" "--accelerator-type=$type" "--version=$version" ;;
+    if [ "$slices" -eq 1 ]; then
+      run "${tpu[@]}" create "$name" "--zone=$zone" "--accelerator-type=$type" "--version=$version"
+    else
+      run "${queued[@]}" create "$name" "--zone=$zone" "--accelerator-type=$type" "--runtime-version=$version" \
+        "--node-count=$slices" "--node-prefix=$name"
+    fi ;;
   setup)
-    run "${tpu[@]}" scp --recurse . "$name:$remote_dir" "--zone=$zone" --worker=all
-    run "${tpu[@]}" ssh "$name" "--zone=$zone" --worker=all \
-      "--command=cd $remote_dir && python3 -m pip install -q -e '.[tpu]'" ;;
+    for node in "${nodes[@]}"; do
+      run "${tpu[@]}" scp --recurse . "$node:$remote_dir" "--zone=$zone" --worker=all
+    done
+    ssh_all "cd $remote_dir && python3 -m pip install -q -e '.[tpu]'" ;;
   run)
     [ ${#positional[@]} -eq 2 ] || { echo "error: run needs CONFIG WORKDIR" >&2; exit 2; }
     [ -f "${positional[0]}" ] || { echo "error: config file '${positional[0]}' not found" >&2; exit 2; }
     main=$(printf '%q ' python3 -m danceopd_jax.main --config "${positional[0]}" --workdir "${positional[1]}" \
       "${overrides[@]}" --distributed)
-    run "${tpu[@]}" ssh "$name" "--zone=$zone" --worker=all "--command=cd $remote_dir && $main" ;;
+    ssh_all "cd $remote_dir && $main" ;;
   delete)
-    run "${tpu[@]}" delete "$name" "--zone=$zone" --quiet ;;
+    if [ "$slices" -eq 1 ]; then
+      run "${tpu[@]}" delete "$name" "--zone=$zone" --quiet
+    else  # the queued resource and its slices
+      run "${queued[@]}" delete "$name" "--zone=$zone" --force --quiet
+    fi ;;
   *) echo "error: unknown action '$action'; valid: create, setup, run, delete" >&2; exit 2 ;;
 esac

@@ -80,3 +80,20 @@ def test_tpu_vm_dry_run_covers_the_lifecycle():
     assert delete[4:] == ["delete", "pod", zone, "--quiet"]
     assert _run("launch/tpu_vm.sh", "run", "pod", "configs/smoke.py", "/w").stderr.strip() == "error: --zone=ZONE is required"
     assert _run("launch/tpu_vm.sh", "start", "pod", zone).returncode == 2
+
+
+def test_tpu_vm_multislice_dry_run_uses_one_queued_resource():
+    zone, slices = "--zone=us-east5-a", "--slices=2"
+    create = _dry_run_words("launch/tpu_vm.sh", "create", "job", zone, "--type=v5p-16", slices)
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "job", zone, "--accelerator-type=v5p-16",
+                      "--runtime-version=v2-alpha-tpuv5", "--node-count=2", "--node-prefix=job"]  # fmt: skip
+    setup = [shlex.split(line) for line in _run("launch/tpu_vm.sh", "setup", "job", zone, slices, "--dry-run").stdout.splitlines()]
+    assert [words[5:7] for words in setup] == [["--recurse", "."], ["--recurse", "."], ["job-0", zone], ["job-1", zone]]
+    assert [words[7] for words in setup[:2]] == ["job-0:danceopd_jax", "job-1:danceopd_jax"]
+    run = [shlex.split(line) for line in _run("launch/tpu_vm.sh", "run", "job", zone, slices, "configs/smoke.py", "/mnt/w",
+                                              "--config.dcn_mesh.data=2", "--dry-run").stdout.splitlines()]  # fmt: skip
+    assert [words[4:8] for words in run] == [["ssh", f"job-{i}", zone, "--worker=all"] for i in range(2)]
+    assert all("--config.dcn_mesh.data=2 --distributed" in words[-1] for words in run)
+    assert _dry_run_words("launch/tpu_vm.sh", "delete", "job", zone, slices)[3:] == ["queued-resources", "delete", "job", zone, "--force", "--quiet"]
+    bad = _run("launch/tpu_vm.sh", "create", "job", zone, "--slices=one")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --slices must be a positive integer, got 'one'"
