@@ -67,7 +67,7 @@ from flax import nnx
 
 from danceopd_jax import build, parallel
 from danceopd_jax.config_lib import SD3_LORA_TARGETS, base_config
-from danceopd_jax.core.fields import cfg_field, model_field, unconditional
+from danceopd_jax.core.fields import cfg_field, inference_field, model_field, unconditional
 from danceopd_jax.core.objectives import frozen_student, per_sample_mse
 from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
@@ -120,6 +120,9 @@ def parse_args(argv):
     parser.add_argument("--cast", default="once", choices=("once", "per_call"),
                         help="frozen parameters in their layers' compute dtype once (as a run does: experts stored so, the "
                              "rollout's student cast before the loop) or cast by each layer on every call, inside the loop")  # fmt: skip
+    parser.add_argument("--adapters", default="folded", choices=("folded", "unfolded"),
+                        help="a LoRA student's adapters in the rollout: folded into their kernels once per step (as a run "
+                             "does) or run as two extra thin products per layer on every Euler step (with --cast once)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
     parser.add_argument("--no-full-rollout", action="store_true", help="skip the step with the full-length rollout")
     parser.add_argument("--no-parts", action="store_true", help="skip timing the rollout, teacher and student passes alone")
@@ -212,15 +215,23 @@ def random_state(abstract, shardings, seed: int):
     return jax.device_put(treedef.unflatten(leaves), shardings)
 
 
-def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cast_once: bool = True) -> Models:
+class UnfoldedStudent(build.StudentApply):
+    """``StudentApply`` whose rollout field keeps a LoRA student's adapters unfolded (cast once)."""
+
+    def frozen_field(self, params):
+        return inference_field(self.graphdef, *self.states(params))
+
+
+def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cast_once: bool = True, fold: bool = True) -> Models:
     """The models of one configuration; ``cast_once=False`` keeps every frozen parameter in float32
-    and gives the student no ``frozen_field`` (each layer then casts on every call)."""
+    and gives the student no ``frozen_field`` (each layer then casts on every call); ``fold=False``
+    keeps the rollout student's adapters unfolded."""
 
     def stored(graphdef, frozen, shardings, *context):
         return build.frozen_in_compute_dtype(graphdef, frozen, shardings, *context) if cast_once else frozen
 
     def student(graphdef):
-        apply = build.StudentApply(graphdef)
+        apply = (build.StudentApply if fold else UnfoldedStudent)(graphdef)
         return apply if cast_once else lambda p, x, t, cond: apply(p, x, t, cond)
 
     null = null_condition(choice)
@@ -363,7 +374,7 @@ def run_one(model_name: str, px: int, args) -> dict:
     rules = parallel.axis_rules({k: v for k, v in base.logical_axis_rules.items() if k in logical}, logical)
 
     start = time.perf_counter()
-    models = build_models(choice, config, mesh, rules, args.cfg_scale, cast_once=args.cast == "once")
+    models = build_models(choice, config, mesh, rules, args.cfg_scale, cast_once=args.cast == "once", fold=args.adapters == "folded")
     jax.block_until_ready((models.params, models.experts))
     build_s = time.perf_counter() - start
 
@@ -397,7 +408,7 @@ def run_one(model_name: str, px: int, args) -> dict:
         return compiled, state, time.perf_counter() - start
 
     result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
-                  devices=jax.device_count(), build_s=build_s, cast=args.cast,
+                  devices=jax.device_count(), build_s=build_s, cast=args.cast, adapters=args.adapters,
                   params=sum(x.size for x in jax.tree.leaves(models.params)),
                   frozen=sum(x.size for x in jax.tree.leaves(models.experts)),
                   frozen_bytes=sum(x.nbytes for x in jax.tree.leaves(models.experts)),
@@ -511,7 +522,7 @@ def header(args, argv) -> list[str]:
         f"flax {flax.__version__}, python {platform.python_version()}",
         f"command: python benchmarks/step_throughput.py {shlex.join(argv)}",
         f"N {args.rollout_steps} rollout steps (shift {args.shift}), K {QUERIES} ({SAMPLER}), cfg {args.cfg_scale}, "
-        f"dtype {args.dtype} (float32 params), attention {args.attention}, remat {args.remat}; "
+        f"dtype {args.dtype} (float32 params), attention {args.attention}, remat {args.remat}, cast {args.cast}, adapters {args.adapters}; "
         f"step = median of {args.steps} after 2 warm-up; MFU against {args.peak_tflops or '(no peak given)'} TFLOP/s per device",
     ]
 
