@@ -14,7 +14,7 @@ from danceopd_jax.core.objectives import danceopd_loss
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.models import dit, lora, mmdit
 
-from conftest import SD35_TINY, randomise_adapters
+from conftest import SD35_TINY, jaxpr_equations, randomise_adapters
 
 B = 2
 
@@ -82,18 +82,13 @@ def test_inference_field_is_bit_identical(kind):
     np.testing.assert_array_equal(np.asarray(once), np.asarray(plain))
 
 
-def _bf16_converts_in_loops(jaxpr, inside=False) -> int:
+def _bf16_converts_in_loops(jaxpr) -> int:
     """float32 -> bfloat16 conversions of arrays inside ``while`` bodies (the rollout), recursively."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        if inside and eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.bfloat16:
-            count += int(eqn.invars[0].aval.dtype == jnp.float32 and eqn.invars[0].aval.ndim >= 1)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    count += _bf16_converts_in_loops(getattr(inner, "jaxpr", inner), inside or eqn.primitive.name == "while")
-    return count
+    return sum(
+        eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.bfloat16
+        and eqn.invars[0].aval.dtype == jnp.float32 and eqn.invars[0].aval.ndim >= 1
+        for eqn, in_loop in jaxpr_equations(jaxpr) if in_loop
+    )  # fmt: skip
 
 
 def test_rollout_loop_no_longer_casts_parameters_and_step_is_unchanged():

@@ -29,7 +29,7 @@ from danceopd_jax.models.weights import (
     write_safetensors,
 )
 
-from conftest import SD35_TINY, diffusers_velocity, randomise_adapters
+from conftest import SD35_TINY, diffusers_velocity, jaxpr_equations, randomise_adapters
 
 B = 2
 CFG = dit_config("tiny", image_size=8, channels=3, num_classes=4, zero_init=False)
@@ -177,15 +177,7 @@ def test_merged_weights_match_the_adapted_model():
 
 def _dot_generals(jaxpr) -> int:
     """Matrix products in a jaxpr, counted through nested jaxprs (jit, remat)."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        count += eqn.primitive.name == "dot_general"
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    count += _dot_generals(getattr(inner, "jaxpr", inner))
-    return count
+    return sum(eqn.primitive.name == "dot_general" for eqn, _ in jaxpr_equations(jaxpr))
 
 
 def test_rollout_student_folds_adapters_once_and_gives_the_same_field():

@@ -86,15 +86,20 @@ class LoRAParam(nnx.Param):
     """A LoRA factor: what the optimiser trains while every other variable stays frozen."""
 
 
+def _adopt(layer: nnx.Linear, source: nnx.Linear, skip: tuple[str, ...] = ()) -> None:
+    """Give ``layer`` the variables (the same objects) and settings of ``source``, but ``skip``."""
+    for name, value in vars(source).items():
+        if not name.startswith("_pytree__") and name not in skip:  # NNX's bookkeeping, rebuilt by setattr
+            setattr(layer, name, value)
+
+
 class LoRALinear(nnx.Linear):
     """``base`` (its own variables and settings) plus a low-rank update: y = base(x) + (alpha/r) (x A) B."""
 
     def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        for name, value in vars(base).items():
-            if not name.startswith("_pytree__"):  # NNX's bookkeeping, rebuilt by setattr
-                setattr(self, name, value)
+        _adopt(self, base)
         in_axis, out_axis = base.kernel.get_metadata().get("out_sharding") or (None, None)
         shape_a, shape_b = (base.in_features, rank), (rank, base.out_features)
         self.lora_a = LoRAParam(partitioned(_kaiming_uniform, (in_axis, "lora_rank"))(rngs.params(), shape_a, base.param_dtype))
@@ -210,20 +215,22 @@ class FoldedLinear(nnx.Linear):
     """
 
     def __init__(self, adapter: LoRALinear):
-        for name, value in vars(adapter).items():
-            if not name.startswith("_pytree__") and name not in ("lora_a", "lora_b", "alpha"):
-                setattr(self, name, value)
+        _adopt(self, adapter, skip=("lora_a", "lora_b", "alpha"))
         kernel = adapter.kernel
         self.kernel = kernel.replace((kernel[...].astype(jnp.float32) + adapter.delta()).astype(kernel.dtype))
+
+
+def _fold_in_place(model: nnx.Module) -> nnx.Module:
+    """``model`` with every ``LoRALinear`` replaced by its ``FoldedLinear``."""
+    for path, adapter in [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear)]:
+        _replace(model, path, FoldedLinear(adapter))
+    return model
 
 
 def folded(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with every ``LoRALinear`` replaced by its ``FoldedLinear``; ``model`` keeps
     its adapters. The copy's variables have the paths of the model before ``add_lora``."""
-    model = nnx.merge(*nnx.split(model))
-    for path, adapter in [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear)]:
-        _replace(model, path, FoldedLinear(adapter))
-    return model
+    return _fold_in_place(nnx.merge(*nnx.split(model)))
 
 
 def fold_adapters(graphdef: nnx.GraphDef, *states: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
@@ -233,7 +240,7 @@ def fold_adapters(graphdef: nnx.GraphDef, *states: nnx.State) -> tuple[nnx.Graph
     the fold costs one thin product per adapter, once, and each call then skips two. A model with
     no adapters comes back as one state, unchanged.
     """
-    return nnx.split(folded(nnx.merge(graphdef, *states)))
+    return nnx.split(_fold_in_place(nnx.merge(graphdef, *states)))  # the merge is already a fresh model
 
 
 def merge_lora(model: nnx.Module) -> nnx.State:
