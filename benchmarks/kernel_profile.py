@@ -11,8 +11,8 @@ Which events are read:
 - **Thread choice:** where the device has an ``XLA Ops`` thread (one event per HLO op), only
   that thread is read. Otherwise its stream threads are read, one event per kernel.
 
-The categories, matched in this order on the event's name and its ``hlo_op`` / ``long_name``
-args:
+The categories, matched in this order on the event's name, its ``hlo_op`` arg and the HLO
+instruction's own name and attributes in its ``long_name`` arg (``own_text``; not its operands):
 - ``attention``: fused attention kernels (cuDNN's flash / SDPA kernels, fmha);
 - ``matmul``: matrix products (cuBLAS / cuBLASLt kernels such as ``nvjet_*`` and
   ``sm90_xmma_gemm_*``, CUTLASS, XLA's Triton GEMM fusions);
@@ -43,6 +43,17 @@ SKIPPED_THREADS = re.compile(r"XLA Modules|Steps|Framework|Source|TraceMe|Launch
 def category(text: str) -> str:
     """The category of one event's text (name and op args), the first pattern that matches."""
     return next((name for name, pattern in CATEGORIES if pattern.search(text)), OTHER)
+
+
+def own_text(event: dict) -> str:
+    """The text that names what one event runs: its name, its ``hlo_op`` arg and, from its
+    ``long_name`` (the HLO instruction), the instruction's own name and its ``kind``, ``calls``
+    and ``custom_call_target`` attributes. Not the operand list: an elementwise fusion that reads
+    a GEMM's output names that GEMM among its operands, and is not a matrix product."""
+    args = event.get("args", {})
+    long_name = str(args.get("long_name", ""))
+    attributes = re.findall(r"\b(?:kind|calls|custom_call_target)=(\"[^\"]*\"|[%\w.$-]+)", long_name)
+    return " ".join([event["name"], str(args.get("hlo_op", "")), long_name.split(" = ", 1)[0], *attributes])
 
 
 def latest_trace(log_dir: str | pathlib.Path) -> pathlib.Path:
@@ -81,10 +92,9 @@ def summarise(trace_path: str | pathlib.Path, calls: int, top: int = 12) -> dict
         events = device_events(json.load(f))
     if not events:
         return None
-    text = lambda e: " ".join([e["name"], *(str(e.get("args", {}).get(k, "")) for k in ("hlo_op", "long_name"))])  # noqa: E731
     by_category, by_name, counts = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
-        by_category[category(text(e))] += e["dur"]
+        by_category[category(own_text(e))] += e["dur"]
         by_name[e["name"]] += e["dur"]
         counts[e["name"]] += 1
     ms = lambda us: us / 1e3 / calls  # noqa: E731

@@ -80,7 +80,9 @@ def gpu_trace(path: pathlib.Path, with_ops_thread: bool) -> pathlib.Path:
     events.append({"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 5000})  # host: ignored
     if with_ops_thread:
         events.append({"ph": "X", "pid": 2, "tid": 8, "name": "fusion.3", "ts": 0, "dur": 600,
-                       "args": {"long_name": "%fusion.3 = bf16[8,8] fusion(...), kind=kCustom, calls=%gemm_fusion_dot.3"}})  # fmt: skip
+                       "args": {"long_name": "%fusion.3 = bf16[8,8]{1,0} fusion(bf16[8,8]{1,0} %p.1), kind=kCustom, calls=%gemm_fusion_dot.3"}})  # fmt: skip
+        events.append({"ph": "X", "pid": 2, "tid": 8, "name": "loop_add_fusion", "ts": 600, "dur": 100,  # reads the GEMM
+                       "args": {"long_name": "%loop_add_fusion = bf16[8,8]{1,0} fusion(bf16[8,8]{1,0} %fusion.3, bf16[8,8]{1,0} %copy.2), kind=kLoop, calls=%fused_add"}})  # fmt: skip
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": meta + events}, f)
     return path
@@ -97,7 +99,7 @@ def test_kernel_profile_splits_device_time_by_category(tmp_path, monkeypatch):
     assert any("| matmul (" in line for line in profile.table(s, flops_per_call=1e9))
 
     ops = profile.summarise(gpu_trace(tmp_path / "b.trace.json.gz", with_ops_thread=True), calls=1)
-    assert ops["category_ms"]["matmul"] == pytest.approx(sum(ops["category_ms"].values())) == pytest.approx(0.6)  # the Triton GEMM fusion, by its long name
+    assert ops["category_ms"] == pytest.approx({"attention": 0.0, "matmul": 0.6, "collective": 0.0, "copy": 0.0, "other": 0.1})  # the Triton GEMM fusion by its calls=; the add by its own name, not its operands
 
     with jax.profiler.trace(str(tmp_path / "cpu")):  # the CPU backend's ops run in host threads
         jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((64, 64))))
