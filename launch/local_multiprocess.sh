@@ -3,7 +3,7 @@
 # (gloo collectives, coordinator on 127.0.0.1): a real multi-host run without a cluster.
 #   launch/local_multiprocess.sh PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]
 # Process 0 prints to this terminal; process i > 0 logs to WORKDIR/logs/process_i.log. Exits
-# non-zero when any process fails.
+# non-zero when any process fails. The caller's XLA_FLAGS are kept, with the device count added.
 set -euo pipefail
 
 usage() { echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]" >&2; exit 2; }
@@ -25,7 +25,7 @@ done
 [ -f "$config" ] || { echo "error: config file '$config' not found" >&2; exit 2; }
 
 command_of() {  # the command line of process $1
-  printf '%q ' env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices" \
+  printf '%q ' env JAX_PLATFORMS=cpu "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices" \
     python -m danceopd_jax.main --config "$config" --workdir "$workdir" "${overrides[@]}" \
     "--coordinator_address=127.0.0.1:$port" "--num_processes=$processes" "--process_id=$1"
 }

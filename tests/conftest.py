@@ -2,11 +2,24 @@
 adapters, XLA's FLOP count."""
 
 import importlib.util
+import os
 import pathlib
 
-import pytest
+# The tests' programs are tiny: LLVM's optimisation of their CPU code is a large part of their
+# compile time and no part of what they check (set before JAX starts; subprocesses inherit it).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS]))
+
+import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cpu_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess with ``devices`` forced CPU devices (and the tests' XLA flags)."""
+    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
 
 
 def load_config(name: str = "smoke", config_arg: str | None = None, **overrides):

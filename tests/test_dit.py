@@ -17,7 +17,7 @@ from danceopd_jax.models import dit
 from danceopd_jax.models.dit import DiT, DiTConfig, dit_config, forward_flops
 from danceopd_jax.models.layers import patchify, unpatchify
 
-from conftest import xla_flops
+from conftest import cpu_devices_env, xla_flops
 
 B, L, TEXT_DIM, NUM_CLASSES = 2, 5, 12, 4
 CFG = dit_config(
@@ -231,12 +231,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 def test_sharded_construction_and_forward_on_8_cpu_devices():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    )
+    env = cpu_devices_env(8, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )

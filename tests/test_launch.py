@@ -29,14 +29,19 @@ def test_shellcheck_clean(script):
     assert result.returncode == 0, result.stdout
 
 
-def test_local_multiprocess_dry_run():
-    result = _run("launch/local_multiprocess.sh", "2", "3", "configs/smoke.py", "/tmp/w", "--config.seed=1", "--port=999", "--dry-run")
+@pytest.mark.parametrize("caller_flags", [None, "--xla_dump_to=/tmp/d"])
+def test_local_multiprocess_dry_run(caller_flags):
+    """Each process gets its CPU devices and coordinator; the caller's own XLA_FLAGS are kept."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": caller_flags} if caller_flags else {})
+    args = ("launch/local_multiprocess.sh", "2", "3", "configs/smoke.py", "/tmp/w", "--config.seed=1", "--port=999", "--dry-run")
+    result = _run(*args, env=env)
     assert result.returncode == 0, result.stderr
     lines = [shlex.split(line) for line in result.stdout.splitlines()]
     assert len(lines) == 2
+    flags = " ".join(filter(None, [caller_flags, "--xla_force_host_platform_device_count=3"]))
     for process_id, words in enumerate(lines):
         assert words == [
-            "env", "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=3",
+            "env", "JAX_PLATFORMS=cpu", f"XLA_FLAGS={flags}",
             "python", "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", "/tmp/w", "--config.seed=1",
             "--coordinator_address=127.0.0.1:999", "--num_processes=2", f"--process_id={process_id}",
         ]  # fmt: skip

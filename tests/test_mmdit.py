@@ -27,7 +27,7 @@ from danceopd_jax.config_lib import base_config
 from danceopd_jax.models import mmdit
 from danceopd_jax.models.weights import WeightsMismatch, load_module, open_safetensors, write_safetensors
 
-from conftest import SD35_TINY, diffusers_velocity, xla_flops
+from conftest import SD35_TINY, cpu_devices_env, diffusers_velocity, xla_flops
 
 # SD35_TINY (conftest), SD3.5-style: MMDiT-X attn2 in the first block and in the context_pre_only
 # last block, RMS qk-norm; latents (8 x 6) smaller than the 6 x 6-patch table at patch 2, so the crop is
@@ -338,8 +338,7 @@ def test_activation_constraints_on_a_multi_device_mesh():
     (HEADS) and the MLP hiddens (MLP_HIDDEN) are pinned; the sharded forward equals the unsharded
     one to 1e-5 (float32, other reduction orders)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))  # fmt: skip
+    env = cpu_devices_env(8, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-c", SHARDED_FORWARD, json.dumps(SD35_TINY)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

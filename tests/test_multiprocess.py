@@ -2,7 +2,6 @@
 (gloo, coordinator on 127.0.0.1) through ``launch/local_multiprocess.sh`` and the real CLI, on a
 flat mesh and on a hybrid one (``config.dcn_mesh``: the data axis across the processes)."""
 
-import os
 import pathlib
 import re
 import socket
@@ -13,6 +12,8 @@ import jax
 import numpy as np
 
 from danceopd_jax.sampling import load_trained_model
+
+from conftest import cpu_devices_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ["--config.num_train_steps=4", "--config.log_every=1"]
@@ -30,7 +31,7 @@ def _losses(stdout: str) -> list[tuple[str, str, str]]:
 
 
 def _one_process(workdir, devices: int, *flags):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = cpu_devices_env(devices)
     cmd = [sys.executable, "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", str(workdir), *flags]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 

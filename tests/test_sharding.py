@@ -3,7 +3,6 @@ activations follow the rules: for the DiT (configs/smoke.py) and for the MMDiT o
 (configs/sd3_smoke.py: a LoRA student and a LoRA teacher over one shared frozen base, CFG)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from danceopd_jax.config_lib import base_config
 from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.models.dit import LOGICAL_AXES
 from danceopd_jax.models.layers import TOKENS, constrain
+
+from conftest import cpu_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("sharded_step_script.py")
 
@@ -40,11 +41,10 @@ def script_outputs(tmp_path_factory):
     """Both parts of the script start at once; ``{part: finish() -> its JSON}``.
 
     Compiling a step per mesh is most of their time (XLA compiles mostly on one core), so they run
-    side by side, with LLVM optimisation off (``xla_backend_optimization_level=0``: the programs
-    are tiny; it halves compile time; every mesh, the single device included, compiles alike)."""
+    side by side, with the tests' XLA flags (``conftest.TEST_XLA_FLAGS``: every mesh, the single
+    device included, compiles alike)."""
     tmp = tmp_path_factory.mktemp("sharded_steps")
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     started = {}
     for part, args in (("dit", ()), ("sd3", (str(tmp),))):
         out, err = open(tmp / f"{part}.out", "w+"), open(tmp / f"{part}.err", "w+")
