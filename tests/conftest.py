@@ -16,10 +16,12 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def cpu_devices_env(devices: int, **extra: str) -> dict[str, str]:
-    """The environment of a subprocess with ``devices`` forced CPU devices (and the tests' XLA flags)."""
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess with ``devices`` forced CPU devices (and the tests' XLA flags)
+    that imports this checkout."""
     flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
 def load_config(name: str = "smoke", config_arg: str | None = None, **overrides):

@@ -337,8 +337,7 @@ def test_activation_constraints_on_a_multi_device_mesh():
     """Both token streams after every residual update and at entry (TOKENS), each stream's q/k/v
     (HEADS) and the MLP hiddens (MLP_HIDDEN) are pinned; the sharded forward equals the unsharded
     one to 1e-5 (float32, other reduction orders)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = cpu_devices_env(8, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = cpu_devices_env(8)
     command = [sys.executable, "-c", SHARDED_FORWARD, json.dumps(SD35_TINY)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
