@@ -7,7 +7,10 @@ student passes), with the truncated rollout and with the full-length one.
         --batch-size 2 --rollout-steps 4 --dtype float32                             # CPU check
 
 Every (model, resolution) runs in its own process (``--one``), so peak device memory is that
-configuration's alone and one that runs out of memory does not stop the others.
+configuration's alone and one that runs out of memory does not stop the others. With
+``--compilation-cache DIR`` the processes keep their compiled programs in DIR, so a second call on
+the same shapes (another ``--profile``, the passes after the step) skips compiles that take
+minutes on a GPU; the step's compile time then reads ``(cached)``.
 
 The step is the paper's (PAPER.md): per-step routing to one expert field, an Euler rollout of
 ``--rollout-steps`` (16) from noise on the shifted grid, K = 1 query state from ``low_t``, the
@@ -131,6 +134,9 @@ def parse_args(argv):
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help=f"trace {PROFILED_STEPS} steps of each configuration into DIR/<model>_<px>/ and summarise "
                              "the device kernels by category (kernel_profile.py)")  # fmt: skip
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache: a later call with the same shapes and code loads its "
+                             "programs from DIR instead of compiling them (compile s then says 'cached')")  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PX"), help=argparse.SUPPRESS)  # one configuration, JSON out
     args = parser.parse_args(argv)
     for name in args.models.split(","):
@@ -363,8 +369,24 @@ def part_times(models: Models, batch: dict, sigmas, args, repeats: int) -> dict[
     return out
 
 
+def use_compilation_cache(directory: str) -> list[int]:
+    """Keep every compiled program in ``directory`` (however short its compile) and count the
+    programs loaded from it: the returned one-element list is the running count of cache hits."""
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    hits = [0]
+
+    def count(event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            hits[0] += 1
+
+    jax.monitoring.register_event_listener(count)
+    return hits
+
+
 def run_one(model_name: str, px: int, args) -> dict:
     """All figures of one (model, resolution), in this process."""
+    cache_hits = use_compilation_cache(args.compilation_cache) if args.compilation_cache else [0]
     choice = MODELS[model_name]
     latent, b = px // 8, batch_size(choice, px, args)
     config = model_config(choice, latent, args)
@@ -403,9 +425,9 @@ def run_one(model_name: str, px: int, args) -> dict:
         )
         with parallel.sharding_context(mesh, rules):
             state = jax.jit(init, out_shardings=state_shardings)(models.params)
-            start = time.perf_counter()
+            start, hits = time.perf_counter(), cache_hits[0]
             compiled = step.lower(state, models.experts, batch, jnp.int32(0)).compile()
-        return compiled, state, time.perf_counter() - start
+        return compiled, state, time.perf_counter() - start, cache_hits[0] > hits
 
     result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
                   devices=jax.device_count(), build_s=build_s, cast=args.cast, adapters=args.adapters,
@@ -415,9 +437,9 @@ def run_one(model_name: str, px: int, args) -> dict:
                   flops=step_flops(choice, config, b, args, lora_student=models.lora_student))  # fmt: skip
     with parallel.sharding_context(mesh, rules):
         for truncate in (True, False) if not args.no_full_rollout else (True,):
-            compiled, state, compile_s = compiled_step(truncate)
+            compiled, state, compile_s, cached = compiled_step(truncate)
             name = "step" if truncate else "step_full"
-            result[f"{name}_compile_s"] = compile_s
+            result[f"{name}_compile_s"], result[f"{name}_cached"] = compile_s, cached
             result[f"{name}_peak_bytes"] = peak_bytes(compiled)
             result[f"{name}_s"], state = time_train_steps(compiled, state, models.experts, batch, args.steps)
             if args.profile and truncate:
@@ -474,7 +496,8 @@ def mfu(result: dict, args, full: bool = False) -> str:
 
 def summary(r: dict, args) -> str:
     return (f"B {r['batch']}: step {r['step_s'] * 1e3:.1f} ms, {r['batch'] / r['step_s']:.2f} samples/s, "
-            f"{achieved(r) / 1e12:.1f} TFLOP/s, MFU {mfu(r, args)}%, compile {r['step_compile_s']:.0f} s")  # fmt: skip
+            f"{achieved(r) / 1e12:.1f} TFLOP/s, MFU {mfu(r, args)}%, compile {r['step_compile_s']:.0f} s"
+            f"{' (cached)' if r['step_cached'] else ''}")  # fmt: skip
 
 
 def gib(n) -> str:
@@ -521,6 +544,7 @@ def header(args, argv) -> list[str]:
         f"device: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}); jax {jax.__version__}, "
         f"flax {flax.__version__}, python {platform.python_version()}",
         f"command: python benchmarks/step_throughput.py {shlex.join(argv)}",
+        f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(not set)'}",
         f"N {args.rollout_steps} rollout steps (shift {args.shift}), K {QUERIES} ({SAMPLER}), cfg {args.cfg_scale}, "
         f"dtype {args.dtype} (float32 params), attention {args.attention}, remat {args.remat}, cast {args.cast}, adapters {args.adapters}; "
         f"step = median of {args.steps} after 2 warm-up; MFU against {args.peak_tflops or '(no peak given)'} TFLOP/s per device",

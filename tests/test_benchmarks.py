@@ -61,6 +61,26 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     assert abs(flops["teacher"] / 2 - 118.6e9) < 0.01 * 118.6e9  # DiT-XL/2 at 256 px: 118.6 GMACs (Peebles & Xie, Table 4)
 
 
+def test_step_throughput_compilation_cache_serves_a_second_call(tmp_path):
+    """With ``--compilation-cache`` the first call compiles the step and the second, on the same
+    shapes, loads it from the cache and says so; both time a finite step."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--models", "DiT-tiny/2", "--resolutions", "32",
+           "--batch-size", "2", "--rollout-steps", "3", "--dtype", "float32", "--steps", "1", "--no-parts", "--no-full-rollout",
+           "--compilation-cache", str(tmp_path / "cache")]  # fmt: skip
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.md"
+        result = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        [r] = json.loads(out.with_suffix(".json").read_text())
+        runs.append((r, result.stdout))
+    (first, first_log), (second, second_log) = runs
+    assert not first["step_cached"] and second["step_cached"], (first, second)
+    assert "(cached)" not in first_log and "(cached)" in second_log
+    assert first["step_s"] > 0 and second["step_s"] > 0
+    assert any(p.is_file() for p in (tmp_path / "cache").iterdir())
+
+
 def gpu_trace(path: pathlib.Path, with_ops_thread: bool) -> pathlib.Path:
     """A Chrome trace in the profiler's shape: a host process and a GPU with one stream thread of
     kernels (two overlapping) and, optionally, a derived ``XLA Ops`` thread."""
