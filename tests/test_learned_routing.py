@@ -10,6 +10,7 @@ import pytest
 from danceopd_jax import build, train
 from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.core import router
+from danceopd_jax.core.conditioning import repeat_condition
 from danceopd_jax.data.sources import MixedSource
 from danceopd_jax.train import setup_run, train_and_evaluate
 
@@ -50,17 +51,34 @@ def test_routed_field_argmax_sample_and_soft():
     fields = [lambda x, t, c: jnp.ones_like(x), lambda x, t, c: 3.0 * jnp.ones_like(x)]
     x, t = jnp.zeros((4, 2, 2, 3)), jnp.zeros(4)
     key = jax.random.key(0)
-    hard = router.routed_field(fields, _source_router(2.0), "argmax", key)(x, t, cond)
+    hard = router.routed_field(fields, _source_router(2.0), "argmax", key, 4)(x, t, cond)
     np.testing.assert_array_equal(hard[:, 0, 0, 0], [1.0, 3.0, 1.0, 3.0])
     p_second = float(jax.nn.sigmoid(-4.0))  # logits (2, -2) without a source, (-2, 2) with one
-    soft = router.routed_field(fields, _source_router(2.0), "soft", key)(x, t, cond)
+    soft = router.routed_field(fields, _source_router(2.0), "soft", key, 4)(x, t, cond)
     expected = np.where(np.asarray(cond["source_mask"]), 3.0 - 2.0 * p_second, 1.0 + 2.0 * p_second)
     np.testing.assert_allclose(soft[:, 0, 0, 0], expected, rtol=1e-6)
-    sampled = router.routed_field(fields, _source_router(50.0), "sample", key)(x, t, cond)
+    sampled = router.routed_field(fields, _source_router(50.0), "sample", key, 4)(x, t, cond)
     np.testing.assert_array_equal(sampled, hard)  # a certain router samples its argmax
-    uncertain = [router.routed_field(fields, _source_router(0.0), "sample", jax.random.key(k))(x, t, cond) for k in range(8)]
+    uncertain = [router.routed_field(fields, _source_router(0.0), "sample", jax.random.key(k), 4)(x, t, cond) for k in range(8)]
     values = np.unique(np.concatenate([np.asarray(u).ravel() for u in uncertain]))
     np.testing.assert_array_equal(values, [1.0, 3.0])  # p = 1/2: both fields drawn, nothing in between
+
+
+def test_a_sampled_route_is_one_field_for_all_of_a_samples_query_states():
+    """With K query states per rollout (rows repeated sample-major), ``assign="sample"`` draws one
+    field per sample, not per row: every sample's K rows get the same field, and over the batch
+    both fields of a 50/50 router are drawn."""
+    samples, k = 64, 3
+    cond = repeat_condition({"text": jnp.zeros((samples, 8, 16)), "text_mask": jnp.ones((samples, 8), bool),
+                             "source_mask": jnp.zeros((samples,), bool)}, k)  # fmt: skip
+    fields = [lambda x, t, c: jnp.ones_like(x), lambda x, t, c: 3.0 * jnp.ones_like(x)]
+    x, t = jnp.zeros((samples * k, 2)), jnp.zeros(samples * k)
+    out = router.routed_field(fields, _source_router(0.0), "sample", jax.random.key(0), samples)(x, t, cond)
+    per_sample = np.asarray(out[:, 0]).reshape(samples, k)
+    assert (per_sample == per_sample[:, :1]).all(), per_sample
+    assert set(np.unique(per_sample)) == {1.0, 3.0}
+    with pytest.raises(ValueError, match="rows are not whole repeats of 5 samples"):
+        router.routed_field(fields, _source_router(0.0), "sample", jax.random.key(0), 5)(x, t, cond)
 
 
 def test_mixed_source_pools_buckets_in_proportion_and_keeps_labels():

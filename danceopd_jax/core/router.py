@@ -133,16 +133,23 @@ def route_assignment(params: RouterParams, cond: Condition, assign: str, key: ja
     return jax.nn.one_hot(choice, probs.shape[-1], dtype=jnp.float32)
 
 
-def routed_field(fields: Sequence[Field], params: Any, assign: str, key: jax.Array) -> Field:
+def routed_field(fields: Sequence[Field], params: Any, assign: str, key: jax.Array, num_samples: int) -> Field:
     """``v*(x, t, c) = sum_m a_m(c) v_m(x, t, c)`` with ``a = route_assignment(...)`` (module docstring).
 
-    Rows of ``x`` may repeat each sample of ``cond`` (K query states per rollout): the assignment
-    is computed from the condition rows themselves, so it follows them.
+    The rows of ``x`` are ``num_samples`` samples, each as consecutive rows (its K query states or
+    N rollout states, ``conditioning.repeat_condition``'s sample-major layout). The assignment is
+    made once per sample, from its first row, and repeated over its rows: a sampled route
+    (``assign="sample"``) scores all the states of one rollout against one field (PAPER.md step 1).
     """
     num_routes = len(fields)
 
     def routed(x, t, cond):
-        weights = route_assignment(params, cond, assign, key)
+        rows = x.shape[0]
+        if rows % num_samples:
+            raise ValueError(f"routed field: {rows} rows are not whole repeats of {num_samples} samples")
+        repeats = rows // num_samples
+        first_rows = jax.tree.map(lambda a: a[::repeats], cond)
+        weights = jnp.repeat(route_assignment(params, first_rows, assign, key), repeats, axis=0)
         if weights.shape[-1] != num_routes:
             raise ValueError(f"router predicts {weights.shape[-1]} routes, the run has {num_routes}")
         out = 0.0

@@ -99,7 +99,7 @@ def make_loss_fn(
     if routing_mode == "learned" and router_params is None:
         raise ValueError("routing 'learned' needs router_params (a trained router.train_router)")
 
-    def target_field(experts, route, key) -> Field:
+    def target_field(experts, route, key, num_samples: int) -> Field:
         fields = route_fields(experts)
         if routing_mode == "per_step":
             return routing.per_step_field(fields, route)
@@ -108,7 +108,7 @@ def make_loss_fn(
         if routing_mode == "soft":
             return routing.soft_mixing_field(fields, route_weights)
         if routing_mode == "learned":
-            return router.routed_field(fields, router_params, router_assign, jax.random.fold_in(key, 1))
+            return router.routed_field(fields, router_params, router_assign, jax.random.fold_in(key, 1), num_samples)
         raise ValueError(f"unknown routing {routing_mode!r}; valid: {', '.join(routing.ROUTING_MODES)}")
 
     def loss(params, experts, batch, route, key):
@@ -116,7 +116,7 @@ def make_loss_fn(
             return objectives.flow_matching_loss(
                 student, params, batch, key, shift=shift, condition_dropout=condition_dropout, time_sampler=fm_time_sampler
             )
-        target = target_field(experts, route, key)
+        target = target_field(experts, route, key, batch["image"].shape[0])
         if method == "danceopd":
             return objectives.danceopd_loss(
                 student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler,
