@@ -14,7 +14,7 @@ SD3.5-M realism fine-tunes usually hold. The prompts are a ``.txt`` (one per lin
 ``.jsonl`` file, all of it used.
 
 Setup as the paper's (``config_lib.sd35_medium_recipe``: rank-128 LoRA on attention q, k, v, out
-and the MLP, lr 2e-4, no weight decay, 16-step rollouts, shift 3.0, bf16, clip 1.0, 3000 steps,
+and the MLP, lr 2e-4, no weight decay, 16-step rollouts on the scheduler grid with shift 3.0, bf16, clip 1.0, 3000 steps,
 1024 px; batch 4 per step in place of 1 x grad accumulation 4). One route, as in the authors'
 ``sd35_realism_absorption`` config: every step queries the realism field, without CFG on either
 side (the teacher's ordinary field, not a guided one; the rollout is CFG-free).

@@ -25,6 +25,7 @@ def get_config() -> ConfigDict:
     config.batch_size = 2
     config.rollout_steps = 4
     config.shift = 3.0
+    config.sigma_schedule = "flow_match_euler"  # the folder's scheduler grid, as SD3 runs use
     config.image_size = 8  # latents: 64 px through the tiny folder's 8x VAE
     config.channels = 16
     config.condition.update(dict(text_len=77 + 16, text_dim=32, pooled_dim=32))  # the tiny transformer's widths

@@ -208,7 +208,7 @@ def _make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphd
         route_weights=route_weights(config),
         group_sizes=step_group_sizes(config),
         group_blocks=jax.process_count(),
-        sigmas=sigma_grid(config.rollout_steps, config.shift),
+        sigmas=sigma_grid(config.rollout_steps, config.shift, config.sigma_schedule),
         num_queries=config.queries_per_rollout,
         sampler=config.query_sampler,
         shift=config.shift,

@@ -65,6 +65,9 @@ def base_config() -> ConfigDict:
     )
     config.rollout_steps = 16
     config.shift = 1.0
+    # The rollout's sigma grid (core/schedule.py): uniform = shift(linspace(1, 0, N + 1));
+    # flow_match_euler = diffusers' FlowMatchEulerDiscreteScheduler grid, which SD3 pipelines use.
+    config.sigma_schedule = "uniform"
     config.query_sampler = "low_t"
     config.queries_per_rollout = 1
     config.condition_dropout = 0.0  # flow_matching only
@@ -136,13 +139,19 @@ def base_config() -> ConfigDict:
 SD3_LORA_TARGETS = "to_q,to_k,to_v,to_out,add_q_proj,add_k_proj,add_v_proj,to_add_out,fc1,fc2"
 
 
+def run_sigma_schedule(run_config: ConfigDict) -> str:
+    """The sigma schedule a run rolled out on; runs saved before ``sigma_schedule`` existed used ``uniform``."""
+    return run_config.get("sigma_schedule", "uniform")
+
+
 def sd35_medium_recipe() -> ConfigDict:
     """The paper's SD3.5-Medium training setup (PAPER.md "Paper setup"; the authors' release) with no
     fields yet: configs add experts, fields and routes.
 
     A rank-128 / alpha-128 LoRA student on ``SD3_LORA_TARGETS`` in bf16 compute with full remat
     (the authors' release checkpoints gradients too); AdamW at a constant 2e-4, no weight decay,
-    gradient clip 1.0; 3000 steps of 16-step rollouts on SD3.5's shifted schedule (shift 3.0),
+    gradient clip 1.0; 3000 steps of 16-step rollouts on SD3.5's scheduler grid (diffusers'
+    ``FlowMatchEulerDiscreteScheduler``, shift 3.0, as the authors' release rolls out),
     low-t queries; 1024 px images = 128 x 128 x 16 latents; prompts as 77 CLIP + 256 T5 tokens
     (text_dim 4096, pooled 2048) read from the prompt file ``data.buckets.prompts.path`` (all of
     it: ``size`` 0). The paper's effective batch is 4 (one sample per microbatch, gradient
@@ -158,6 +167,7 @@ def sd35_medium_recipe() -> ConfigDict:
     config.batch_size = 4
     config.rollout_steps = 16
     config.shift = 3.0
+    config.sigma_schedule = "flow_match_euler"
     config.query_sampler = "low_t"
     config.image_size = 128
     config.channels = 16

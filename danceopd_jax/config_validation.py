@@ -28,7 +28,7 @@ from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
 from danceopd_jax.core.route_weights import SCHEDULES
 from danceopd_jax.core.router import ASSIGNMENTS, labelled_count
 from danceopd_jax.core.routing import ROUTING_MODES
-from danceopd_jax.core.schedule import QUERY_SAMPLERS
+from danceopd_jax.core.schedule import QUERY_SAMPLERS, SIGMA_SCHEDULES
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
 from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import BUCKET_KINDS, make_bucket_source
@@ -490,7 +490,8 @@ def validate(config: ConfigDict) -> None:
         raise ConfigError(f"{keys}: not set; required, give each as --config.KEY=VALUE")
     check_keys(config, template)
     for key, valid in (("method", OBJECTIVES), ("routing", ROUTING_MODES), ("query_sampler", QUERY_SAMPLERS),
-                       ("fm_time_sampler", FLOW_MATCHING_TIMES), ("expert_sharding", EXPERT_SHARDINGS)):  # fmt: skip
+                       ("sigma_schedule", SIGMA_SCHEDULES), ("fm_time_sampler", FLOW_MATCHING_TIMES),
+                       ("expert_sharding", EXPERT_SHARDINGS)):  # fmt: skip
         _choice(config, key, valid)
     for key in ("rollout_steps", "queries_per_rollout", "batch_size", "image_size", "channels", "log_every",
                 "checkpoint_every", "keep_checkpoints"):  # fmt: skip

@@ -15,6 +15,7 @@ import time
 from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints
+from danceopd_jax.config_lib import run_sigma_schedule
 from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate
 from danceopd_jax.evaluation import capabilities, metrics
 from danceopd_jax.sampling import load_trained_model
@@ -114,7 +115,11 @@ def evaluate_loaded(loaded: dict, evaluation: ConfigDict, out_dir: str) -> dict[
         for name, (run_config, graphdef, params) in loaded.items():
             started = time.perf_counter()
             sampling = capabilities.Sampling(
-                steps=evaluation.steps, shift=run_config.shift, cfg_scale=evaluation.cfg_scale, seed=evaluation.seed
+                steps=evaluation.steps,
+                shift=run_config.shift,
+                sigma_schedule=run_sigma_schedule(run_config),
+                cfg_scale=evaluation.cfg_scale,
+                seed=evaluation.seed,
             )
             outputs[name] = capabilities.sample_examples(run_config, graphdef, params, examples, sampling)
             results[name].update(capabilities.score(capability, outputs[name], examples))

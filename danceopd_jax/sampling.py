@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from danceopd_jax import build, checkpoints, parallel, sd3_sampling
+from danceopd_jax.config_lib import run_sigma_schedule
 from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
@@ -52,7 +53,7 @@ def encode_conditions(config: ConfigDict, prompts: Sequence[str], sources: Seque
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: float, cfg_scale: float):
+def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: float, schedule: str, cfg_scale: float):
     """The jitted sampler of one architecture and setting, compiled once and shared by every model
     of that architecture (evaluation samples many models of one DiT)."""
 
@@ -61,14 +62,16 @@ def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: floa
         batch = jax.tree.leaves(cond)[0].shape[0]
         field = cfg_field(inference_field(graphdef, params), cfg_scale)
         noise = jax.random.normal(key, (batch,) + image_shape, jnp.float32)
-        return jnp.clip(sample(field, noise, sigma_grid(steps, shift), cond), -1.0, 1.0)
+        return jnp.clip(sample(field, noise, sigma_grid(steps, shift, schedule), cond), -1.0, 1.0)
 
     return run
 
 
-def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps: int, shift: float = 1.0, cfg_scale: float = 1.0):
-    """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` (CFG when ``cfg_scale != 1``)."""
-    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), float(cfg_scale))
+def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps: int, shift: float = 1.0,
+             schedule: str = "uniform", cfg_scale: float = 1.0):  # fmt: skip
+    """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` over ``sigma_grid(steps, shift,
+    schedule)`` (CFG when ``cfg_scale != 1``)."""
+    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, float(cfg_scale))
     return np.asarray(run(params, cond, key))
 
 
@@ -135,6 +138,7 @@ def sample_task(
         image_shape=(config.image_size, config.image_size, config.channels),
         steps=steps or config.rollout_steps,
         shift=config.shift,
+        schedule=run_sigma_schedule(config),
         cfg_scale=cfg_scale,
     )
     return to_uint8(images)

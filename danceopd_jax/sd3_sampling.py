@@ -29,6 +29,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
+from danceopd_jax.config_lib import run_sigma_schedule
 from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
@@ -99,23 +100,24 @@ def encode_prompts(config: ConfigDict, prompts: Sequence[str]) -> tuple[dict, di
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(graphdef: nnx.GraphDef, latent_shape: tuple, steps: int, shift: float, cfg_scale: float):
+def _sampler(graphdef: nnx.GraphDef, latent_shape: tuple, steps: int, shift: float, schedule: str, cfg_scale: float):
     """The jitted Euler sampler of one student structure and setting, compiled once."""
 
     @jax.jit
     def run(adapters, base, cond, null, key):
         field = cfg_field(inference_field(graphdef, adapters, base), cfg_scale, sd3.with_null(null))
         noise = jax.random.normal(key, (cond["text"].shape[0], *latent_shape), jnp.float32)
-        return sample(field, noise, sigma_grid(steps, shift), cond)
+        return sample(field, noise, sigma_grid(steps, shift, schedule), cond)
 
     return run
 
 
 def sample_latents(student: SD3Student, cond: dict, null: dict, key: jax.Array, *, steps: int, cfg_scale: float = 1.0) -> np.ndarray:
     """Euler samples [B, image_size, image_size, channels] of the student under ``cond`` (``encode_prompts``),
-    from noise ``jax.random.normal(key, ...)``, over the run's ``sigma_grid(steps, shift)``; CFG when ``cfg_scale != 1``."""
+    from noise ``jax.random.normal(key, ...)``, over the run's sigma grid (its shift and schedule); CFG when ``cfg_scale != 1``."""
     c = student.config
-    run = _sampler(student.graphdef, (c.image_size, c.image_size, c.channels), int(steps), float(c.shift), float(cfg_scale))
+    latent_shape = (c.image_size, c.image_size, c.channels)
+    run = _sampler(student.graphdef, latent_shape, int(steps), float(c.shift), run_sigma_schedule(c), float(cfg_scale))
     return np.asarray(run(student.adapters, student.base, cond, null, key))
 
 

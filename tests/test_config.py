@@ -82,6 +82,7 @@ def test_missing_keys_and_wrong_types_are_named(change, message):
         ({"log_every": 0}, "config.log_every: must be an integer >= 1"),
         ({"optimizer.learning_rate": float("nan")}, "config.optimizer.learning_rate: must be in [0, inf)"),
         ({"expert_sharding": "sharded"}, "config.expert_sharding: unknown value 'sharded'; valid: like_student, replicated"),
+        ({"sigma_schedule": "karras"}, "config.sigma_schedule: unknown value 'karras'; valid: uniform, flow_match_euler"),
     ],
 )  # fmt: skip
 def test_value_and_data_problems_are_found_before_training(overrides, message):

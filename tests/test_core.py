@@ -36,6 +36,23 @@ def test_sigma_grid_linear_and_shifted():
     assert float(shift_sigma(jnp.float32(0.5), 1.0)) == 0.5
     with pytest.raises(ValueError, match="num_steps"):
         sigma_grid(0)
+    with pytest.raises(ValueError, match="unknown sigma schedule 'karras'"):
+        sigma_grid(4, schedule="karras")
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 4, 16, 28])
+def test_flow_match_euler_grid_is_diffusers_scheduler_grid(shift, steps):
+    """``flow_match_euler`` is the grid SD3 pipelines (and the authors' SD3.5 rollout) step on:
+    diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N).sigmas``, final 0 included."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    ours = sigma_grid(steps, shift, "flow_match_euler")
+    np.testing.assert_allclose(ours, scheduler.sigmas.numpy(), atol=3e-7)
+    np.testing.assert_allclose(1000 * ours[:-1], scheduler.timesteps.numpy(), rtol=1e-6)  # the model's timestep 1000 t
+    if steps > 1:  # not the uniform grid: the last step starts near 0, not at shift(1 / N)
+        assert float(ours[-2]) < float(sigma_grid(steps, shift)[-2])
 
 
 def test_low_t_indices_follow_beta_5_2():

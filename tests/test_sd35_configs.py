@@ -112,6 +112,7 @@ def test_paper_hyperparameters(name, sd35_folder):
     c = paper_config(name, sd35_folder)
     assert (c.method, c.routing, c.query_sampler, c.queries_per_rollout) == ("danceopd", "per_step", "low_t", 1)
     assert (c.rollout_steps, c.shift, c.num_train_steps, c.batch_size) == (16, 3.0, 3000, 4)  # batch 4 = 1 x grad accumulation 4
+    assert c.sigma_schedule == "flow_match_euler"  # the release rolls out on the pipeline scheduler's sigmas
     assert (c.image_size, c.channels) == (1024 // 8, 16)
     assert (c.condition.text_len, c.condition.text_dim, c.condition.pooled_dim) == (77 + 256, 4096, 2048)
     o = c.optimizer

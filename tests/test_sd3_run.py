@@ -162,10 +162,11 @@ def student(trained):
 
 def test_samples_are_the_students_euler_samples_decoded(folder, trained, student):
     """``generate`` against the sampler written out: the prompts and the empty prompt (CFG null) by
-    the folder's encoders, Euler on the run's shifted grid with CFG 2, the loaded student's field,
-    latents decoded by diffusers' AutoencoderKL; float32, 1e-4."""
+    the folder's encoders, Euler with CFG 2 on the sigmas of the folder's scheduler (diffusers'
+    ``FlowMatchEulerDiscreteScheduler``, as the run's ``sigma_schedule``), the loaded student's
+    field, latents decoded by diffusers' AutoencoderKL; float32, 1e-4."""
     import torch
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     prompts, steps, cfg_scale, seed = [PROMPT, "a dog under the sky"], 2, 2.0, 3
     images = sd3_sampling.generate(student, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed)
@@ -175,9 +176,10 @@ def test_samples_are_the_students_euler_samples_decoded(folder, trained, student
     null = {k: jnp.broadcast_to(v[2:], v[:2].shape) for k, v in out.items()}
     text, _, pooled = load_table(str(trained[0] / build.PROMPT_TABLE))(PROMPT)  # as training encoded it
     assert max_diff(cond["text"][0], text) <= 1e-5 and max_diff(cond["pooled"][0], pooled) <= 1e-5
-    model, shift = jax.jit(lambda x, t, cond: student.model()(x, t, cond)), 3.0
-    grid = np.linspace(1.0, 0.0, steps + 1)
-    sigmas = shift * grid / (1 + (shift - 1) * grid)
+    model = jax.jit(lambda x, t, cond: student.model()(x, t, cond))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy()
     x = jax.random.normal(jax.random.key(seed), (2, 8, 8, 16))
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         t = jnp.full((2,), sigma, jnp.float32)

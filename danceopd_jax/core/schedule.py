@@ -18,11 +18,31 @@ def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def sigma_grid(num_steps: int, shift: float = 1.0) -> jax.Array:
-    """The ``num_steps + 1`` sigmas of an Euler rollout, from 1 (pure noise) to 0 (clean), float32."""
+SIGMA_SCHEDULES = ("uniform", "flow_match_euler")
+FLOW_MATCH_TRAIN_TIMESTEPS = 1000  # SD3 / SD3.5 schedulers' num_train_timesteps
+
+
+def sigma_grid(num_steps: int, shift: float = 1.0, schedule: str = "uniform") -> jax.Array:
+    """The ``num_steps + 1`` sigmas of an Euler rollout, from 1 (pure noise) to 0 (clean), float32.
+
+    ``uniform``: ``shift(linspace(1, 0, N + 1))``, the SD3 shift of a uniform grid (PAPER.md step 2).
+
+    ``flow_match_euler``: the grid of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N)``
+    (static shift, ``T = 1000`` training timesteps), which SD3 pipelines sample on and the authors'
+    release rolls its SD3.5 student out on: ``shift(linspace(1, sigma_min, N))`` followed by 0,
+    where ``sigma_min = shift(1 / T)`` is the shifted end of the training grid (so it is shifted
+    twice, as diffusers does). Its last non-zero sigma is small (0.0089 for N = 16, shift 3),
+    where the uniform grid's is ``shift(1 / N)`` (0.167).
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return shift_sigma(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
+    if schedule == "uniform":
+        return shift_sigma(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
+    if schedule == "flow_match_euler":
+        sigma_min = shift_sigma(1.0 / FLOW_MATCH_TRAIN_TIMESTEPS, shift)
+        sigmas = shift_sigma(jnp.linspace(1.0, sigma_min, num_steps, dtype=jnp.float32), shift)
+        return jnp.append(sigmas, jnp.zeros((1,), jnp.float32))
+    raise ValueError(f"unknown sigma schedule {schedule!r}; valid: {', '.join(SIGMA_SCHEDULES)}")
 
 
 def sample_query_fractions(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:

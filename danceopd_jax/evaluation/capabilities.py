@@ -33,6 +33,7 @@ class Sampling:
 
     steps: int = 16
     shift: float = 1.0
+    sigma_schedule: str = "uniform"
     cfg_scale: float = 1.0
     batch_size: int = 64
     seed: int = 0
@@ -61,6 +62,7 @@ def sample_examples(config: ConfigDict, graphdef, params, examples: list[SceneEx
                 image_shape=(config.image_size, config.image_size, config.channels),
                 steps=sampling.steps,
                 shift=sampling.shift,
+                schedule=sampling.sigma_schedule,
                 cfg_scale=sampling.cfg_scale,
             )
         )
