@@ -332,12 +332,17 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
 
 
 def _resume(run: Run, manager, workdir: str) -> tuple[int, TrainState]:
-    """``(start step, state)``: the newest readable checkpoint's, with the data iterators set to it; else 0."""
-    abstract = checkpoints.abstract_like(run.abstract_state, run.state_shardings)
-    restored = checkpoints.restore_latest(manager, abstract, _warn)
-    if restored is None:
+    """``(start step, state)``: the newest readable checkpoint's, with the data iterators set to it; else 0.
+
+    When there is a checkpoint, the freshly initialised ``run.state`` is freed before it is read and
+    ``run.state`` becomes the restored state, so a resumed run never holds two train states.
+    """
+    if not manager.all_steps():
         return 0, run.state
-    step, state, host_state = restored
+    jax.tree.map(lambda a: a.delete(), run.state)
+    abstract = checkpoints.abstract_like(run.abstract_state, run.state_shardings)
+    step, state, host_state = checkpoints.restore_latest(manager, abstract, _warn)  # raises when none is readable
+    run.state = state
     run.batches.set_state(host_state["buckets"])
     run.route_weights.set_state(host_state["route_weights"])
     _log(f"Resuming from step {step} (checkpoint in {checkpoints.checkpoint_dir(workdir)})")

@@ -287,3 +287,20 @@ def test_skip_nonfinite_steps_keeps_the_old_state_and_counts_them(tmp_path, caps
     assert (int(first["step"]), int(last["step"])) == (1, 4)
     for a, b in zip(jax.tree.leaves((first["params"], first["opt_state"])), jax.tree.leaves((last["params"], last["opt_state"]))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_resumed_run_frees_its_fresh_state_before_reading_the_checkpoint(tmp_path):
+    """Resuming never holds two train states: the freshly initialised one is deleted on the devices
+    before the checkpoint is read, and ``run.state`` is the restored state."""
+    config = load_config(num_train_steps=2, checkpoint_every=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    run = train.setup_run(config, workdir=str(tmp_path))
+    fresh = run.state
+    manager = checkpoints.make_manager(str(tmp_path), config.keep_checkpoints)
+    try:
+        start, state = train._resume(run, manager, str(tmp_path))
+    finally:
+        manager.close()
+    assert start == 2 and run.state is state
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(fresh))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
