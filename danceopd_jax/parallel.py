@@ -96,6 +96,44 @@ def hybrid_layout(axis_sizes: Mapping[str, int], dcn_axis_sizes: Mapping[str, in
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attribute == "process_index")
 
 
+def batch_blocks_by_process(layout: np.ndarray) -> dict[int, set[int]]:
+    """``{process: the batch blocks its devices hold}`` of a [data, fsdp, tensor] device layout: the
+    batch axis is split over (data, fsdp), data-major, into data x fsdp blocks, each one replicated
+    over ``tensor`` (``batch_sharding``)."""
+    fsdp = layout.shape[1]
+    blocks: dict[int, set[int]] = {}
+    for (d, f, _), device in np.ndenumerate(layout):
+        blocks.setdefault(device.process_index, set()).add(d * fsdp + f)
+    return blocks
+
+
+def check_batch_layout(layout: np.ndarray, grouped: bool) -> None:
+    """One-line ``ConfigError`` unless each process holds batch rows of its own: every process loads
+    distinct rows (``jax.make_array_from_process_local_data``), so no two may hold the same block.
+    ``grouped`` (route groups laid out per process, ``routing.split_groups``) also needs process p's
+    rows to be the p-th contiguous block of the batch."""
+    blocks = batch_blocks_by_process(layout)
+    owner: dict[int, int] = {}
+    for process, held in sorted(blocks.items()):
+        for block in held:
+            if block in owner:
+                raise ConfigError(
+                    f"config.mesh / config.dcn_mesh: processes {owner[block]} and {process} hold the same batch rows (the "
+                    "tensor axis spans processes), but each process loads rows of its own; give the processes to data or fsdp"
+                )
+            owner[block] = process
+    if not grouped:
+        return
+    per_process = len(owner) // len(blocks)
+    for rank, (process, held) in enumerate(sorted(blocks.items())):
+        if sorted(held) != list(range(rank * per_process, (rank + 1) * per_process)):
+            raise ConfigError(
+                f"config.dcn_mesh: per-sample route groups need each process's batch rows in one block, in process "
+                f"order, but process {process} holds blocks {sorted(held)} of {len(owner)}; split the processes over "
+                "the outer batch axis (config.dcn_mesh.data), or route per step"
+            )
+
+
 def axis_rules(rules: Mapping[str, Any], logical_axes: Sequence[str]) -> Rules:
     """Config rules ``{logical: mesh axis | list of axes | None}`` as the tuple NNX expects.
 

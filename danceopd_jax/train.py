@@ -54,6 +54,7 @@ def _check_layout(config: ConfigDict, mesh) -> None:
         )
     if config.batch_size % jax.process_count():
         raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {jax.process_count()} processes")
+    parallel.check_batch_layout(mesh.devices, grouped=len(build.step_group_sizes(config)) > 1)
 
 
 def _format_eta(seconds: float) -> str:

@@ -46,6 +46,24 @@ def test_hybrid_layout_puts_the_outer_factor_across_hosts():
     np.testing.assert_array_equal(ids(layout)[:, :, 0], [[0, 1, 4, 5], [2, 3, 6, 7]])
 
 
+def test_each_process_must_feed_batch_rows_of_its_own():
+    """Processes load distinct rows, so no two may hold the same batch block; per-sample route
+    groups, laid out per process, also need each process's rows in one block, in process order."""
+    data_across_hosts = parallel.hybrid_layout({"fsdp": -1}, {"data": 2}, hosts(2, 4))
+    assert parallel.batch_blocks_by_process(data_across_hosts) == {0: {0, 1, 2, 3}, 1: {4, 5, 6, 7}}
+    parallel.check_batch_layout(data_across_hosts, grouped=True)
+
+    fsdp_across_hosts = parallel.hybrid_layout({"data": 2, "fsdp": 2}, {"fsdp": 2}, hosts(2, 4))  # rows interleave
+    assert parallel.batch_blocks_by_process(fsdp_across_hosts) == {0: {0, 1, 4, 5}, 1: {2, 3, 6, 7}}
+    parallel.check_batch_layout(fsdp_across_hosts, grouped=False)  # per-step routing: any distinct rows will do
+    with pytest.raises(ConfigError, match=r"^config\.dcn_mesh: per-sample route groups .* process 0 holds blocks \[0, 1, 4, 5\] of 8;"):
+        parallel.check_batch_layout(fsdp_across_hosts, grouped=True)
+
+    tensor_across_hosts = parallel.hybrid_layout({"data": 2, "fsdp": 2}, {"tensor": 2}, hosts(2, 4))
+    with pytest.raises(ConfigError, match=r"^config\.mesh / config\.dcn_mesh: processes 0 and 1 hold the same batch rows"):
+        parallel.check_batch_layout(tensor_across_hosts, grouped=False)
+
+
 def test_hybrid_layout_groups_by_slice_where_devices_have_one():
     # 2 TPU slices served by 4 processes: slices, not processes, are the granules.
     devices = [FakeDevice(i, i // 2, slice_index=i // 4, platform="cpu") for i in range(8)]
