@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -266,13 +267,20 @@ def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
     (checked to hold them by ``config_validation``), or encoded by the folder's text encoders and
     cached in ``workdir`` (``models.sd3.prompt_table``).
 
-    The condition shape was checked against the folder by ``config_validation``."""
+    The condition shape was checked against the folder by ``config_validation``. In a multi-process
+    run (one workdir all hosts see) process 0 encodes and writes the table, the others read it
+    after a barrier."""
     if config.prompt_embeddings:
         return load_table(config.prompt_embeddings)
     if workdir is None:
         raise ValueError("an SD3 run (config.model_dir) without config.prompt_embeddings needs a workdir to encode its prompts into")
-    prompts = source_prompts(sources.values())
-    return sd3.prompt_table(config.model_dir, prompts, os.path.join(workdir, PROMPT_TABLE), config.condition.text_len)
+    path = os.path.join(workdir, PROMPT_TABLE)
+    if jax.process_index() == 0:
+        table = sd3.prompt_table(config.model_dir, source_prompts(sources.values()), path, config.condition.text_len)
+    if jax.process_count() == 1:
+        return table
+    multihost_utils.sync_global_devices("danceopd_jax: prompt embeddings written")
+    return table if jax.process_index() == 0 else load_table(path)
 
 
 def train_router(config: ConfigDict, pool: MixedSource) -> tuple[router.RouterParams, dict]:

@@ -65,6 +65,23 @@ def test_two_processes_on_flat_and_hybrid_meshes_match_one_process_and_restore_o
     assert _losses(resumed.stdout) == _losses(continued.stdout) and len(_losses(resumed.stdout)) == 2
 
 
+def test_two_processes_train_an_sd3_run_on_one_prompt_table(tmp_path):
+    """An SD3 run over 2 processes x 1 CPU device on one shared workdir: process 0 encodes and
+    writes the prompt embeddings, the other reads them after a barrier (both writing the one file
+    raced), and both train."""
+    folder, workdir = tmp_path / "tiny_sd3", tmp_path / "sd3"
+    made = subprocess.run([sys.executable, "-m", "danceopd_jax.models.tiny_sd3", "--out", str(folder)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    script = ["bash", "launch/local_multiprocess.sh", "2", "1", "configs/sd3_smoke.py", str(workdir),
+              f"--config.model_dir={folder}", "--config.num_train_steps=2", "--config.log_every=1", f"--port={_free_port()}"]  # fmt: skip
+    result = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + (workdir / "logs" / "process_1.log").read_text()[-2000:]
+    assert [step for step, _, _ in _losses(result.stdout)] == ["1", "2"], result.stdout[-2000:]
+    assert (workdir / "prompt_embeddings.safetensors").is_file()
+    assert not list(workdir.glob("*.tmp*"))
+
+
 def test_partial_multiprocess_flags_are_one_line_errors(tmp_path):
     result = _one_process(tmp_path, 1, "--num_processes=2")
     assert result.returncode == 2

@@ -174,7 +174,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
         header["__metadata__"] = dict(metadata)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per writer: two processes writing one path never share it
     with open(tmp, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
