@@ -147,9 +147,11 @@ def test_lora_targets_and_files_are_checked_before_anything_is_built(sd35_folder
     with pytest.raises(LoRATargetError) as error:
         validate(config)
     assert isinstance(error.value, UnknownLoRATarget) and "\n" not in str(error.value)
-    assert str(error.value).startswith("config.student.lora_targets: unknown LoRA target 'to_qq': it matches no layer of ")
+    assert str(error.value).startswith("config.student.lora_targets: unknown LoRA target 'to_qq': it matches no linear layer of ")
     assert "add_q_proj" in str(error.value)  # the names there are
     validate(paper_config("sd35_realism", sd35_folder, **{"student.lora_targets": r"transformer_blocks\.(0|23)\.attn\.to_(q|v)"}))
+    with pytest.raises(UnknownLoRATarget, match="unknown LoRA target 'pos_embed.*: it matches no linear layer"):  # the patch conv: no LoRA
+        validate(paper_config("sd35_realism", sd35_folder, **{"student.lora_targets": r"pos_embed\.proj"}))
 
     lora = tmp_path / "sd35_large_lora.safetensors"  # a LoRA for a deeper model: block 30 does not exist
     write_safetensors(str(lora), {"transformer_blocks.30.attn.to_q.lora_A.weight": np.zeros((1, 1536), np.float32),

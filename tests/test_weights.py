@@ -108,6 +108,20 @@ def test_bad_files_are_one_clear_error(tmp_path):
         open_safetensors(str(tmp_path / "empty"))
 
 
+def test_truncated_or_inconsistent_file_fails_at_open_naming_the_tensor(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float32)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-4])  # the last tensor's data cut short
+    with pytest.raises(WeightsError, match=r"tensor 'b' is corrupt \(data_offsets \[24, 40\] outside"):
+        open_safetensors(str(path))
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].replace(b"[2,3]", b"[3,3]")  # same length: 36 bytes no longer fit 24
+    path.write_bytes(data[:8] + header + data[8 + n :])
+    with pytest.raises(WeightsError, match=r"tensor 'a' is corrupt \(24 bytes for shape \[3, 3\] of F32\)"):
+        open_safetensors(str(path))
+
+
 def test_param_shapes_names_every_leaf():
     shapes = param_shapes(nnx.split(nnx.eval_shape(lambda: Small(nnx.Rngs(0))))[1])
     assert shapes == {"fc.kernel": (3, 4), "fc.bias": (4,), "conv.kernel": (3, 3, 2, 5), "conv.bias": (5,),

@@ -543,8 +543,11 @@ def torch_names_of(abstract: nnx.State) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _torch_name_pairs(config: MMDiTConfig) -> tuple[tuple[str, str], ...]:
-    return tuple(torch_names_of(_abstract_model(config)[1]).items())
+def _torch_names_and_ranks(config: MMDiTConfig) -> tuple[tuple[str, str, int], ...]:
+    """``(NNX path, diffusers key, rank of the variable)`` of every variable, from one abstract trace."""
+    abstract = _abstract_model(config)[1]
+    shapes = param_shapes(abstract)
+    return tuple((path, key, len(shapes[path])) for path, key in torch_names_of(abstract).items())
 
 
 def torch_names(config: MMDiTConfig) -> dict[str, str]:
@@ -556,7 +559,13 @@ def torch_names(config: MMDiTConfig) -> dict[str, str]:
     is the positional buffer, as in diffusers. Cached per config: tracing the full-size model
     abstractly takes tens of seconds (NNX's per-variable RNG bookkeeping grows with the trace).
     """
-    return dict(_torch_name_pairs(config))
+    return {path: key for path, key, _ in _torch_names_and_ranks(config)}
+
+
+def linear_torch_names(config: MMDiTConfig) -> dict[str, str]:
+    """``torch_names`` of the linear layers' kernels (rank 2): the layers a LoRA adapter can sit
+    on (``lora.add_lora`` adapts ``nnx.Linear`` only; the patch conv's kernel is rank 4)."""
+    return {path: key for path, key, rank in _torch_names_and_ranks(config) if path.endswith(".kernel") and rank == 2}
 
 
 def load_mmdit(folder: str, **overrides) -> MMDiT:

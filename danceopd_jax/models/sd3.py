@@ -86,10 +86,10 @@ def expert_delta(lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx
 
 
 def weight_modules(model_dir: str) -> dict[str, str]:
-    """``{NNX layer path: diffusers module}`` of the folder transformer's layers with a ``kernel`` (its
-    linears and the patch conv), from its ``config.json`` alone: no weights are read, the model is
-    traced abstractly once per config (``mmdit.torch_names``)."""
-    return lora.module_names(mmdit.torch_names(transformer_config(model_dir, "float32", "none")))
+    """``{NNX layer path: diffusers module}`` of the folder transformer's linear layers, the ones LoRA
+    can adapt (not the patch conv), from its ``config.json`` alone: no weights are read, the model is
+    traced abstractly once per config (``mmdit.linear_torch_names``)."""
+    return lora.module_names(mmdit.linear_torch_names(transformer_config(model_dir, "float32", "none")))
 
 
 def check_lora_targets(model_dir: str, targets: str) -> None:
@@ -100,7 +100,7 @@ def check_lora_targets(model_dir: str, targets: str) -> None:
         if not any(lora.target_matches(target, path) for path in layers):
             names = sorted({path.rsplit(".", 1)[-1] for path in layers})
             raise lora.UnknownLoRATarget(
-                f"unknown LoRA target {target!r}: it matches no layer of {model_dir}/transformer; layers are named "
+                f"unknown LoRA target {target!r}: it matches no linear layer of {model_dir}/transformer; layers are named "
                 f"{', '.join(names)} (e.g. {next(iter(layers))})"
             )
 

@@ -60,9 +60,15 @@ class _SafetensorsFile:
             header = json.loads(self._map[8 : 8 + n])
         except (OSError, ValueError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise WeightsError(f"{path}: not a readable safetensors file (header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self._offset = 8 + n
         self.entries = header
+        for name, entry in header.items():
+            problem = _entry_problem(entry, len(self._map) - self._offset)
+            if problem:
+                raise WeightsError(f"{path}: tensor {name!r} is corrupt ({problem})")
 
     def read(self, name: str) -> np.ndarray:
         entry = self.entries[name]
@@ -72,6 +78,26 @@ class _SafetensorsFile:
         begin, end = entry["data_offsets"]
         buffer = self._map[self._offset + begin : self._offset + end]
         return np.frombuffer(buffer, SAFETENSORS_DTYPES[dtype]).reshape(entry["shape"])
+
+
+def _entry_problem(entry, data_bytes: int) -> str | None:
+    """What is wrong with one header entry (``dtype``, ``shape``, ``data_offsets``) of a file
+    with ``data_bytes`` bytes after its header, or None: checked when the file is opened, so a
+    truncated or hand-edited file fails there, naming the tensor, not deep inside a load."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        return "header entry lacks dtype, shape or data_offsets"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        return f"data_offsets {offsets!r} is not [begin, end]"
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        return f"data_offsets [{begin}, {end}] outside the file's {data_bytes} data bytes (truncated?)"
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is not None and end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        return f"{end - begin} bytes for shape {shape} of {entry['dtype']}"
+    return None
 
 
 class TensorSource(Mapping):
