@@ -22,6 +22,7 @@ from danceopd_jax.models.dit import DiT, dit_config
 from danceopd_jax.models.lora import LoRALinear, LoRAParam, add_lora, load_lora_deltas, lora_split, merge_lora, read_lora
 from danceopd_jax.models.weights import (
     TensorSource,
+    WeightsError,
     WeightsMismatch,
     load_module,
     open_safetensors,
@@ -288,6 +289,9 @@ def test_read_lora_naming_variants(tmp_path):
     tensors, alphas = read_lora(str(tmp_path / "peft"))
     assert set(tensors) == set(factors) and alphas == {"blocks.0.q": 16, "blocks.1.k": 2}
     np.testing.assert_array_equal(tensors["blocks.0.q.lora_A.weight"], a)
+    assert read_lora(str(tmp_path / "peft" / "adapter_model.safetensors"))[1] == alphas  # the folder's weights file
+    write_safetensors(str(tmp_path / "peft" / "other.safetensors"), factors)  # another adapter beside it
+    assert read_lora(str(tmp_path / "peft" / "other.safetensors"))[1] == {}  # its config is not this file's: alpha = rank
 
     live = {k.replace(".weight", ".default.weight"): v for k, v in factors.items()}  # a live PEFT state dict
     write_safetensors(str(tmp_path / "live.safetensors"), {**live, "blocks.1.k.alpha": np.float32(3.0)})
@@ -304,7 +308,7 @@ def test_read_lora_naming_variants(tmp_path):
     with pytest.raises(WeightsMismatch, match="blocks.0.q.lora_magnitude_vector"):
         read_lora(str(tmp_path / "dora.safetensors"))
     write_peft_folder(tmp_path / "rslora", factors, {"r": 4, "lora_alpha": 4, "use_rslora": True})
-    with pytest.raises(ValueError, match="use_rslora"):
+    with pytest.raises(WeightsError, match="use_rslora"):
         read_lora(str(tmp_path / "rslora"))
 
 

@@ -73,6 +73,7 @@ _ALPHA_KEY = re.compile(r"(?P<module>.+)\.alpha")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 UNSUPPORTED_CONFIG = ("use_dora", "use_rslora", "lora_bias")  # LoraConfig flags this module does not implement
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # the weights file of PEFT's save_pretrained folder
 
 # PEFT's default init of A (``kaiming_uniform_(a=sqrt(5))`` on [r, in]): U(-1/sqrt(in), 1/sqrt(in)).
 _kaiming_uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -280,13 +281,20 @@ def _file_prefix(keys: Iterable[str]) -> str:
 
 
 def _adapter_config(path: str, stored: TensorSource) -> dict | None:
-    """The adapter's PEFT LoraConfig: from the file's diffusers metadata, else the folder's adapter_config.json."""
+    """The adapter's PEFT LoraConfig: from the file's diffusers metadata, else the ``adapter_config.json``
+    of a PEFT ``save_pretrained`` folder (``path`` is the folder or its ``adapter_model.safetensors``;
+    the config beside a file of another name describes another adapter, and is not read)."""
     raw = stored.metadata.get(ADAPTER_METADATA_KEY)
     if raw:
         config = json.loads(raw)
         prefix = _file_prefix(config)
         return {k.removeprefix(prefix): v for k, v in config.items() if k.startswith(prefix)}
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(path):
+        folder = path
+    elif os.path.basename(path) == PEFT_WEIGHTS_NAME:
+        folder = os.path.dirname(path)
+    else:
+        return None
     config_path = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(config_path):
         return None
@@ -303,7 +311,7 @@ def read_lora(path: str) -> tuple[TensorSource, dict[str, float]]:
     Returns tensors named ``<torch module>.lora_A.weight`` / ``.lora_B.weight`` (file prefix and
     PEFT adapter name removed) and ``{torch module: alpha}``. Alphas come from per-module
     ``<module>.alpha`` tensors, else from the PEFT config (diffusers' safetensors metadata, or a
-    PEFT folder's ``adapter_config.json``: ``lora_alpha`` and ``alpha_pattern``); modules with
+    PEFT folder's ``adapter_config.json``: ``lora_alpha`` and ``alpha_pattern``, ``_adapter_config``); modules with
     neither are absent (alpha = rank, diffusers' convention).
     """
     stored = open_safetensors(path)
@@ -328,7 +336,7 @@ def read_lora(path: str) -> tuple[TensorSource, dict[str, float]]:
     if config:
         for flag in UNSUPPORTED_CONFIG:
             if config.get(flag):
-                raise ValueError(f"{path}: LoRA config {flag}=true is not supported")
+                raise WeightsError(f"{path}: LoRA config {flag}=true is not supported")
         default = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
         for module in {k.rsplit(".lora_", 1)[0] for k in readers}:
             alphas.setdefault(module, _pattern_value(config.get("alpha_pattern") or {}, module, default))
