@@ -8,7 +8,8 @@ Saves are asynchronous: ``save`` returns once the arrays are copied off the devi
 writes them in a background thread into a temporary directory that is renamed when complete, so
 a killed run leaves no half-written ``<step>``. Orbax waits for the previous save before the next
 one; the caller waits (``wait_until_finished``) before it exits. A checkpoint that is complete but
-unreadable (a truncated or deleted file) is skipped on resume for the newest readable one.
+unreadable (a truncated or deleted file) is skipped on resume for the newest readable one; in a
+multi-process run the processes agree on that step, since each reads only its own shards.
 """
 
 import json
@@ -16,7 +17,9 @@ import os
 from typing import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 CONFIG_FILE = "config.json"
@@ -81,20 +84,34 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process; a collective, so every process must call it."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn: Callable[[str], None]):
     """``(step, state, data_state)`` of the newest readable checkpoint, or None when there is none.
 
     A newer checkpoint that fails to restore is reported through ``warn`` (one line naming its step)
     and deleted once an older one restored, so that the resumed run can save that step again. When
     no checkpoint restores, ``CheckpointError`` names every step tried; nothing is deleted then (the
-    cause may be the config rather than the files).
+    cause may be the config rather than the files). A step counts as restored only when it restored
+    on every process (``on_every_process``): each reads its own shards, and processes resuming from
+    different steps would train apart or hang.
     """
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             state, data_state = restore(manager, step, abstract_state)
+            reason = None
         except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise Exception, ValueError, OSError, JSON errors
-            failures.append((step, _one_line(error)))
+            reason = _one_line(error)
+        if not on_every_process(reason is None):
+            if reason is None:  # read here, not on another process: let its arrays go
+                jax.tree.map(lambda a: a.delete(), state)
+            failures.append((step, reason or "unreadable on another process"))
             continue
         for bad, reason in failures:
             warn(f"warning: checkpoint step {bad} is unreadable ({reason}); deleted it and resuming from step {step}")

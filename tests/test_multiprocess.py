@@ -1,6 +1,7 @@
 """A real multi-process run on this machine: 2 processes x 2 CPU devices joined by jax.distributed
 (gloo, coordinator on 127.0.0.1) through ``launch/local_multiprocess.sh`` and the real CLI, on a
-flat mesh and on a hybrid one (``config.dcn_mesh``: the data axis across the processes)."""
+flat mesh and on a hybrid one (``config.dcn_mesh``: the data axis across the processes), resumed in
+one process and in two."""
 
 import pathlib
 import re
@@ -63,6 +64,13 @@ def test_two_processes_on_flat_and_hybrid_meshes_match_one_process_and_restore_o
     assert "Resuming from step 4" in resumed.stdout and "'fsdp': 2" in resumed.stdout
     continued = _one_process(tmp_path / "single", 4, *more)
     assert _losses(resumed.stdout) == _losses(continued.stdout) and len(_losses(resumed.stdout)) == 2
+    # The hybrid run resumes in two processes: both agree on the step (checkpoints.on_every_process) and go on alike.
+    hybrid_flags[-1] = f"--port={_free_port()}"
+    rehybrid = subprocess.run(script[:5] + [str(tmp_path / "hybrid"), *more, *hybrid_flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rehybrid.returncode == 0, rehybrid.stderr[-3000:]
+    assert "Resuming from step 4" in rehybrid.stdout
+    assert [step for step, _, _ in _losses(rehybrid.stdout)] == ["5", "6"]
+    np.testing.assert_allclose([float(loss) for _, loss, _ in _losses(rehybrid.stdout)], [float(loss) for _, loss, _ in _losses(continued.stdout)], rtol=1e-5)
 
 
 def test_two_processes_train_an_sd3_run_on_one_prompt_table(tmp_path):

@@ -210,6 +210,20 @@ def test_restore_latest_skips_a_damaged_checkpoint_with_one_warning(tmp_path, da
     manager.close()
 
 
+def test_restore_latest_skips_a_step_another_process_could_not_read(tmp_path, monkeypatch):
+    """Every process resumes from the same step: one that restored here but not on another process is
+    passed over like a damaged one (``on_every_process`` stands in for the other process's answer)."""
+    manager = _manager_with_steps(tmp_path, [5, 10])
+    answers = iter([False, True])  # step 10 failed elsewhere, step 5 restored everywhere
+    monkeypatch.setattr(checkpoints, "on_every_process", lambda ok: ok and next(answers))
+    warnings = []
+    step, state, data = checkpoints.restore_latest(manager, _abstract(_tiny_state()), warnings.append)
+    assert (step, data) == (5, {"bucket": 5}) and float(state.params["w"][0, 0]) == 5.0
+    assert warnings == ["warning: checkpoint step 10 is unreadable (unreadable on another process); "
+                        "deleted it and resuming from step 5"]  # fmt: skip
+    manager.close()
+
+
 def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     manager = _manager_with_steps(tmp_path, [5, 10])
     for step in (5, 10):
