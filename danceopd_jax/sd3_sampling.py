@@ -12,7 +12,8 @@ frozen transformer, the text encoders and the VAE are read again from the diffus
     guidance null is the empty prompt's encoding (``sd3.with_null``), as in training;
   * sampling: Euler from N(0, I) latents [B, image_size, image_size, channels] over the run's
     shifted sigma grid (``core.rollout.sample``, ``core.schedule.sigma_grid``), CFG
-    ``v_u + s (v_c - v_u)`` (``core.fields.cfg_field``);
+    ``v_u + s (v_c - v_u)`` (``core.fields.cfg_field``), the LoRA folded into its kernels once
+    (``lora.fold_adapters``), as in the training rollout;
   * decoding: the folder's ``AutoencoderKL`` on ``latents / scaling_factor + shift_factor``
     (``vae.images_from_latents``, diffusers' ``StableDiffusion3Pipeline``), images clipped to
     [-1, 1].
@@ -101,11 +102,13 @@ def encode_prompts(config: ConfigDict, prompts: Sequence[str]) -> tuple[dict, di
 
 @functools.lru_cache(maxsize=8)
 def _sampler(graphdef: nnx.GraphDef, latent_shape: tuple, steps: int, shift: float, schedule: str, cfg_scale: float):
-    """The jitted Euler sampler of one student structure and setting, compiled once."""
+    """The jitted Euler sampler of one student structure and setting, compiled once. The adapters are
+    folded into their kernels once per call (``lora.fold_adapters``), as the training rollout does."""
 
     @jax.jit
     def run(adapters, base, cond, null, key):
-        field = cfg_field(inference_field(graphdef, adapters, base), cfg_scale, sd3.with_null(null))
+        student = inference_field(*lora.fold_adapters(graphdef, adapters, base))
+        field = cfg_field(student, cfg_scale, sd3.with_null(null))
         noise = jax.random.normal(key, (cond["text"].shape[0], *latent_shape), jnp.float32)
         return sample(field, noise, sigma_grid(steps, shift, schedule), cond)
 

@@ -71,15 +71,15 @@ def randomise_adapters(model, seed=1, std=0.3):
 
 
 def jaxpr_equations(jaxpr, in_loop: bool = False):
-    """``(equation, inside a while body)`` of a jaxpr and of every jaxpr nested in it (jit, remat,
-    loops), recursively."""
+    """``(equation, inside a loop body: while or scan)`` of a jaxpr and of every jaxpr nested in it
+    (jit, remat, loops), recursively."""
     for eqn in jaxpr.eqns:
         yield eqn, in_loop
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else [value]:
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
-                    yield from jaxpr_equations(getattr(inner, "jaxpr", inner), in_loop or eqn.primitive.name == "while")
+                    yield from jaxpr_equations(getattr(inner, "jaxpr", inner), in_loop or eqn.primitive.name in ("while", "scan"))
 
 
 def xla_flops(fn, *args):

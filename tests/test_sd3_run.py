@@ -25,7 +25,7 @@ from danceopd_jax.models import lora, sd3, sd3_prompts
 from danceopd_jax.models.tiny_sd3 import write_tiny_sd3
 from danceopd_jax.models.weights import WeightsMismatch, open_safetensors, write_safetensors
 
-from conftest import diffusers_velocity, load_config
+from conftest import diffusers_velocity, jaxpr_equations, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "sd3_smoke.py"
@@ -191,6 +191,20 @@ def test_samples_are_the_students_euler_samples_decoded(folder, trained, student
         expected = vae.decode(z).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.float32
     assert max_diff(images, expected) <= 1e-4
+
+
+def test_the_sampler_folds_the_lora_before_its_euler_loop(trained, student):
+    """Each Euler step of the trained student runs the matrix products of the plain transformer:
+    its adapters are folded into their kernels once, before the loop (``lora.fold_adapters``)."""
+    base = sd3_sampling.load_student(str(trained[0]), trained=False)
+    x, _, cond = velocity_inputs()
+    null = {key: value[0] for key, value in cond.items()}
+    in_loop = []
+    for s in (student, base):
+        run = sd3_sampling._sampler(s.graphdef, x.shape[1:], 2, float(s.config.shift), "flow_match_euler", 2.0)
+        jaxpr = jax.make_jaxpr(run)(s.adapters, s.base, cond, null, jax.random.key(0)).jaxpr
+        in_loop.append(sum(eqn.primitive.name == "dot_general" for eqn, looped in jaxpr_equations(jaxpr) if looped))
+    assert len(jax.tree.leaves(student.adapters)) == 2 * 25 and in_loop[0] == in_loop[1] > 0, in_loop
 
 
 def test_sample_command_writes_the_samples_side_by_side(trained, student, tmp_path):

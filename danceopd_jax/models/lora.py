@@ -7,7 +7,7 @@ a frozen linear layer ``y = x W + b`` a trainable low-rank update::
 
 with A random (PEFT's kaiming-uniform) and B zero, so a fresh adapter leaves the model unchanged.
 A trained layer's forward pass runs the two thin matmuls and never forms ``W + (alpha / r) A B``.
-The rollout's frozen student folds it in once per step instead (``fold_adapters``).
+A frozen student called many times (the rollout, the SD3 sampler) folds it in once instead (``fold_adapters``).
 
 ``LoRALinear`` *is* the ``nnx.Linear`` it wraps: it adopts that layer's ``kernel`` and ``bias``
 variables (the same objects, not copies) and settings, and adds ``lora_a`` / ``lora_b``. The base
@@ -238,9 +238,9 @@ def fold_adapters(graphdef: nnx.GraphDef, *states: nnx.State) -> tuple[nnx.Graph
     """``(graphdef, state)`` of ``folded`` of the model that ``graphdef`` and ``states`` make.
 
     For a frozen field called many times: the student in the rollout loop
-    (``build.StudentApply.frozen_field``). The fold costs one thin product per adapter, once, and
-    each call then skips two. The SD3 sampler does not fold: it runs the adapters as trained. A model with
-    no adapters comes back as one state, unchanged.
+    (``build.StudentApply.frozen_field``) and in the SD3 sampler (``sd3_sampling``). The fold costs
+    one thin product per adapter, once, and each call then skips two. A model with no adapters
+    comes back as one state, unchanged.
     """
     return nnx.split(_fold_in_place(nnx.merge(graphdef, *states)))  # the merge is already a fresh model
 
