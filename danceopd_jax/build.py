@@ -185,11 +185,14 @@ def route_weights(config: ConfigDict) -> list[float]:
 
 
 def step_group_sizes(config: ConfigDict) -> list[int]:
-    """Samples per route group in one host's batch: ``[B]`` for per-step and learned routing, apportioned otherwise."""
-    per_host = config.batch_size // jax.process_count()
+    """Samples per route group in one host's batch: ``[B / P]`` for per-step and learned routing; else
+    the global batch's groups (``routing.group_sizes(B, weights)``), each split evenly over the P
+    processes, so the global batch has the same groups for any number of processes
+    (``train._check_layout`` checks that they divide)."""
+    processes = jax.process_count()
     if config.routing in ("per_step", "learned"):
-        return [per_host]
-    return routing.group_sizes(per_host, route_weights(config))
+        return [config.batch_size // processes]
+    return [size // processes for size in routing.group_sizes(config.batch_size, route_weights(config))]
 
 
 def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
@@ -340,13 +343,12 @@ def step_route_and_groups(config: ConfigDict, step: int, weights=None) -> tuple[
     batch over processes).
     """
     routes = list(config.routes.values())
-    per_host = config.batch_size // jax.process_count()
+    sizes = step_group_sizes(config)
     if config.routing == "per_step":
         route = routing.route_for_step(config.seed, step, route_weights(config) if weights is None else weights)
-        return route, [(routes[route].bucket, per_host)]
+        return route, [(routes[route].bucket, sizes[0])]
     if config.routing == "learned":
-        return 0, [(POOL, per_host)]
-    sizes = routing.group_sizes(per_host, route_weights(config))
+        return 0, [(POOL, sizes[0])]
     return 0, [(route.bucket, size) for route, size in zip(routes, sizes) if size]
 
 

@@ -27,7 +27,7 @@ from danceopd_jax.config_lib import base_config, expert_field, model_spec
 from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
 from danceopd_jax.core.route_weights import SCHEDULES
 from danceopd_jax.core.router import ASSIGNMENTS, labelled_count
-from danceopd_jax.core.routing import ROUTING_MODES
+from danceopd_jax.core.routing import ROUTING_MODES, group_sizes
 from danceopd_jax.core.schedule import QUERY_SAMPLERS, SIGMA_SCHEDULES
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
 from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
@@ -317,6 +317,12 @@ def _check_routes(config: ConfigDict) -> None:
                 _fail(f"{key}.bucket", f"field {route.field!r} needs source images but bucket {route.bucket!r} has none")
     if sum(weights) <= 0:
         _fail("routes", "route weights are all zero")
+    if config.routing in ("per_sample", "soft"):
+        sizes = group_sizes(config.batch_size, weights)
+        starved = [name for (name, route), size in zip(config.routes.items(), sizes) if route.weight > 0 and size == 0]
+        if starved:
+            _fail("batch_size", f"routing {config.routing!r} splits the batch of {config.batch_size} by route weight into "
+                                f"{sizes}: route(s) {', '.join(starved)} get no sample; raise batch_size")  # fmt: skip
 
 
 def _bucket_records(bucket: ConfigDict) -> int:

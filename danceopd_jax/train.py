@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
 from danceopd_jax.config_validation import ConfigError, validate
+from danceopd_jax.core import routing
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.models import sd3
 from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
@@ -52,8 +53,16 @@ def _check_layout(config: ConfigDict, mesh) -> None:
         raise ConfigError(
             f"config.batch_size: {config.batch_size} is not divisible by data x fsdp = {batch_devices} devices"
         )
-    if config.batch_size % jax.process_count():
-        raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {jax.process_count()} processes")
+    processes = jax.process_count()
+    if config.batch_size % processes:
+        raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {processes} processes")
+    if config.routing in ("per_sample", "soft"):
+        sizes = routing.group_sizes(config.batch_size, build.route_weights(config))
+        if any(size % processes for size in sizes):
+            raise ConfigError(
+                f"config.batch_size: routing {config.routing!r} splits the batch of {config.batch_size} into route groups "
+                f"{sizes}, and each process draws an equal share of every group: each must divide by {processes} processes"
+            )
     parallel.check_batch_layout(mesh.devices, grouped=len(build.step_group_sizes(config)) > 1)
 
 

@@ -1,11 +1,13 @@
 """The composed train step on the smoke config: what is trained, routing through real data and experts."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from danceopd_jax import build
+from danceopd_jax import build, train
 from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.train import setup_run
 
@@ -98,6 +100,20 @@ def test_soft_mixing_targets_the_weighted_sum():
     np.testing.assert_allclose(soft, hard / 4.0, rtol=1e-5)  # zero-init student: loss = |target|^2
 
 
+def test_route_groups_are_the_global_batchs_on_any_number_of_processes(monkeypatch):
+    """Per-sample groups come from the global batch, split evenly over the processes; a split that
+    would change the global groups (or starve a route) is one line before anything is built."""
+    config = load_config(routing="per_sample", batch_size=16, **{"routes.t2i.weight": 3.0})
+    assert list(config.routes) == ["edit", "t2i"] and build.step_group_sizes(config) == [4, 12]
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    assert build.step_group_sizes(config) == [1, 3]
+    assert build.step_route_and_groups(config, 0)[1] == [("edit", 1), ("t2i", 3)]
+    mesh = SimpleNamespace(shape={"data": 4, "fsdp": 1})
+    config.batch_size = 8  # groups [2, 6]: each process's 2 rows cannot hold its share of both
+    with pytest.raises(ConfigError, match=r"^config.batch_size: routing 'per_sample' splits the batch of 8 into route groups \[2, 6\], "):
+        train._check_layout(config, mesh)
+
+
 @pytest.mark.parametrize(
     "overrides,key",
     [
@@ -114,6 +130,7 @@ def test_soft_mixing_targets_the_weighted_sum():
         ({"query_sampler": "late"}, "config.query_sampler:"),
         ({"student.preset": "huge"}, "config.student.preset:"),
         ({"batch_size": 3, "mesh.data": 2}, "config.mesh"),
+        ({"routing": "per_sample", "batch_size": 1}, "config.batch_size: routing 'per_sample' splits the batch of 1 by route"),
         ({"fields.t2i.kind": "combination", "fields.t2i.terms": {"nope": 1.0}}, "config.fields.t2i.terms:"),
         ({"fields.t2i.kind": "combination", "fields.t2i.terms": {"t2i": 1.0}}, "config.fields.t2i: combination cycle"),
     ],
