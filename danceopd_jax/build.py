@@ -286,18 +286,27 @@ def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
     return table if jax.process_index() == 0 else load_table(path)
 
 
+def router_split(pool: MixedSource, label_fraction: float, heldout: int) -> tuple[list[int], list[int]]:
+    """``(labelled, held out)`` pool positions: the last ``heldout`` positions are held out, the
+    first ``label_fraction`` of the others labelled, except those repeating a held-out record (a
+    pool cycles a source it draws more often than it has records), so no held-out record is seen."""
+    held = list(range(len(pool) - heldout, len(pool)))
+    unseen = {pool.record(i) for i in held}
+    first = router.labelled_count(len(pool), label_fraction, heldout)
+    return [i for i in range(first) if pool.record(i) not in unseen], held
+
+
 def train_router(config: ConfigDict, pool: MixedSource) -> tuple[router.RouterParams, dict]:
     """Fit the learned router on the pool's first ``label_fraction`` labels; ``(params, report)``.
 
-    The last ``router.heldout`` positions of the pool are never labelled for training; the report
-    gives the router's accuracy on them (and on its own training labels), the label counts and
-    the held-out confusion matrix (rows: true route, columns: predicted).
+    The records of the last ``router.heldout`` positions are never labelled for training
+    (``router_split``); the report gives the router's accuracy on them (and on its own training
+    labels), the label counts and the held-out confusion matrix (rows: true route, columns: predicted).
     """
     r = config.router
     image_shape = (config.image_size, config.image_size, config.channels)
     encode = RecordEncoder(condition_spec(config), image_shape)
-    heldout = list(range(len(pool) - r.heldout, len(pool)))
-    labelled = list(range(router.labelled_count(len(pool), r.label_fraction, r.heldout)))
+    labelled, heldout = router_split(pool, r.label_fraction, r.heldout)
 
     def features(positions):
         conds = stack_records([encode(pool[i])["cond"] for i in positions])

@@ -50,5 +50,9 @@ class MixedSource:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def record(self, position: int) -> tuple[int, int]:
+        """``(source, record)`` at ``position``: the identity of a record the pool may repeat."""
+        return int(self.labels[position]), int(self.indices[position])
+
     def __getitem__(self, index: int) -> dict:
         return self.sources[self.labels[index]][int(self.indices[index])]
