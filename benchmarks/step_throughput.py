@@ -30,17 +30,24 @@ Models (latents of a VAE with 8x downsampling: 256 px -> 32x32, 512 px -> 64x64)
                      as in the paper's realism run.
   DiT-tiny/2, MMDiT-tiny  small stand-ins for a CPU check.
 
-FLOPs are analytical (``models.dit.forward_flops`` / ``models.mmdit.forward_flops``: 2*m*n*k
-per matrix product, attention included, LoRA products and elementwise work not counted):
+FLOPs are model FLOPs, counted on the traced programs of the step's passes (``pass_flops``,
+``measure.matmul_flops``: 2*m*n*k per matrix product and convolution, attention included,
+elementwise work not), traced with remat 'none' and XLA attention: the count is the same for
+every attention kernel and leaves out remat's recomputation (hardware FLOPs would count it). A
+traced forward equals the analytic ``models.dit.forward_flops`` / ``models.mmdit.forward_flops``
+exactly (tests/test_benchmarks.py). Per step:
 
-  rollout  E[Euler steps run] forwards on B samples: E[max query index of the batch] (Monte
-           Carlo over 2000 draws of the sampler) when truncated, N - 1 when not
-  teacher  one forward on B*K states (two with CFG)
-  student  forward + backward on B*K states: 3 forwards for a fully trained student; 2 for a
-           LoRA student (the backward computes input gradients but no weight gradients of the
-           frozen base)
+  rollout  the rollout student's preparation (a LoRA student's adapter fold, once per step)
+           plus one forward on B samples per Euler step run: for each timed step, the max of the
+           query indices its loss really draws (the step's key, ``rollout_trips``) when truncated,
+           N - 1 when not
+  teacher  the expert field on B*K states (two forwards with CFG; an SD3 expert's LoRA runs
+           unfolded, its products counted)
+  student  forward + backward on B*K states as traced: about 3 forwards for a fully trained
+           student; a LoRA student's backward computes input gradients through the frozen base
+           (attention's twice: no weights), plus the adapters' own products
 
-MFU = FLOPs per step / step time / (``--peak-tflops`` x devices). The H100 SXM's dense bf16
+MFU = the timed steps' FLOPs / their time / (``--peak-tflops`` x devices). The H100 SXM's dense bf16
 peak is 989 TFLOP/s (datasheet); a large bf16 matrix product reaches about 800 on the
 machines this was measured on, so 80% MFU is the practical ceiling.
 
@@ -71,13 +78,14 @@ from flax import nnx
 from danceopd_jax import build, parallel
 from danceopd_jax.config_lib import SD3_LORA_TARGETS, base_config
 from danceopd_jax.core.fields import cfg_field, inference_field, model_field, unconditional
-from danceopd_jax.core.objectives import frozen_student, per_sample_mse
+from danceopd_jax.core.compute_dtype import cast_to_compute_dtype
+from danceopd_jax.core.objectives import danceopd_query_indices, frozen_student, per_sample_mse
 from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
-from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
+from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step, step_key
 from danceopd_jax.models import dit, layers, lora, mmdit
 import kernel_profile
-from measure import expected_rollout_steps, median_seconds, peak_bytes
+from measure import matmul_flops, median_seconds, peak_bytes
 
 SD3_TEXT_LEN = 77 + 256  # CLIP tokens + T5 tokens
 NUM_CLASSES = 1000
@@ -228,13 +236,21 @@ class UnfoldedStudent(build.StudentApply):
         return inference_field(self.graphdef, *self.states(params))
 
 
-def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cast_once: bool = True, fold: bool = True) -> Models:
+def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cast_once: bool = True, fold: bool = True,
+                 abstract: bool = False) -> Models:
     """The models of one configuration; ``cast_once=False`` keeps every frozen parameter in float32
     and gives the student no ``frozen_field`` (each layer then casts on every call); ``fold=False``
-    keeps the rollout student's adapters unfolded."""
+    keeps the rollout student's adapters unfolded; ``abstract`` gives shapes and dtypes only (to trace)."""
 
     def stored(graphdef, frozen, shardings, *context):
-        return build.frozen_in_compute_dtype(graphdef, frozen, shardings, *context) if cast_once else frozen
+        if not cast_once:
+            return frozen
+        if abstract:
+            return jax.eval_shape(lambda f, *c: cast_to_compute_dtype(graphdef, f, *c)[0], frozen, *context)
+        return build.frozen_in_compute_dtype(graphdef, frozen, shardings, *context)
+
+    def state(abstract_state, shardings, seed: int):
+        return abstract_state if abstract else random_state(abstract_state, shardings, seed)
 
     def student(graphdef):
         apply = (build.StudentApply if fold else UnfoldedStudent)(graphdef)
@@ -242,8 +258,8 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
 
     null = null_condition(choice)
     if choice.kind == "dit":
-        graphdef, abstract, shardings = parallel.abstract_model_state(lambda: dit.DiT(config, rngs=nnx.Rngs(0)), mesh, rules)
-        params, expert = (random_state(abstract, shardings, seed) for seed in (0, 1))
+        graphdef, abstract_state, shardings = parallel.abstract_model_state(lambda: dit.DiT(config, rngs=nnx.Rngs(0)), mesh, rules)
+        params, expert = (state(abstract_state, shardings, seed) for seed in (0, 1))
         with parallel.sharding_context(mesh, rules):
             expert = stored(graphdef, expert, shardings)  # as train.setup_run stores experts
         fields = lambda e: [cfg_field(model_field(graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
@@ -255,11 +271,11 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
         lora.add_lora(model, rank=choice.lora_rank, alpha=choice.lora_rank, targets=SD3_LORA_TARGETS.split(","), rngs=nnx.Rngs(1))
         return model
 
-    graphdef, abstract, _ = parallel.abstract_model_state(make_lora, mesh, rules)
-    graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract), lora.LoRAParam, ...)
+    graphdef, abstract_state, _ = parallel.abstract_model_state(make_lora, mesh, rules)
+    graphdef, abstract_lora, abstract_base = nnx.split(nnx.merge(graphdef, abstract_state), lora.LoRAParam, ...)
     lora_shardings, base_shardings = (parallel.shardings_of(a, mesh, rules) for a in (abstract_lora, abstract_base))
-    params, delta = (random_state(abstract_lora, lora_shardings, seed) for seed in (0, 2))  # delta: the expert's LoRA
-    base = random_state(abstract_base, base_shardings, 1)
+    params, delta = (state(abstract_lora, lora_shardings, seed) for seed in (0, 2))  # delta: the expert's LoRA
+    base = state(abstract_base, base_shardings, 1)
     with parallel.sharding_context(mesh, rules):
         base = stored(graphdef, base, base_shardings, params)  # as build.load_sd3_models
         delta = stored(graphdef, delta, lora_shardings, base)
@@ -272,23 +288,53 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
 # ---------------------------------------------------------------- FLOPs
 
 
-def forward_flops(choice: ModelChoice, config, batch: int) -> int:
-    if choice.kind == "dit":
-        return dit.forward_flops(config, batch)
-    return mmdit.forward_flops(config, batch, config.sample_size, SD3_TEXT_LEN)
+def pass_flops(choice: ModelChoice, latent: int, batch: int, args, mesh, rules) -> dict[str, int]:
+    """Model FLOPs of the step's passes, counted on their traced programs (``measure.matmul_flops``;
+    module docstring): one rollout forward (Euler step), the once-per-step preparation of the
+    rollout's student (adapter fold), the teacher and the student's forward + backward. Traced
+    with remat 'none' and XLA attention, whatever the run uses: recomputation is not model work,
+    and the count is the same for every attention kernel."""
+    counting = argparse.Namespace(**{**vars(args), "remat": "none", "attention": "xla"})
+    config = model_config(choice, latent, counting)
+    models = build_models(choice, config, mesh, rules, args.cfg_scale, cast_once=args.cast == "once",
+                          fold=args.adapters == "folded", abstract=True)  # fmt: skip
+    image = jax.ShapeDtypeStruct((batch, latent, latent, choice.channels), jnp.float32)
+    times = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    cond = jax.eval_shape(lambda: condition(choice, config, batch, jax.random.key(0)))
 
+    def count(fn, *inputs) -> int:
+        return matmul_flops(jax.make_jaxpr(fn)(*inputs).jaxpr)
 
+    def field_calls(calls: int) -> int:  # the rollout's student built once, then called ``calls`` times
+        def run(params, experts, x, t, c):
+            field = frozen_student(models.apply, models.student_params(params, experts))
+            return sum(field(x, t, c) for _ in range(calls))
 
-def step_flops(choice: ModelChoice, config, batch: int, args, *, lora_student: bool) -> dict[str, float]:
-    """FLOPs of one step by part (module docstring); rollout for the truncated and the full loop."""
-    forward = forward_flops(choice, config, batch)
-    query_forward = forward_flops(choice, config, batch * QUERIES)
+        return count(run, models.params, models.experts, image, times, cond)
+
+    def student(params, experts, x, t, c, target):
+        return jax.value_and_grad(lambda p: jnp.mean(per_sample_mse(models.apply(models.student_params(p, experts), x, t, c), target)))(params)
+
+    once, twice = field_calls(1), field_calls(2)
     return {
-        "rollout": expected_rollout_steps(batch, QUERIES, args.rollout_steps, SAMPLER) * forward,
-        "rollout_full": (args.rollout_steps - 1) * forward,
-        "teacher": (2 if args.cfg_scale != 1.0 else 1) * query_forward,
-        "student": (2 if lora_student else 3) * query_forward,
+        "forward": twice - once,
+        "prepare": 2 * once - twice,
+        "teacher": count(lambda e, x, t, c: models.route_fields(e)[0](x, t, c), models.experts, image, times, cond),
+        "student": count(student, models.params, models.experts, image, times, cond, image),
     }
+
+
+def rollout_trips(batch: int, args, steps) -> list[int]:
+    """Euler steps the truncated rollout of each train step in ``steps`` runs: the max of the query
+    indices its loss draws (``objectives.danceopd_query_indices``) from the step's key (``core.step.step_key``,
+    a state initialised with seed 0, as ``run_one``'s)."""
+    rng = jax.random.key_data(jax.random.key(0))
+    return [int(jnp.max(danceopd_query_indices(step_key(rng, s), batch, args.rollout_steps, QUERIES, SAMPLER))) for s in steps]
+
+
+def step_flops(passes: dict[str, int], trips: int) -> int:
+    """Model FLOPs of one step whose rollout runs ``trips`` Euler steps."""
+    return passes["prepare"] + trips * passes["forward"] + passes["teacher"] + passes["student"]
 
 
 # ---------------------------------------------------------------- timing
@@ -302,18 +348,21 @@ def device_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+WARMUP_STEPS = 2
+
+
 def time_train_steps(step, state, experts, batch, steps: int):
-    """``(median seconds, final state)`` of ``steps`` steps after 2 warm-up steps; the state is donated."""
+    """``(seconds of each timed step, final state)``: ``steps`` steps after ``WARMUP_STEPS``; the state is donated."""
     times, route = [], jnp.int32(0)
-    for i in range(steps + 2):
+    for i in range(steps + WARMUP_STEPS):
         start = time.perf_counter()
         state, metrics = step(state, experts, batch, route)
         jax.block_until_ready((state, metrics))
-        if i >= 2:
+        if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
     if not np.isfinite(float(metrics["loss"])):
         raise FloatingPointError(f"non-finite loss {float(metrics['loss'])}")
-    return statistics.median(times), state
+    return times, state
 
 
 def trace_dir(root: str, model_name: str, px: int) -> str:
@@ -429,26 +478,31 @@ def run_one(model_name: str, px: int, args) -> dict:
             compiled = step.lower(state, models.experts, batch, jnp.int32(0)).compile()
         return compiled, state, time.perf_counter() - start, cache_hits[0] > hits
 
+    passes = pass_flops(choice, latent, b, args, mesh, rules)
+    trips = rollout_trips(b, args, range(WARMUP_STEPS, WARMUP_STEPS + args.steps))
+    flops = dict(passes, rollout_trips=trips, step=statistics.mean(step_flops(passes, n) for n in trips),
+                 step_full=step_flops(passes, args.rollout_steps - 1))  # fmt: skip
     result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
                   devices=jax.device_count(), build_s=build_s, cast=args.cast, adapters=args.adapters,
                   params=sum(x.size for x in jax.tree.leaves(models.params)),
                   frozen=sum(x.size for x in jax.tree.leaves(models.experts)),
-                  frozen_bytes=sum(x.nbytes for x in jax.tree.leaves(models.experts)),
-                  flops=step_flops(choice, config, b, args, lora_student=models.lora_student))  # fmt: skip
+                  frozen_bytes=sum(x.nbytes for x in jax.tree.leaves(models.experts)), flops=flops)  # fmt: skip
     with parallel.sharding_context(mesh, rules):
         for truncate in (True, False) if not args.no_full_rollout else (True,):
             compiled, state, compile_s, cached = compiled_step(truncate)
             name = "step" if truncate else "step_full"
             result[f"{name}_compile_s"], result[f"{name}_cached"] = compile_s, cached
             result[f"{name}_peak_bytes"] = peak_bytes(compiled)
-            result[f"{name}_s"], state = time_train_steps(compiled, state, models.experts, batch, args.steps)
+            times, state = time_train_steps(compiled, state, models.experts, batch, args.steps)
+            result[f"{name}_times_s"], result[f"{name}_s"] = times, statistics.mean(times)
+            if truncate:
+                result["device_peak_bytes"] = device_peak_bytes()  # the builds and this step so far
             if args.profile and truncate:
                 result["kernels"], state = profile_steps(compiled, state, models.experts, batch, trace_dir(args.profile, model_name, px))
             del state, compiled
             print(json.dumps(result), flush=True)  # partial: the parent keeps the last complete line
         if not args.no_parts:
             result.update(part_times(models, batch, sigmas, args, args.steps))
-    result["device_peak_bytes"] = device_peak_bytes()
     return result
 
 
@@ -482,10 +536,8 @@ def run_all(args, argv, header_lines: list[str]) -> list[dict]:
 
 
 def achieved(result: dict, full: bool = False) -> float:
-    """FLOP/s of the step (truncated rollout, or the full one)."""
-    f = result["flops"]
-    total = f["rollout_full" if full else "rollout"] + f["teacher"] + f["student"]
-    return total / result["step_full_s" if full else "step_s"]
+    """Model FLOP/s of the step (truncated rollout, or the full one): the timed steps' FLOPs over their time."""
+    return result["flops"]["step_full" if full else "step"] / result["step_full_s" if full else "step_s"]
 
 
 def mfu(result: dict, args, full: bool = False) -> str:
@@ -547,7 +599,7 @@ def header(args, argv) -> list[str]:
         f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(not set)'}",
         f"N {args.rollout_steps} rollout steps (shift {args.shift}), K {QUERIES} ({SAMPLER}), cfg {args.cfg_scale}, "
         f"dtype {args.dtype} (float32 params), attention {args.attention}, remat {args.remat}, cast {args.cast}, adapters {args.adapters}; "
-        f"step = median of {args.steps} after 2 warm-up; MFU against {args.peak_tflops or '(no peak given)'} TFLOP/s per device",
+        f"step = mean of {args.steps} after {WARMUP_STEPS} warm-up; MFU (model FLOPs, no recomputation) against {args.peak_tflops or '(no peak given)'} TFLOP/s per device",
     ]
 
 

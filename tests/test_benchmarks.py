@@ -34,31 +34,48 @@ def load_script(name: str, monkeypatch):
 
 def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
-    land in the Markdown table and the JSON beside it, the frozen base stored in bf16 as a run stores it; FLOPs count the full rollout's extra steps,
-    3 forwards for a fully trained student's forward + backward and 2 for a LoRA student's."""
+    land in the Markdown table and the JSON beside it, the frozen base stored in bf16 as a run
+    stores it. Its FLOPs: the traced forward is the analytic one; the timed steps' rollouts run the
+    Euler steps their keys draw; the LoRA student's pass costs more than 2 forwards (the adapters,
+    attention's backward) and a full one's 3."""
     out = tmp_path / "perf.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--models", "MMDiT-tiny",
-           "--resolutions", "32", "--batch-size", "2", "--rollout-steps", "4", "--dtype", "bfloat16", "--steps", "1",
+           "--resolutions", "32", "--batch-size", "2", "--rollout-steps", "4", "--dtype", "bfloat16", "--steps", "3",
            "--peak-tflops", "1", "--out", str(out), "--profile", str(tmp_path / "profile")]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     [r] = json.loads(out.with_suffix(".json").read_text())
     assert (r["model"], r["px"], r["latent"], r["batch"]) == ("MMDiT-tiny", 32, 4, 2) and "error" not in r, r
-    assert 0 < r["flops"]["rollout"] <= r["flops"]["rollout_full"]  # E[max index] <= N - 1
     assert all(r[k] > 0 for k in ("step_s", "step_full_s", "rollout_s", "rollout_full_s", "teacher_s", "student_s"))
+    assert len(r["step_times_s"]) == 3 and r["step_s"] == sum(r["step_times_s"]) / 3
     assert r["step_peak_bytes"] > 0
     assert r["params"] < r["frozen"]  # the LoRA student trains adapters over a frozen base
     assert r["cast"] == "once" and r["frozen_bytes"] < 4 * r["frozen"]  # frozen bf16 layers stored in bf16 (the float32 positional table dominates here)
-    assert r["flops"]["student"] == 2 * r["flops"]["teacher"]
+    f = r["flops"]
+    bench = load_script("step_throughput", monkeypatch)
+    args = bench.parse_args(["--rollout-steps", "4"])
+    choice = bench.MODELS["MMDiT-tiny"]
+    config = bench.model_config(choice, 4, args)
+    from danceopd_jax.models import dit, mmdit
+
+    assert f["forward"] == mmdit.forward_flops(config, 2, 4, bench.SD3_TEXT_LEN)
+    assert f["forward"] < f["teacher"] < 1.5 * f["forward"]  # the expert's LoRA runs unfolded: its products count
+    assert f["prepare"] > 0  # the adapter fold
+    assert 2 * f["forward"] < f["student"] < 3 * f["forward"], f
+    assert f["rollout_trips"] == bench.rollout_trips(2, args, [2, 3, 4]) and all(0 <= n <= 3 for n in f["rollout_trips"])
+    assert f["step"] == sum(bench.step_flops(f, n) for n in f["rollout_trips"]) / 3 and f["step"] <= f["step_full"]
     assert "| MMDiT-tiny | 32 | 2 |" in out.read_text()
     assert r["kernels"] is None and "No device events in the trace (cpu backend)" in out.read_text()  # CPU: no device kernels
 
-    bench = load_script("step_throughput", monkeypatch)
-    args = bench.parse_args(["--rollout-steps", "4"])
+    mesh = bench.parallel.make_mesh({"data": -1})
     choice = bench.MODELS["DiT-XL/2"]
-    flops = bench.step_flops(choice, bench.model_config(choice, 32, args), 1, args, lora_student=False)
-    assert flops["student"] == 3 * flops["teacher"] and flops["rollout_full"] == 3 * flops["teacher"]
-    assert abs(flops["teacher"] / 2 - 118.6e9) < 0.01 * 118.6e9  # DiT-XL/2 at 256 px: 118.6 GMACs (Peebles & Xie, Table 4)
+    rules = bench.parallel.axis_rules({k: v for k, v in bench.base_config().logical_axis_rules.items() if k in dit.LOGICAL_AXES}, dit.LOGICAL_AXES)
+    passes = bench.pass_flops(choice, 32, 1, args, mesh, rules)
+    assert passes["forward"] == passes["teacher"] == dit.forward_flops(bench.model_config(choice, 32, args), 1) and passes["prepare"] == 0
+    assert abs(passes["teacher"] / 2 - 118.6e9) < 0.01 * 118.6e9  # DiT-XL/2 at 256 px: 118.6 GMACs (Peebles & Xie, Table 4)
+    assert 2.9 * passes["forward"] < passes["student"] <= 3 * passes["forward"]  # no input gradient of the patch embedding
+    remat = bench.parse_args(["--rollout-steps", "4", "--remat", "full", "--attention", "xla"])
+    assert bench.pass_flops(choice, 32, 1, remat, mesh, rules) == passes  # recomputation is not model work
 
 
 def test_step_throughput_compilation_cache_serves_a_second_call(tmp_path):

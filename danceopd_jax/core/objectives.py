@@ -59,6 +59,13 @@ def _distill_states(student, params, target, states, times, cond) -> jax.Array:
     return per_sample_mse(student_v, teacher_v).reshape(batch, k).mean(axis=1)
 
 
+def danceopd_query_indices(key: jax.Array, batch_size: int, num_steps: int, num_queries: int = 1, sampler: str = "low_t") -> jax.Array:
+    """The query indices [B, K] that ``danceopd_loss`` draws from its ``key``: the truncated rollout
+    runs ``max`` of them Euler steps (benchmarks count a step's forwards with it)."""
+    _, index_key = jax.random.split(key)
+    return sample_query_indices(index_key, batch_size, num_queries, num_steps, sampler)
+
+
 def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t", truncate_rollout=True):
     """DanceOPD: query K low-noise states of the student's own ODE rollout against the routed field.
 
@@ -66,10 +73,9 @@ def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1,
     query index: the same loss from more forwards (``rollout.rollout_query_states``), for benchmarks.
     """
     cond = batch["cond"]
-    noise_key, index_key = jax.random.split(key)
+    noise_key, _ = jax.random.split(key)
     noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
-    num_steps = sigmas.shape[0] - 1
-    indices = sample_query_indices(index_key, noise.shape[0], num_queries, num_steps, sampler)
+    indices = danceopd_query_indices(key, noise.shape[0], sigmas.shape[0] - 1, num_queries, sampler)
     states, times = rollout_query_states(frozen_student(student, params), noise, sigmas, cond, indices, truncate_rollout)
     return _distill_states(student, params, target, states, times, cond)
 

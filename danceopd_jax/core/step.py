@@ -28,7 +28,12 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
-    rng: jax.Array  # raw key data; the key of step s is fold_in(key, s)
+    rng: jax.Array  # raw key data; the key of step s is fold_in(key, s) (``step_key``)
+
+
+def step_key(rng: jax.Array, step) -> jax.Array:
+    """The random key of train step ``step`` of a state whose raw key data is ``rng``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(rng), step)
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, use_ema: bool) -> TrainState:
@@ -176,7 +181,7 @@ def make_train_step(
         return routed_means(per_sample, router.route_assignment(router_params, cond, "argmax", None))
 
     def step(state: TrainState, experts, batch, route):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key = step_key(state.rng, state.step)
 
         def mean_loss(params):
             per_sample = loss_fn(params, experts, batch, route, key)
