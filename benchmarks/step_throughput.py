@@ -145,6 +145,9 @@ def parse_args(argv):
     parser.add_argument("--compilation-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache: a later call with the same shapes and code loads its "
                              "programs from DIR instead of compiling them (compile s then says 'cached')")  # fmt: skip
+    parser.add_argument("--recount", default=None, metavar="JSON",
+                        help="count the FLOPs of the results in JSON (an earlier --out's) with this version's counting, "
+                             "pair them with the recorded step times and print the MFU; give the run's other flags")  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PX"), help=argparse.SUPPRESS)  # one configuration, JSON out
     args = parser.parse_args(argv)
     for name in args.models.split(","):
@@ -286,6 +289,13 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
 
 
 # ---------------------------------------------------------------- FLOPs
+
+
+def mesh_and_rules(choice: ModelChoice):
+    """A data-parallel mesh over every device and the run's logical axis rules for the model's axes."""
+    logical = dit.LOGICAL_AXES if choice.kind == "dit" else mmdit.LOGICAL_AXES + lora.LORA_AXES
+    rules = parallel.axis_rules({k: v for k, v in base_config().logical_axis_rules.items() if k in logical}, logical)
+    return parallel.make_mesh({"data": -1}), rules
 
 
 def pass_flops(choice: ModelChoice, latent: int, batch: int, args, mesh, rules) -> dict[str, int]:
@@ -439,10 +449,7 @@ def run_one(model_name: str, px: int, args) -> dict:
     choice = MODELS[model_name]
     latent, b = px // 8, batch_size(choice, px, args)
     config = model_config(choice, latent, args)
-    base = base_config()
-    mesh = parallel.make_mesh({"data": -1})
-    logical = dit.LOGICAL_AXES if choice.kind == "dit" else mmdit.LOGICAL_AXES + lora.LORA_AXES
-    rules = parallel.axis_rules({k: v for k, v in base.logical_axis_rules.items() if k in logical}, logical)
+    mesh, rules = mesh_and_rules(choice)
 
     start = time.perf_counter()
     models = build_models(choice, config, mesh, rules, args.cfg_scale, cast_once=args.cast == "once", fold=args.adapters == "folded")
@@ -603,8 +610,32 @@ def header(args, argv) -> list[str]:
     ]
 
 
+def recount(args) -> list[str]:
+    """Markdown rows of ``--recount``: each recorded step time against the FLOPs this version counts
+    for it (``pass_flops``; the timed steps' rollouts from ``rollout_trips``), beside the recorded
+    figures. Runs before this counting recorded the median step, not the mean."""
+    with open(args.recount) as f:
+        results = [r for r in json.load(f) if "error" not in r]
+    peak = (args.peak_tflops or float("nan")) * 1e12
+    rows = ["| model | px | B | step ms (recorded) | recorded TFLOP/s | recorded MFU % | counted TFLOP/s | counted MFU % |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in results:
+        choice, b = MODELS[r["model"]], r["batch"]
+        passes = pass_flops(choice, r["latent"], b, args, *mesh_and_rules(choice))
+        trips = rollout_trips(b, args, range(WARMUP_STEPS, WARMUP_STEPS + args.steps))
+        counted = statistics.mean(step_flops(passes, n) for n in trips) / r["step_s"]
+        f = r["flops"]
+        recorded = f["step"] / r["step_s"] if "step" in f else (f["rollout"] + f["teacher"] + f["student"]) / r["step_s"]
+        rows.append(f"| {r['model']} | {r['px']} | {b} | {r['step_s'] * 1e3:.1f} | {recorded / 1e12:.1f} | "
+                    f"{100 * recorded / (peak * r['devices']):.1f} | {counted / 1e12:.1f} | {100 * counted / (peak * r['devices']):.1f} |")  # fmt: skip
+    return rows
+
+
 def main(argv) -> None:
     args = parse_args(argv)
+    if args.recount:
+        print("\n".join(recount(args)))
+        return
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args)), flush=True)
         return

@@ -66,6 +66,9 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     assert f["step"] == sum(bench.step_flops(f, n) for n in f["rollout_trips"]) / 3 and f["step"] <= f["step_full"]
     assert "| MMDiT-tiny | 32 | 2 |" in out.read_text()
     assert r["kernels"] is None and "No device events in the trace (cpu backend)" in out.read_text()  # CPU: no device kernels
+    again = bench.parse_args(["--recount", str(out.with_suffix(".json")), "--rollout-steps", "4", "--steps", "3", "--peak-tflops", "1"])
+    [row] = [line.strip("| ").split(" | ") for line in bench.recount(again)[2:]]
+    assert row[:3] == ["MMDiT-tiny", "32", "2"] and row[4:6] == row[6:8], row  # recounted as it was counted
 
     mesh = bench.parallel.make_mesh({"data": -1})
     choice = bench.MODELS["DiT-XL/2"]
