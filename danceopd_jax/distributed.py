@@ -32,8 +32,9 @@ def initialize(distributed: bool, coordinator_address: str | None, num_processes
             raise DistributedError(f"--num_processes must be >= 1, got {num_processes}")
         if not 0 <= process_id < num_processes:
             raise DistributedError(f"--process_id must be in [0, {num_processes}), got {process_id}")
-        if ":" not in coordinator_address:
-            raise DistributedError(f"--coordinator_address must be HOST:PORT, got {coordinator_address!r}")
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise DistributedError(f"--coordinator_address must be HOST:PORT with a port in 1..65535, got {coordinator_address!r}")
         if num_processes == 1:
             return False
     elif not distributed:

@@ -11,6 +11,7 @@ checkpoints none of which can be read is one line on stderr and exit code 1.
 
 import os
 import sys
+import tempfile
 
 # clu's TensorBoard writer imports TensorFlow; keep its start-up chatter off the terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,6 +53,26 @@ def parse_flags(argv: list[str]) -> list[str]:
         _usage_error(f"bad config override: {text}")
 
 
+def _check_workdir(workdir: str) -> None:
+    """A one-line usage error unless ``workdir`` is a folder this process can create and write in
+    (probed, and left as it was found: nothing is written before the config is checked)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        _usage_error(f"--workdir: {workdir!r} exists and is not a folder")
+    missing, path = [], os.path.abspath(workdir)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        _usage_error(f"--workdir: {workdir!r} cannot be written ({error.strerror})")
+    finally:
+        for made in filter(os.path.isdir, missing):  # innermost first: only the folders the probe made
+            os.rmdir(made)
+
+
 def main(argv):
     if len(argv) > 1:
         _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -61,15 +82,17 @@ def main(argv):
     if not os.path.isfile(config_path):
         _usage_error(f"--config: no such file {config_path!r}")
     config = _CONFIG.value
+    workdir = _WORKDIR.value
+    _check_workdir(workdir)
     try:
         distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except distributed.DistributedError as error:
         _usage_error(error)
     try:
         if "stages" in config:
-            pipeline.run_pipeline(config, _WORKDIR.value)
+            pipeline.run_pipeline(config, workdir)
         else:
-            train.train_and_evaluate(config, _WORKDIR.value)
+            train.train_and_evaluate(config, workdir)
     except (ConfigError, ModelFolderError, WeightsError, WeightsMismatch, UnknownLoRATarget) as error:
         _usage_error(error)
     except train.Preempted:

@@ -91,8 +91,13 @@ def validate_pipeline(config: ConfigDict) -> list[str]:
         if capability not in capabilities.CAPABILITY_BUCKETS:
             valid = ", ".join(capabilities.CAPABILITY_BUCKETS)
             raise ConfigError(f"config.evaluation.capabilities: unknown capability {capability!r}; valid: {valid}")
-    if evaluation.num_examples < 1:
-        raise ConfigError(f"config.evaluation.num_examples: must be >= 1, got {evaluation.num_examples}")
+    if _names(evaluation.capabilities) and not _names(evaluation.models):
+        raise ConfigError(f"config.evaluation.models: name the stages to evaluate on the capabilities; valid: {', '.join(order)}")
+    for key, minimum in (("num_examples", 1), ("steps", 1)):
+        if evaluation[key] < minimum:
+            raise ConfigError(f"config.evaluation.{key}: must be >= {minimum}, got {evaluation[key]}")
+    if not 0 <= evaluation.cfg_scale < float("inf"):
+        raise ConfigError(f"config.evaluation.cfg_scale: must be a finite number >= 0, got {evaluation.cfg_scale}")
     return order
 
 

@@ -91,6 +91,11 @@ class _MetricWindow:
         self.log_weights = log_weights  # a route schedule that changes the weights: log them per step
         self.pending: list[tuple[int, int, Any, np.ndarray]] = []  # step, route, device metrics, route weights
         self.started = time.perf_counter()
+        self.untimed = 0  # pending steps before ``started`` (the compiled first step): not in the rate
+
+    def restart_clock(self) -> None:
+        """Time the window from now: the steps already pending do not count towards its rate."""
+        self.started, self.untimed = time.perf_counter(), len(self.pending)
 
     def add(self, step: int, route: int, metrics, weights: np.ndarray) -> None:
         self.pending.append((step, route, metrics, weights))
@@ -125,12 +130,13 @@ class _MetricWindow:
                 if np.isfinite(value):
                     sums.setdefault(f"loss/{self.route_names[index]}", []).append(value)
         now = time.perf_counter()
-        rate = len(self.pending) / max(now - self.started, 1e-9)
+        timed = len(self.pending) - self.untimed
+        rate = timed / max(now - self.started, 1e-9) if timed else float("nan")
         last = self.pending[-1][0]
         scalars = {key: float(np.mean(values)) for key, values in sums.items()}
         if self.log_weights:
             scalars.update({f"route_weight/{name}": float(w) for name, w in zip(self.route_names, self.pending[-1][3])})
-        self.pending, self.started = [], now
+        self.pending, self.started, self.untimed = [], now, 0
         if self.skip_nonfinite:
             scalars["skipped_steps"] = skipped
         return _Flushed(last, scalars, rate, losses)
@@ -365,10 +371,12 @@ def _progress_line(config: ConfigDict, done: int, flushed: _Flushed) -> str:
     skipped = f" skipped {scalars['skipped_steps']} non-finite steps" if scalars.get("skipped_steps") else ""
     weights = " ".join(f"{n}={scalars[f'route_weight/{n}']:.2f}" for n in config.routes if f"route_weight/{n}" in scalars)
     weights = f" [weights {weights}]" if weights else ""
-    eta = _format_eta((config.num_train_steps - done) / flushed.rate)
+    speed = "first step (compile)"  # a window of the first step alone has no rate
+    if np.isfinite(flushed.rate):
+        speed = f"{flushed.rate:.2f} steps/s ETA {_format_eta((config.num_train_steps - done) / flushed.rate)}"
     return (f"step {done}/{config.num_train_steps} loss {scalars.get('loss', float('nan')):.4f} [{per_route}]{weights} "
             f"grad_norm {scalars.get('grad_norm', float('nan')):.3f} lr {scalars.get('lr', float('nan')):.2e}{skipped} "
-            f"{flushed.rate:.2f} steps/s ETA {eta}")  # fmt: skip
+            f"{speed}")  # fmt: skip
 
 
 def use_compilation_cache(config: ConfigDict, workdir: str) -> None:
@@ -379,6 +387,47 @@ def use_compilation_cache(config: ConfigDict, workdir: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, config.compilation_cache_dir))
 
 
+# Keys a resumed run may change: how long, how often, where and how it is laid out, not what it trains.
+RESUMABLE_CHANGES = ("num_train_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compilation_cache_dir",
+                     "loss_log", "skip_nonfinite_steps", "mesh", "dcn_mesh", "logical_axis_rules", "expert_sharding")  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"a.b": leaf}`` of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_init_checkpoints(config: ConfigDict) -> None:
+    """``ConfigError`` for a model with ``init='checkpoint'`` whose workdir holds no checkpoint (before anything is built)."""
+    models = {"student": config.student, **{f"experts.{name}": spec for name, spec in config.experts.items()}}
+    for key, spec in models.items():
+        if spec.get("init") == "checkpoint" and checkpoints.latest_step(spec.checkpoint) is None:
+            raise ConfigError(f"config.{key}.checkpoint: no checkpoints under {checkpoints.checkpoint_dir(spec.checkpoint)}")
+
+
+def _check_resume(config: ConfigDict, workdir: str) -> None:
+    """``ConfigError`` naming every key, outside ``RESUMABLE_CHANGES``, where ``config`` differs from the
+    config of the run whose checkpoints ``workdir`` holds: a run resumes with its own config (before
+    anything is built or written; before: the new config overwrote the run's ``config.json``)."""
+    if checkpoints.latest_step(workdir) is None or not os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
+        return
+    saved = _flat(checkpoints.load_run_config(workdir).to_dict())
+    given = _flat(json.loads(config.to_json()))
+    changed = sorted(key for key in saved.keys() | given.keys()
+                     if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, "(unset)") != given.get(key, "(unset)"))  # fmt: skip
+    if changed:
+        shown = ", ".join(f"config.{k} {saved.get(k, '(unset)')!r} -> {given.get(k, '(unset)')!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"{workdir} holds checkpoints of a run with another config: {shown}{more}; resume it with its own "
+                          f"values (only {', '.join(RESUMABLE_CHANGES[:4])}, mesh and the like may change) or use a new workdir")
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its newest readable checkpoint; returns the final state.
 
@@ -387,6 +436,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
     ``skip_nonfinite_steps``. SIGTERM finishes the current step, saves it and raises ``Preempted``.
     """
     validate(config)
+    _check_init_checkpoints(config)
+    _check_resume(config, workdir)
     use_compilation_cache(config, workdir)
     run = setup_run(config, workdir=workdir)
     num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
@@ -437,13 +488,14 @@ def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _P
                 if step == start:
                     jax.block_until_ready(metrics)
                     _log(f"step {step + 1}: compiled and ran the first step in {time.perf_counter() - compile_started:.1f}s")
-                    window.started = time.perf_counter()
+                    window.restart_clock()
                 done = step + 1
                 preempted = preemption.reached(done) and done < config.num_train_steps  # the last step ends anyway
                 is_checkpoint = done % config.checkpoint_every == 0 or done == config.num_train_steps or preempted
                 if done % config.log_every == 0 or is_checkpoint:  # always before a save: a NaN stops it here
                     flushed = window.flush()
-                    flushed.scalars["steps_per_sec"] = flushed.rate
+                    if np.isfinite(flushed.rate):
+                        flushed.scalars["steps_per_sec"] = flushed.rate
                     writer.write_scalars(flushed.last, flushed.scalars)
                     loss_log.write(flushed.losses)
                     _log(_progress_line(config, done, flushed))

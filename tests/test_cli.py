@@ -68,6 +68,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, message):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_workdir_that_cannot_be_one_is_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = _main(tmp_path / "file", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"error: --workdir: '{tmp_path / 'file'}' exists and is not a folder"
+    result = _main(tmp_path / "file" / "w", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: --workdir: '{tmp_path / 'file' / 'w'}' cannot be written (")
+    bad = _main(tmp_path / "new" / "w", "--config.rollout_steps=0", timeout=120)  # the probe leaves no folder behind
+    assert bad.returncode == 2 and not (tmp_path / "new").exists()
+
+
 def test_missing_config_file(tmp_path):
     cmd = [sys.executable, "-m", "danceopd_jax.main", "--config", "configs/nope.py", "--workdir", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -11,7 +11,9 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
+from danceopd_jax.distributed import DistributedError, initialize
 from danceopd_jax.sampling import load_trained_model
 
 from conftest import cpu_devices_env
@@ -96,3 +98,10 @@ def test_partial_multiprocess_flags_are_one_line_errors(tmp_path):
     assert result.stderr.strip() == (
         "error: --num_processes given without --coordinator_address, --process_id: an explicit multi-process run needs all three"
     )
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:70000", ":1234", "localhost"])
+def test_a_bad_coordinator_address_is_one_line_before_jax_joins(address):
+    """A port that is not a number crashed the process inside jax.distributed (segmentation fault)."""
+    with pytest.raises(DistributedError, match=r"^--coordinator_address must be HOST:PORT with a port in 1\.\.65535, got "):
+        initialize(False, address, 2, 0)

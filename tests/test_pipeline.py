@@ -41,6 +41,12 @@ def test_stage_errors_carry_the_stage_key():
     config.evaluation.capabilities = "t2i,painting"
     with pytest.raises(ConfigError, match="config.evaluation.capabilities: unknown capability 'painting'"):
         pipeline.validate_pipeline(config)
+    for key, value, problem in (("steps", 0, "must be >= 1, got 0"), ("models", "", "name the stages to evaluate"),
+                                ("cfg_scale", float("nan"), "must be a finite number >= 0")):  # fmt: skip
+        config = quick_demo()
+        config.evaluation[key] = value
+        with pytest.raises(ConfigError, match=f"^config.evaluation.{key}: {problem}"):  # before any stage trains
+            pipeline.validate_pipeline(config)
 
 
 def test_resolve_points_references_into_the_workdir():

@@ -119,6 +119,25 @@ def reference(tmp_path_factory, cli_env):
     return {"workdir": workdir, "losses": losses, "state": _saved_state(workdir)[1]}
 
 
+def test_resuming_with_another_config_is_one_line_and_leaves_the_run_as_it_was(tmp_path, reference):
+    """A workdir with checkpoints resumes with its own config: a changed model or method is refused
+    before anything is built or written, naming each changed key; length, logging and mesh may change."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference["workdir"], workdir)
+    saved = (workdir / checkpoints.CONFIG_FILE).read_bytes()
+    changed = checkpoints.load_run_config(str(workdir))
+    changed.student.preset, changed.rollout_steps = "mini", changed.rollout_steps + 1
+    with pytest.raises(train.ConfigError) as error:
+        train.train_and_evaluate(changed, str(workdir))
+    message = str(error.value)
+    assert message.startswith(f"{workdir} holds checkpoints of a run with another config: config.rollout_steps ")
+    assert "config.student.preset 'tiny' -> 'mini'" in message and "\n" not in message
+    assert (workdir / checkpoints.CONFIG_FILE).read_bytes() == saved
+    allowed = checkpoints.load_run_config(str(workdir))
+    allowed.num_train_steps, allowed.log_every, allowed.mesh.data, allowed.mesh.fsdp = 100, 7, 1, -1
+    train._check_resume(allowed, str(workdir))  # no error
+
+
 def test_sigkill_then_restart_reproduces_the_uninterrupted_run(tmp_path, cli_env, reference):
     process = _start(tmp_path, cli_env)
     _wait_for_step(process, tmp_path, step=7, checkpoint=5)
@@ -318,3 +337,31 @@ def test_a_resumed_run_frees_its_fresh_state_before_reading_the_checkpoint(tmp_p
     assert start == 2 and run.state is state
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(fresh))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+
+
+def test_steps_per_second_leave_out_the_compiled_first_step(monkeypatch):
+    """The first step (compile) is timed apart: the window's rate counts only the steps after it,
+    and a window of the first step alone has none (before: 1410 steps/s after a 181 s first step)."""
+    clock = iter([0.0, 100.0, 102.0, 200.0, 200.0])  # created, clock restarted, flushed; then a first-step-only window
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0), "lr": np.float32(1e-3),
+               "group_loss": np.ones(1, np.float32), "skipped_steps": np.int32(0)}  # fmt: skip
+    window = train._MetricWindow(["t2i"], True, False, False)
+    window.add(1, 0, metrics, np.ones(1))
+    window.restart_clock()
+    window.add(2, 0, metrics, np.ones(1))
+    window.add(3, 0, metrics, np.ones(1))
+    assert window.flush().rate == 1.0  # 2 steps in 2 s
+    window.add(4, 0, metrics, np.ones(1))
+    window.restart_clock()
+    first_only = window.flush()
+    assert np.isnan(first_only.rate)
+    config = load_config(num_train_steps=10)
+    assert train._progress_line(config, 4, first_only).endswith("first step (compile)")
+
+
+def test_a_checkpoint_init_without_checkpoints_is_one_line_before_anything_is_built(tmp_path):
+    config = load_config(**{"student.init": "checkpoint", "student.checkpoint": str(tmp_path / "absent")})
+    with pytest.raises(train.ConfigError, match=r"^config\.student\.checkpoint: no checkpoints under .*absent/checkpoints$"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written
