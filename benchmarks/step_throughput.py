@@ -205,7 +205,6 @@ class Models:
     experts: dict
     expert_shardings: dict
     route_fields: callable
-    lora_student: bool
 
 
 def random_state(abstract, shardings, seed: int):
@@ -267,7 +266,7 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
             expert = stored(graphdef, expert, shardings)  # as train.setup_run stores experts
         fields = lambda e: [cfg_field(model_field(graphdef, e["expert"]), cfg_scale, null)]  # noqa: E731
         student_params = lambda p, e: p  # noqa: E731
-        return Models(student(graphdef), student_params, params, {"expert": expert}, {"expert": shardings}, fields, lora_student=False)
+        return Models(student(graphdef), student_params, params, {"expert": expert}, {"expert": shardings}, fields)
 
     def make_lora():
         model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))
@@ -285,7 +284,7 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
     fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731
     student_params = lambda p, e: {"lora": p, "base": e["base"]}  # noqa: E731
     experts, shardings = {"base": base, "delta": delta}, {"base": base_shardings, "delta": lora_shardings}
-    return Models(student(graphdef), student_params, params, experts, shardings, fields, lora_student=True)
+    return Models(student(graphdef), student_params, params, experts, shardings, fields)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -345,6 +344,15 @@ def rollout_trips(batch: int, args, steps) -> list[int]:
 def step_flops(passes: dict[str, int], trips: int) -> int:
     """Model FLOPs of one step whose rollout runs ``trips`` Euler steps."""
     return passes["prepare"] + trips * passes["forward"] + passes["teacher"] + passes["student"]
+
+
+def timed_flops(choice: ModelChoice, latent: int, batch: int, args, mesh, rules) -> dict:
+    """The passes' FLOPs (``pass_flops``), the Euler steps of each timed step's truncated rollout
+    (``rollout_trips``), and the mean FLOPs of a timed step with the truncated and the full rollout."""
+    passes = pass_flops(choice, latent, batch, args, mesh, rules)
+    trips = rollout_trips(batch, args, range(WARMUP_STEPS, WARMUP_STEPS + args.steps))
+    return dict(passes, rollout_trips=trips, step=statistics.mean(step_flops(passes, n) for n in trips),
+                step_full=step_flops(passes, args.rollout_steps - 1))  # fmt: skip
 
 
 # ---------------------------------------------------------------- timing
@@ -485,10 +493,7 @@ def run_one(model_name: str, px: int, args) -> dict:
             compiled = step.lower(state, models.experts, batch, jnp.int32(0)).compile()
         return compiled, state, time.perf_counter() - start, cache_hits[0] > hits
 
-    passes = pass_flops(choice, latent, b, args, mesh, rules)
-    trips = rollout_trips(b, args, range(WARMUP_STEPS, WARMUP_STEPS + args.steps))
-    flops = dict(passes, rollout_trips=trips, step=statistics.mean(step_flops(passes, n) for n in trips),
-                 step_full=step_flops(passes, args.rollout_steps - 1))  # fmt: skip
+    flops = timed_flops(choice, latent, b, args, mesh, rules)
     result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
                   devices=jax.device_count(), build_s=build_s, cast=args.cast, adapters=args.adapters,
                   params=sum(x.size for x in jax.tree.leaves(models.params)),
@@ -612,8 +617,8 @@ def header(args, argv) -> list[str]:
 
 def recount(args) -> list[str]:
     """Markdown rows of ``--recount``: each recorded step time against the FLOPs this version counts
-    for it (``pass_flops``; the timed steps' rollouts from ``rollout_trips``), beside the recorded
-    figures. Runs before this counting recorded the median step, not the mean."""
+    for it (``timed_flops``), beside the recorded figures. Runs before this counting recorded the
+    median step, not the mean."""
     with open(args.recount) as f:
         results = [r for r in json.load(f) if "error" not in r]
     peak = (args.peak_tflops or float("nan")) * 1e12
@@ -621,9 +626,7 @@ def recount(args) -> list[str]:
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
         choice, b = MODELS[r["model"]], r["batch"]
-        passes = pass_flops(choice, r["latent"], b, args, *mesh_and_rules(choice))
-        trips = rollout_trips(b, args, range(WARMUP_STEPS, WARMUP_STEPS + args.steps))
-        counted = statistics.mean(step_flops(passes, n) for n in trips) / r["step_s"]
+        counted = timed_flops(choice, r["latent"], b, args, *mesh_and_rules(choice))["step"] / r["step_s"]
         f = r["flops"]
         recorded = f["step"] / r["step_s"] if "step" in f else (f["rollout"] + f["teacher"] + f["student"]) / r["step_s"]
         rows.append(f"| {r['model']} | {r['px']} | {b} | {r['step_s'] * 1e3:.1f} | {recorded / 1e12:.1f} | "

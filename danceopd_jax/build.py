@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints, parallel
+from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.core import router, routing
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.core.compute_dtype import abstract_in_compute_dtype, cast_to_compute_dtype
@@ -187,12 +188,18 @@ def route_weights(config: ConfigDict) -> list[float]:
 def step_group_sizes(config: ConfigDict) -> list[int]:
     """Samples per route group in one host's batch: ``[B / P]`` for per-step and learned routing; else
     the global batch's groups (``routing.group_sizes(B, weights)``), each split evenly over the P
-    processes, so the global batch has the same groups for any number of processes
-    (``train._check_layout`` checks that they divide)."""
+    processes, so the global batch has the same groups for any number of processes. A group that
+    does not divide by P is a ``ConfigError`` (first met in ``train._check_layout``, before any build)."""
     processes = jax.process_count()
     if config.routing in ("per_step", "learned"):
         return [config.batch_size // processes]
-    return [size // processes for size in routing.group_sizes(config.batch_size, route_weights(config))]
+    sizes = routing.group_sizes(config.batch_size, route_weights(config))
+    if any(size % processes for size in sizes):
+        raise ConfigError(
+            f"config.batch_size: routing {config.routing!r} splits the batch of {config.batch_size} into route groups "
+            f"{sizes}, and each process draws an equal share of every group: each must divide by {processes} processes"
+        )
+    return [size // processes for size in sizes]
 
 
 def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:

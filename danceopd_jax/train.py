@@ -27,7 +27,6 @@ from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
 from danceopd_jax.config_validation import ConfigError, validate
-from danceopd_jax.core import routing
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.models import sd3
 from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
@@ -53,17 +52,10 @@ def _check_layout(config: ConfigDict, mesh) -> None:
         raise ConfigError(
             f"config.batch_size: {config.batch_size} is not divisible by data x fsdp = {batch_devices} devices"
         )
-    processes = jax.process_count()
-    if config.batch_size % processes:
-        raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {processes} processes")
-    if config.routing in ("per_sample", "soft"):
-        sizes = routing.group_sizes(config.batch_size, build.route_weights(config))
-        if any(size % processes for size in sizes):
-            raise ConfigError(
-                f"config.batch_size: routing {config.routing!r} splits the batch of {config.batch_size} into route groups "
-                f"{sizes}, and each process draws an equal share of every group: each must divide by {processes} processes"
-            )
-    parallel.check_batch_layout(mesh.devices, grouped=len(build.step_group_sizes(config)) > 1)
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {jax.process_count()} processes")
+    grouped = len(build.step_group_sizes(config)) > 1  # raises when the route groups do not divide over the processes
+    parallel.check_batch_layout(mesh.devices, grouped=grouped)
 
 
 def _format_eta(seconds: float) -> str:
@@ -417,12 +409,13 @@ def _check_resume(config: ConfigDict, workdir: str) -> None:
     anything is built or written; before: the new config overwrote the run's ``config.json``)."""
     if checkpoints.latest_step(workdir) is None or not os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
         return
+    unset = "(unset)"
     saved = _flat(checkpoints.load_run_config(workdir).to_dict())
     given = _flat(json.loads(config.to_json()))
     changed = sorted(key for key in saved.keys() | given.keys()
-                     if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, "(unset)") != given.get(key, "(unset)"))  # fmt: skip
+                     if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, unset) != given.get(key, unset))  # fmt: skip
     if changed:
-        shown = ", ".join(f"config.{k} {saved.get(k, '(unset)')!r} -> {given.get(k, '(unset)')!r}" for k in changed[:4])
+        shown = ", ".join(f"config.{k} {saved.get(k, unset)!r} -> {given.get(k, unset)!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ConfigError(f"{workdir} holds checkpoints of a run with another config: {shown}{more}; resume it with its own "
                           f"values (only {', '.join(RESUMABLE_CHANGES[:4])}, mesh and the like may change) or use a new workdir")
