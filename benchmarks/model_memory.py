@@ -20,10 +20,10 @@ T the positional table, L the LoRA parameters at rank r and s bytes per stored e
 master weights; LoRA factors train in float32: weight, gradient and two moments, 16 bytes).
 """
 
-import argparse
 import collections
 import dataclasses
 import datetime
+import os
 import re
 import shlex
 import sys
@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from danceopd_jax.commands import ArgumentParser, folder_problem
 from danceopd_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
 from danceopd_jax.models.lora import LoRAParam, add_lora
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, Buffer, mmdit_config
@@ -321,10 +322,37 @@ def render(
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The arguments; a bad one (a rank < 1, an ``--out`` that is a folder or in a folder that cannot be
+    written) is one line ``error: ...`` and exit code 2, before anything is traced."""
+    parser = ArgumentParser(prog="benchmarks/model_memory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank r (the paper: 128)")
     parser.add_argument("--out", default=None, help="also write the document to this file (docs/MODELS.md)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rank < 1:
+        parser.error(f"--rank must be >= 1, got {args.rank}")
+    if args.out is not None:
+        folder = os.path.dirname(os.path.abspath(args.out or "."))
+        if not args.out:
+            parser.error("--out is empty; give the document's file name")
+        elif os.path.isdir(args.out):
+            parser.error(f"--out {args.out!r} is a folder; give the document's file name")
+        elif problem := folder_problem(folder):
+            parser.error(f"--out {args.out!r}: its folder {folder!r} {problem}")
+    return args
+
+
+def write_document(document: str, path: str) -> None:
+    """``document`` to ``path`` through a temporary file renamed at the end (a failed write leaves the old file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staging = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(staging, "w") as f:
+            f.write(document)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
 
 
 def main(argv) -> None:
@@ -339,8 +367,7 @@ def main(argv) -> None:
     document = render(transformers, frozen, args.rank, command, datetime.date.today().isoformat())
     print(document)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(document)
+        write_document(document, args.out)
 
 
 if __name__ == "__main__":

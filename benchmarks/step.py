@@ -9,23 +9,29 @@ against the full-length ``lax.scan``, and the scan against a Python loop of jitt
 The run is ``configs/smoke.py`` (per-step routing over a ``t2i`` and an ``edit`` expert) with the
 student and both experts at one DiT preset, all random non-zero fields (``zero_init=False``: a
 zero-init student's rollout never moves, which would make the rollout check vacuous). The ``t2i``
-route gets weight 0, so every timed step takes the ``edit`` route and costs the same FLOPs; the
-``t2i`` expert is still compiled into the step's ``lax.switch``.
+route gets weight 0, so every timed step takes the ``edit`` route; the ``t2i`` expert is still
+compiled into the step's ``lax.switch``.
 
 Defaults are sized for a 2-core CPU, where image 32, B=8, N=16 took 47 s a step at DiT-S (DiT-B
 about 4x that): image 16, batch 2, 4 rollout steps, 3 timed steps; ``tiny,S,B`` in about 4 minutes. On CPU read the ratios, not the absolute times
 (DESIGN.md, "Performance: how to measure"); the GPU run passes bigger settings.
 
-FLOPs per step are counted with ``models.dit.forward_flops`` (2*m*n*k per matmul, attention over
-image + ``condition.text_len`` text tokens + source tokens when the model ``use_source``):
+FLOPs are model FLOPs counted on the traced programs of the step's passes, as
+``step_throughput.py`` counts them (``measure.pass_flops``, ``measure.matmul_flops``: 2*m*n*k per
+matrix product and convolution, attention over image + text + source tokens included), traced
+from the run's own student and ``edit`` field with remat 'none' and XLA attention:
 
-  rollout  the student's forwards on B samples that the truncated rollout runs: E[max query
-           index of the batch] (Monte Carlo over 2000 draws of the sampler), at most N - 1
-  teacher  one forward of the routed expert on B*K query states, twice when ``cfg_scale != 1``
-  student  forward + backward on B*K query states, counted as 3 forwards
+  rollout  one forward of the student on B samples per Euler step its truncated rollout runs:
+           for each timed step the max of the query indices its loss draws from the step's key
+           (``measure.rollout_trips``), at most N - 1; the mean over the timed steps
+  teacher  the routed expert field on the B*K query states (two forwards when ``cfg_scale != 1``)
+  student  forward + backward on the B*K query states, as traced (just under 3 forwards: the
+           patch embedding has no input gradient)
 
-Not counted: the optimizer update and elementwise work (norms, softmax, activations).
-Utilisation divides FLOP/s by ``--peak-tflops`` (per device) times the device count.
+Not counted: the optimizer update and elementwise work (norms, softmax, activations). The parts
+add up to the whole train step's traced count with its rollout loop run that many times
+(tests/test_benchmarks.py). FLOP/s is the mean FLOPs of the timed (donated) steps over their
+median time; utilisation divides it by ``--peak-tflops`` (per device) times the device count.
 
 Donation: ``run.train_step`` donates the train state (its buffers are reused for the new state);
 the comparison jits the same ``run.step_fn`` with the same output shardings and no donation, and
@@ -34,9 +40,9 @@ times it on the same batches, the two steps taking turns (donate/keep < 1: donat
 from XLA's memory analysis).
 """
 
-import argparse
 import functools
 import importlib.util
+import math
 import pathlib
 import shlex
 import statistics
@@ -48,18 +54,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from danceopd_jax import build, parallel
+from danceopd_jax.commands import ArgumentParser, fail
+from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.core.rollout import euler_step, rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
-from danceopd_jax.models.dit import forward_flops
+from danceopd_jax.models.dit import PRESETS
 from danceopd_jax.train import setup_run
-from measure import expected_rollout_steps, median_seconds, peak_bytes
+from measure import median_seconds, pass_flops, peak_bytes, query_shapes, rollout_trips, step_flops
 
 ROUTE = "edit"  # the only route with weight > 0
 SMOKE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="benchmarks/step.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,S,B", help="comma-separated DiT presets of student and experts")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2, help="global samples per step (B)")
@@ -68,7 +76,23 @@ def parse_args(argv):
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale of both expert fields")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in args.presets.split(","):
+        if name not in PRESETS:
+            parser.error(f"--presets: unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    for flag in ("image_size", "batch_size", "rollout_steps", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        parser.error(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        parser.error(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+    for name in args.presets.split(","):  # the rest (image size against the patch, ...) as a run checks it
+        try:
+            validate(benchmark_config(name, args))
+        except ConfigError as error:
+            parser.error(f"preset {name}: {error}")
+    return args
 
 
 def load_smoke_config():
@@ -94,21 +118,32 @@ def benchmark_config(preset: str, args):
 
 
 
-def step_flops(config) -> dict[str, int]:
-    """FLOPs of one DanceOPD step by part (see the module docstring), and their total."""
-    b, k = config.batch_size, config.queries_per_rollout
-    n = expected_rollout_steps(b, k, config.rollout_steps, config.query_sampler)
-    text_len = config.condition.text_len
-    field = config.fields[config.routes[ROUTE].field]
-    student = build.model_config(config, config.student)
-    teacher = build.model_config(config, config.experts[field.expert])
+def timed_flops(run, batch: dict, steps) -> dict:
+    """FLOPs of the timed steps by part (module docstring): ``rollout`` (mean over ``steps``),
+    ``teacher``, ``student``, ``total`` (the mean step), and what they come from: the passes
+    (``measure.pass_flops``) and each step's Euler steps (``rollout_trips``). The passes are traced
+    from the run's student and its ``edit`` field, built anew with remat 'none' and XLA attention."""
+    config = run.config.copy_and_resolve_references()
+    for spec in [config.student, *config.experts.values()]:
+        spec.remat, spec.attention = "none", "xla"
+    graphdef = lambda spec: parallel.abstract_model_state(build.model_factory(config, spec), run.mesh, run.rules)[0]  # noqa: E731
+    fields = build.route_fields_builder(config, {name: graphdef(spec) for name, spec in config.experts.items()})
+    route = list(config.routes).index(ROUTE)
+    teacher = lambda experts, x, t, cond: fields(experts)[route](x, t, cond)  # noqa: E731
+    image = jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)  # the rollout's noise
+    rollout = (image, jax.ShapeDtypeStruct(image.shape[:1], jnp.float32), batch["cond"])
+    queries = query_shapes(rollout, config.queries_per_rollout)
+    passes = pass_flops(build.StudentApply(graphdef(config.student)), lambda p, e: p, teacher, run.state.params, run.experts,
+                        rollout, queries)  # fmt: skip
+    trips = rollout_trips(config.seed, config.batch_size, config.rollout_steps, config.queries_per_rollout,
+                          config.query_sampler, steps)  # fmt: skip
     parts = {
-        "rollout": int(n * forward_flops(student, b, text_len)),
-        "teacher": (2 if field.cfg_scale != 1.0 else 1) * forward_flops(teacher, b * k, text_len),
-        "student": 3 * forward_flops(student, b * k, text_len),
+        "rollout": passes["prepare"] + statistics.mean(trips) * passes["forward"],
+        "teacher": passes["teacher"],
+        "student": passes["student"],
+        "total": statistics.mean(step_flops(passes, n) for n in trips),
     }
-    parts["total"] = sum(parts.values())
-    return parts
+    return dict(parts, passes=passes, rollout_trips=trips)
 
 
 def draw_batches(run, count: int) -> list:
@@ -124,19 +159,24 @@ def compile_step(step, run, route, batch):
 
 
 
-def time_steps(run, compiled: dict, batches, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of a step of each executable over ``batches[warmup:]``. The executables take
-    turns on every batch (a change of machine load hits them alike); the state is threaded through
-    all of them (a donating one consumes it)."""
-    state, times = run.state, {name: [] for name in compiled}
+def time_steps(run, compiled: dict, batches, warmup: int = 2) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Median seconds of a step of each executable over ``batches[warmup:]``, and the train steps
+    (``state.step``) each executable's timed calls ran. The executables take turns on every batch (a
+    change of machine load hits them alike); the state is threaded through all of them (a donating
+    one consumes it), so each call runs the next train step."""
+    state, times, ran = run.state, {name: [] for name in compiled}, {name: [] for name in compiled}
+    step_number = int(state.step)
     for route, batch in batches:
         for name, step in compiled.items():
             start = time.perf_counter()
             state, metrics = step(state, run.experts, batch, jnp.int32(route))
             jax.block_until_ready((state, metrics))
             times[name].append(time.perf_counter() - start)
+            ran[name].append(step_number)
+            step_number += 1
     run.state = state
-    return {name: statistics.median(seconds[warmup:]) for name, seconds in times.items()}
+    medians = {name: statistics.median(seconds[warmup:]) for name, seconds in times.items()}
+    return medians, {name: steps[warmup:] for name, steps in ran.items()}
 
 
 def rollout_fns(run, noise, cond, indices):
@@ -204,7 +244,7 @@ def benchmark_preset(preset: str, args) -> dict:
         donated, compile_s = compile_step(run.train_step, run, *batches[0])
         no_donation = jax.jit(run.step_fn, out_shardings=(run.state_shardings, parallel.replicated(run.mesh)))
         kept = compile_step(no_donation, run, *batches[0])[0]
-        step_s = time_steps(run, {"donated": donated, "kept": kept}, batches)
+        step_s, ran = time_steps(run, {"donated": donated, "kept": kept}, batches)
         tolerance = 1e-5 if args.dtype == "float32" else 1e-2
         rollouts = rollout_comparison(run, batches[0][1], args.steps, tolerance)
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
@@ -216,7 +256,7 @@ def benchmark_preset(preset: str, args) -> dict:
         step_s=step_s["donated"],
         kept_step_s=step_s["kept"],
         donated_memory=peak_bytes(donated) / peak_bytes(kept),
-        flops=step_flops(config),
+        flops=timed_flops(run, batches[0][1], ran["donated"]),
         **rollouts,
     )
 
@@ -277,7 +317,10 @@ def main(argv) -> None:
           f"cfg {args.cfg_scale}, dtype {args.dtype}, route {ROUTE}; step = median of {args.steps} after 2 warm-up; "
           f"donate/keep = step with / without the state donated (time, mem = compiled peak memory), trunc/full = truncated / full-scan rollout time, "
           f"scan/loop = full scan / Python loop (< 1: first faster)", flush=True)
-    results = [benchmark_preset(preset, args) for preset in args.presets.split(",")]
+    try:
+        results = [benchmark_preset(preset, args) for preset in args.presets.split(",")]
+    except ConfigError as error:  # what only the devices can tell (the batch against the mesh)
+        fail(error)
     print_table(results, args)
 
 

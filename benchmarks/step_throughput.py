@@ -79,13 +79,14 @@ from danceopd_jax import build, parallel
 from danceopd_jax.config_lib import SD3_LORA_TARGETS, base_config
 from danceopd_jax.core.fields import cfg_field, inference_field, model_field, unconditional
 from danceopd_jax.core.compute_dtype import cast_to_compute_dtype
-from danceopd_jax.core.objectives import danceopd_query_indices, frozen_student, per_sample_mse
+from danceopd_jax.core.objectives import frozen_student, per_sample_mse
 from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
-from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step, step_key
+from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
 from danceopd_jax.models import dit, layers, lora, mmdit
 import kernel_profile
-from measure import matmul_flops, median_seconds, peak_bytes
+import measure
+from measure import median_seconds, peak_bytes, step_flops
 
 SD3_TEXT_LEN = 77 + 256  # CLIP tokens + T5 tokens
 NUM_CLASSES = 1000
@@ -298,7 +299,7 @@ def mesh_and_rules(choice: ModelChoice):
 
 
 def pass_flops(choice: ModelChoice, latent: int, batch: int, args, mesh, rules) -> dict[str, int]:
-    """Model FLOPs of the step's passes, counted on their traced programs (``measure.matmul_flops``;
+    """Model FLOPs of the step's passes, counted on their traced programs (``measure.pass_flops``;
     module docstring): one rollout forward (Euler step), the once-per-step preparation of the
     rollout's student (adapter fold), the teacher and the student's forward + backward. Traced
     with remat 'none' and XLA attention, whatever the run uses: recomputation is not model work,
@@ -310,40 +311,15 @@ def pass_flops(choice: ModelChoice, latent: int, batch: int, args, mesh, rules) 
     image = jax.ShapeDtypeStruct((batch, latent, latent, choice.channels), jnp.float32)
     times = jax.ShapeDtypeStruct((batch,), jnp.float32)
     cond = jax.eval_shape(lambda: condition(choice, config, batch, jax.random.key(0)))
-
-    def count(fn, *inputs) -> int:
-        return matmul_flops(jax.make_jaxpr(fn)(*inputs).jaxpr)
-
-    def field_calls(calls: int) -> int:  # the rollout's student built once, then called ``calls`` times
-        def run(params, experts, x, t, c):
-            field = frozen_student(models.apply, models.student_params(params, experts))
-            return sum(field(x, t, c) for _ in range(calls))
-
-        return count(run, models.params, models.experts, image, times, cond)
-
-    def student(params, experts, x, t, c, target):
-        return jax.value_and_grad(lambda p: jnp.mean(per_sample_mse(models.apply(models.student_params(p, experts), x, t, c), target)))(params)
-
-    once, twice = field_calls(1), field_calls(2)
-    return {
-        "forward": twice - once,
-        "prepare": 2 * once - twice,
-        "teacher": count(lambda e, x, t, c: models.route_fields(e)[0](x, t, c), models.experts, image, times, cond),
-        "student": count(student, models.params, models.experts, image, times, cond, image),
-    }
+    teacher = lambda e, x, t, c: models.route_fields(e)[0](x, t, c)  # noqa: E731
+    inputs = (image, times, cond)  # K = 1: the query states have the rollout's shapes
+    return measure.pass_flops(models.apply, models.student_params, teacher, models.params, models.experts, inputs, inputs)
 
 
 def rollout_trips(batch: int, args, steps) -> list[int]:
-    """Euler steps the truncated rollout of each train step in ``steps`` runs: the max of the query
-    indices its loss draws (``objectives.danceopd_query_indices``) from the step's key (``core.step.step_key``,
+    """Euler steps the truncated rollout of each train step in ``steps`` runs (``measure.rollout_trips``;
     a state initialised with seed 0, as ``run_one``'s)."""
-    rng = jax.random.key_data(jax.random.key(0))
-    return [int(jnp.max(danceopd_query_indices(step_key(rng, s), batch, args.rollout_steps, QUERIES, SAMPLER))) for s in steps]
-
-
-def step_flops(passes: dict[str, int], trips: int) -> int:
-    """Model FLOPs of one step whose rollout runs ``trips`` Euler steps."""
-    return passes["prepare"] + trips * passes["forward"] + passes["teacher"] + passes["student"]
+    return measure.rollout_trips(0, batch, args.rollout_steps, QUERIES, SAMPLER, steps)
 
 
 def timed_flops(choice: ModelChoice, latent: int, batch: int, args, mesh, rules) -> dict:

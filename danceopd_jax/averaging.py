@@ -11,6 +11,7 @@ import jax
 from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints
+from danceopd_jax.config_validation import read_run_config
 from danceopd_jax.sampling import load_trained_model
 
 _SAME = ("image_size", "channels", "condition", "student")  # config parts the averaged models must share
@@ -22,7 +23,7 @@ def average_weights(weights: dict[str, float], out_dir: str) -> None:
         raise ValueError(f"weight averaging needs positive weights, got {weights}")
     total = sum(weights.values())
     dirs = list(weights)
-    configs = [checkpoints.load_run_config(d) for d in dirs]
+    configs = [read_run_config(d) for d in dirs]
     for key in _SAME:
         described = [_comparable(c, key) for c in configs]
         if any(d != described[0] for d in described):

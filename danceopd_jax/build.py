@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints, parallel
-from danceopd_jax.config_validation import ConfigError
+from danceopd_jax.config_lib import model_spec
+from danceopd_jax.config_validation import ConfigError, with_defaults
 from danceopd_jax.core import router, routing
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.core.compute_dtype import abstract_in_compute_dtype, cast_to_compute_dtype
@@ -67,6 +68,29 @@ def model_factory(config: ConfigDict, spec: ConfigDict) -> Callable[[], nnx.Modu
         return sd3.model_factory(config.model_dir, spec)
     dit = model_config(config, spec)
     return lambda: DiT(dit, rngs=nnx.Rngs(spec.seed))
+
+
+# What gives a DiT's parameters their shapes (``model_config``): keys of its spec and of its run's
+# config. The others (dtype, remat, attention, zero_init, seed, image_size: the positional table is
+# computed) change values or how it computes, not which arrays a checkpoint of it holds.
+SHAPE_KEYS = {"spec": ("kind", "preset", "patch_size", "use_source"), "run": ("channels", "condition.num_classes", "condition.text_dim")}
+
+
+def architecture_changes(config: ConfigDict, spec: ConfigDict, saved) -> list[tuple[str, Any, Any]]:
+    """``(KEY, saved value, value here)`` for each ``SHAPE_KEYS`` key where the model ``spec`` of
+    ``config`` differs from the student of the run whose config is ``saved`` (a ``config.json``: what
+    that run's checkpoints hold), a spec key named ``student.KEY``; empty when a checkpoint of that
+    run fits ``spec``. Keys a config saved by an older version lacks count as their defaults."""
+    there, here = with_defaults(saved), with_defaults(config)
+    here["student"] = {**model_spec().to_dict(), **spec.to_dict()}
+
+    def get(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    keys = [f"student.{key}" for key in SHAPE_KEYS["spec"]] + list(SHAPE_KEYS["run"])
+    return [(key, get(there, key), get(here, key)) for key in keys if get(there, key) != get(here, key)]
 
 
 def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules, *, frozen: bool = False) -> tuple[nnx.GraphDef, Any, Any]:

@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from danceopd_jax.models.weights import WeightsMismatch
+
 CONFIG_FILE = "config.json"
 
 
@@ -123,11 +125,32 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn: Callabl
     return None
 
 
+def _path_name(path) -> str:
+    """``blocks.0.fc1.kernel`` of a pytree key path (nnx's trailing ``.value`` dropped)."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def _shape_mismatches(saved, target) -> list[str]:
+    """The arrays of ``target`` (abstract) that ``saved`` (checkpoint metadata) lacks or holds in another shape."""
+    stored = {_path_name(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(leaf, "shape")}
+    problems = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = _path_name(path)
+        if name not in stored:
+            problems.append(f"{name} missing")
+        elif stored[name] != tuple(leaf.shape):
+            problems.append(f"{name} {list(stored[name])} there, {list(leaf.shape)} here")
+    return problems
+
+
 def restore_model_params(workdir: str, abstract_params, shardings, use_ema: bool = True):
     """The student weights of another run's latest checkpoint (its EMA when it kept one and ``use_ema``).
 
-    Used to load trained experts and students. Fails with one line when there is no checkpoint or
-    the shapes do not match ``abstract_params``.
+    Used to load trained experts and students. Fails with one line when there is no checkpoint
+    (``FileNotFoundError``) or the checkpoint's arrays do not match ``abstract_params``: one it
+    lacks or holds in another shape (``WeightsMismatch``, from the checkpoint's metadata, before
+    anything is read).
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -139,6 +162,10 @@ def restore_model_params(workdir: str, abstract_params, shardings, use_ema: bool
             raise FileNotFoundError(f"no checkpoints under {directory}")
         saved = manager.item_metadata(step).state.tree
         which = "ema_params" if use_ema and saved.get("ema_params") else "params"
+        mismatches = _shape_mismatches(saved.get(which), abstract_params)
+        if mismatches:
+            shown = "; ".join(mismatches[:3]) + (f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else "")
+            raise WeightsMismatch(f"the checkpoint in {directory} (step {step}) holds a model of another architecture: {shown}")
         target = {which: abstract_like(abstract_params, shardings)}
         restored = manager.restore(
             step,

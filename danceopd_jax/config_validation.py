@@ -14,8 +14,10 @@ transformer file's naming (``transformer_path``), and a precomputed prompt table
 prompts (``prompt_embeddings``; the folder then needs no text encoders).
 """
 
+import copy
 import dataclasses
 import difflib
+import json
 import math
 import os
 import numbers
@@ -23,6 +25,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from danceopd_jax import checkpoints
 from danceopd_jax.config_lib import base_config, expert_field, model_spec
 from danceopd_jax.core.objectives import FLOW_MATCHING_TIMES, OBJECTIVES
 from danceopd_jax.core.route_weights import SCHEDULES
@@ -95,6 +98,52 @@ def run_template() -> dict:
 
 def _is_dict(node) -> bool:
     return isinstance(node, (dict, ConfigDict))
+
+
+def _defaults(template):
+    """The value a key missing from a saved config takes: the template's default (a named map: empty)."""
+    if isinstance(template, Entries):
+        return {}
+    if isinstance(template, dict):
+        return {name: _defaults(sub) for name, sub in template.items()}
+    return copy.deepcopy(template)
+
+
+def _fill(node, template):
+    """``node`` with every key ``template`` has and ``node`` lacks added at its default (in place)."""
+    if not isinstance(node, dict):
+        return node
+    if isinstance(template, Entries):
+        for name in node:
+            node[name] = _fill(node[name], template.template)
+    elif isinstance(template, dict):
+        for name, sub in template.items():
+            node[name] = _fill(node[name], sub) if name in node else _defaults(sub)
+    return node
+
+
+def with_defaults(run_config) -> dict:
+    """A run config (a ConfigDict, or a dict such as a workdir's saved ``config.json``) as a plain JSON
+    dict with every key the current code reads and the config lacks filled in with its default.
+
+    A config saved by an older version of the code lacks the keys added since (``attention``,
+    ``remat``, ``kind``, ``sigma_schedule``, ``router``, ``dcn_mesh``, ...); a run that saved it ran
+    as these defaults say. Comparing two configs completed this way (a finished pipeline stage
+    against its config now, a resumed run against the run it resumes) counts a key missing from one
+    as a change only where the other's value is not its default."""
+    if isinstance(run_config, ConfigDict):
+        tree = json.loads(run_config.to_json())
+    else:
+        tree = json.loads(json.dumps(run_config))
+    template = run_template()
+    template["logical_axis_rules"] = base_config().logical_axis_rules.to_dict()  # FREE_FORM, with default rules
+    return json.loads(json.dumps(_fill(tree, template)))  # defaults' tuples as JSON lists, as saved
+
+
+def read_run_config(workdir: str) -> ConfigDict:
+    """A run's saved config (``checkpoints.load_run_config``) as the current code reads it: the keys
+    added since it was saved take their defaults (``with_defaults``), so older workdirs still load."""
+    return ConfigDict(with_defaults(checkpoints.load_run_config(workdir)))
 
 
 def _join(key: str, name: str) -> str:
@@ -413,13 +462,27 @@ def _check_condition(config: ConfigDict) -> None:
         try:
             sd3_folder.pipeline_components(config.model_dir, text_encoders=False)
             sd3.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
+            transformer = sd3_folder.component_config(config.model_dir, "transformer")
         except ValueError as e:
             _fail("model_dir", str(e))
+        _check_latent_channels(config, transformer)
         if not config.prompt_embeddings:  # the run encodes its prompts with the folder's text encoders
             try:
                 sd3_folder.pipeline_components(config.model_dir)
             except ValueError as e:
                 _fail("model_dir", f"{e}; or give prompts encoded beforehand as config.prompt_embeddings")
+
+
+def _check_latent_channels(config: ConfigDict, transformer: dict) -> None:
+    """An SD3 run's ``channels`` are its latent channels: the folder transformer's in and out channels
+    (diffusers' defaults 16; out = in when null), else the first step fails to compile with a shape error."""
+    channels_in = transformer.get("in_channels", 16)
+    channels_out = transformer.get("out_channels", 16)
+    channels_out = channels_in if channels_out is None else channels_out
+    for name, value in (("in_channels", channels_in), ("out_channels", channels_out)):
+        if value != config.channels:
+            _fail("channels", f"{config.channels} latent channels, but {config.model_dir}/transformer/config.json has "
+                              f"{name} {value}: set config.channels={value}")  # fmt: skip
 
 
 def _check_transformer_path(config: ConfigDict) -> None:

@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 from absl.flags import FLAGS
 
-from danceopd_jax.commands import fail, start
+from danceopd_jax.commands import fail, parse_flags, start
 from danceopd_jax.data.prompt_embeddings import Encoder, encode_table, table_prompts
 from danceopd_jax.data.prompt_files import read_prompts
 from danceopd_jax.models import sd3, sd3_folder
@@ -83,4 +83,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

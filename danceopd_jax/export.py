@@ -27,7 +27,7 @@ from absl.flags import FLAGS
 from flax import nnx
 
 from danceopd_jax import checkpoints, sd3_sampling
-from danceopd_jax.commands import fail, start
+from danceopd_jax.commands import fail, parse_flags, start
 from danceopd_jax.models import lora, sd3_folder
 from danceopd_jax.models.sd3_folder import ModelFolderError
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch
@@ -100,4 +100,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -10,8 +10,6 @@ checkpoints none of which can be read is one line on stderr and exit code 1.
 """
 
 import os
-import sys
-import tempfile
 
 # clu's TensorBoard writer imports TensorFlow; keep its start-up chatter off the terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,6 +19,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
+from danceopd_jax.commands import fail as _usage_error, folder_problem, parse_flags  # noqa: E402
 from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.models.lora import UnknownLoRATarget
 from danceopd_jax.models.sd3_folder import ModelFolderError
@@ -35,42 +34,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Explicit multi-process r
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _usage_error(message: str, code: int = 2) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing where a bad flag or override is one line and exit code 2, not a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        _usage_error(error)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:  # raised by ml_collections overrides
-        text = str(error).replace("\\n", " ").replace("\\'", "'")
-        if len(text) > 1 and text[0] == text[-1] == "'":  # ml_collections wraps a repr in quotes
-            text = text[1:-1]
-        _usage_error(f"bad config override: {text}")
-
-
 def _check_workdir(workdir: str) -> None:
     """A one-line usage error unless ``workdir`` is a folder this process can create and write in
     (probed, and left as it was found: nothing is written before the config is checked)."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        _usage_error(f"--workdir: {workdir!r} exists and is not a folder")
-    missing, path = [], os.path.abspath(workdir)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as error:
-        _usage_error(f"--workdir: {workdir!r} cannot be written ({error.strerror})")
-    finally:
-        for made in filter(os.path.isdir, missing):  # innermost first: only the folders the probe made
-            os.rmdir(made)
+    problem = folder_problem(workdir)
+    if problem:
+        _usage_error(f"--workdir: {workdir!r} {problem}")
 
 
 def main(argv):

@@ -16,10 +16,10 @@ from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints
 from danceopd_jax.config_lib import run_sigma_schedule
-from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate
-from danceopd_jax.evaluation import capabilities, metrics
+from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate, with_defaults
+from danceopd_jax.evaluation import capabilities, heldout, metrics
 from danceopd_jax.sampling import load_trained_model
-from danceopd_jax.train import train_and_evaluate
+from danceopd_jax.train import RESUMABLE_CHANGES, _flat, train_and_evaluate
 
 STAGE_REF = "@"
 # A pipeline config's keys (each stage is a run config, checked by ``validate``).
@@ -88,8 +88,8 @@ def validate_pipeline(config: ConfigDict) -> list[str]:
         if model not in config.stages:
             raise ConfigError(f"config.evaluation.models: unknown stage {model!r}; valid: {', '.join(order)}")
     for capability in _names(evaluation.capabilities):
-        if capability not in capabilities.CAPABILITY_BUCKETS:
-            valid = ", ".join(capabilities.CAPABILITY_BUCKETS)
+        if capability not in heldout.CAPABILITY_BUCKETS:
+            valid = ", ".join(heldout.CAPABILITY_BUCKETS)
             raise ConfigError(f"config.evaluation.capabilities: unknown capability {capability!r}; valid: {valid}")
     if _names(evaluation.capabilities) and not _names(evaluation.models):
         raise ConfigError(f"config.evaluation.models: name the stages to evaluate on the capabilities; valid: {', '.join(order)}")
@@ -107,15 +107,17 @@ def evaluate_models(model_dirs: dict[str, str], evaluation: ConfigDict, out_dir:
 
 
 def evaluate_loaded(loaded: dict, evaluation: ConfigDict, out_dir: str) -> dict[str, dict[str, float]]:
-    """Sample and score loaded models (``{name: load_trained_model(...)}``) on every listed capability.
+    """Sample and score loaded models (``{name: load_trained_model(...)}``) on every listed capability,
+    on examples none of them trained on (``heldout.evaluation_examples``).
 
     Writes ``OUT_DIR/metrics.json``, ``OUT_DIR/metrics.md`` and ``OUT_DIR/grids/CAPABILITY.png``;
     returns ``{model: {metric: value}}``.
     """
     results: dict[str, dict[str, float]] = {name: {} for name in loaded}
+    run_configs = [run_config for run_config, _, _ in loaded.values()]
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     for capability in _names(evaluation.capabilities):
-        examples = capabilities.evaluation_examples(capability, evaluation.num_examples, evaluation.seed)
+        examples = heldout.evaluation_examples(capability, evaluation.num_examples, evaluation.seed, run_configs)
         outputs = {}
         for name, (run_config, graphdef, params) in loaded.items():
             started = time.perf_counter()
@@ -160,9 +162,48 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_stages(config: ConfigDict, workdir: str) -> None:
-    """Train every stage in dependency order into ``WORKDIR/STAGE``, reusing finished ones."""
+UNSET = "(unset)"
+
+
+def stage_changes(stage: ConfigDict, stage_dir: str) -> list[str]:
+    """``config.KEY SAVED -> NOW`` for every key, outside ``train.RESUMABLE_CHANGES``, where ``stage``
+    (a resolved stage config) differs from the config of the run whose checkpoints ``stage_dir`` holds;
+    empty when it holds none. Both are completed with the defaults of the keys they lack
+    (``with_defaults``), so a config saved before a key existed differs only where ``stage`` sets it
+    to something else than its default."""
+    if checkpoints.latest_step(stage_dir) is None or not os.path.isfile(os.path.join(stage_dir, checkpoints.CONFIG_FILE)):
+        return []
+    saved = _flat(with_defaults(checkpoints.load_run_config(stage_dir)))
+    given = _flat(with_defaults(stage))
+    changed = sorted(key for key in saved.keys() | given.keys()
+                     if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, UNSET) != given.get(key, UNSET))  # fmt: skip
+    return [f"config.{key} {saved.get(key, UNSET)!r} -> {given.get(key, UNSET)!r}" for key in changed]
+
+
+def check_stage_configs(config: ConfigDict, workdir: str, order: list[str] | None = None) -> None:
+    """``ConfigError`` for the first stage (in ``order``, default dependency order) whose
+    ``WORKDIR/STAGE`` holds checkpoints trained with another config (``stage_changes``): reusing or
+    resuming it would give a model of the old settings under the new ones. Reads only config files
+    and checkpoint step numbers, so it runs before any stage trains."""
+    for name in order if order is not None else stage_order(config):
+        stage_dir = os.path.join(workdir, name)
+        changes = stage_changes(resolve_stage(config.stages[name], workdir), stage_dir)
+        if changes:
+            more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+            raise ConfigError(
+                f"config.stages.{name}: {stage_dir} holds checkpoints of this stage trained with another config: "
+                f"{', '.join(changes[:4])}{more}; restore those values, or train it anew in another workdir "
+                f"(or after removing {stage_dir})"
+            )
+
+
+def train_stages(config: ConfigDict, workdir: str) -> list[str]:
+    """Train every stage in dependency order into ``WORKDIR/STAGE``, reusing finished ones; first checks
+    that no stage already in ``WORKDIR`` was trained with another config (``check_stage_configs``).
+    Returns the stages it trained (the others were reused)."""
     order = validate_stages(config)
+    check_stage_configs(config, workdir, order)
+    trained = []
     for index, name in enumerate(order, 1):
         stage = resolve_stage(config.stages[name], workdir)
         stage_dir = os.path.join(workdir, name)
@@ -172,6 +213,8 @@ def train_stages(config: ConfigDict, workdir: str) -> None:
             continue
         print(f"== stage {index}/{len(order)}: {name} ({stage.method}, {stage.num_train_steps} steps) ==", flush=True)
         train_and_evaluate(stage, stage_dir)
+        trained.append(name)
+    return trained
 
 
 def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:

@@ -18,8 +18,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 from PIL import Image
 
-from danceopd_jax import build, checkpoints, parallel, sd3_sampling
+from danceopd_jax import build, parallel, sd3_sampling
 from danceopd_jax.config_lib import run_sigma_schedule
+from danceopd_jax.config_validation import read_run_config
 from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
@@ -30,7 +31,7 @@ from danceopd_jax.tasks import TASKS, Task, check_task, get_task
 
 def load_trained_model(workdir: str) -> tuple[ConfigDict, nnx.GraphDef, nnx.State]:
     """``(config, graphdef, weights)`` of the student of a (DiT) training run, on the local devices."""
-    config = checkpoints.load_run_config(workdir)
+    config = read_run_config(workdir)
     if config.get("model_dir"):
         raise ValueError(f"{workdir} is an SD3 run (config.model_dir): load it with sd3_sampling.load_student")
     spec = ConfigDict(dict(config.student.to_dict(), init="checkpoint", checkpoint=workdir))
@@ -122,7 +123,7 @@ def sample_task(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if isinstance(model, (str, os.PathLike)):
         workdir = os.fspath(model)
-        config = checkpoints.load_run_config(workdir)
+        config = read_run_config(workdir)
         check_run_task(config, task, prompts, sources)
         model = sd3_sampling.load_student(workdir) if config.get("model_dir") else load_trained_model(workdir)
     if isinstance(model, sd3_sampling.SD3Student):

@@ -31,6 +31,7 @@ from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
 from danceopd_jax.config_lib import run_sigma_schedule
+from danceopd_jax.config_validation import read_run_config
 from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
@@ -60,7 +61,7 @@ class SD3Student:
 
 def sd3_run_config(workdir: str) -> ConfigDict:
     """The run config of ``workdir``; a ``ValueError`` unless it is an SD3 run (``config.model_dir`` set)."""
-    config = checkpoints.load_run_config(workdir)
+    config = read_run_config(workdir)
     if not config.get("model_dir"):
         raise ValueError(f"{workdir} is not an SD3 run: its config.json has no model_dir (a DiT run)")
     return config

@@ -26,6 +26,9 @@ EDIT_KINDS = frozenset({"scenes_edit", "scenes_local_edit", "scenes_global_edit"
 STUDENT_DATA_SEED = 10  # bucket seeds of student stages; experts train on buckets seeded 0..4
 
 
+IMAGE_SIZE = 16  # the shapes world's images (see shapes_world)
+
+
 def shapes_world(config: ConfigDict) -> ConfigDict:
     """The shapes world's image and condition space, shared by every stage.
 
@@ -33,7 +36,7 @@ def shapes_world(config: ConfigDict) -> ConfigDict:
     with 4 px patches, for the same number of tokens (measured in this project: 400 steps of
     memorising 4 scenes reached a nearest-image MSE of 0.004-0.16 at 16/2 against 0.08-0.24 at 32/4).
     """
-    config.image_size = 16
+    config.image_size = IMAGE_SIZE
     config.condition.update(dict(text_len=24, text_dim=32, use_source=True))
     return config
 

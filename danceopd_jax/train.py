@@ -26,7 +26,7 @@ from clu import metric_writers
 from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel
-from danceopd_jax.config_validation import ConfigError, validate
+from danceopd_jax.config_validation import ConfigError, validate, with_defaults
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.models import sd3
 from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
@@ -396,11 +396,21 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _check_init_checkpoints(config: ConfigDict) -> None:
-    """``ConfigError`` for a model with ``init='checkpoint'`` whose workdir holds no checkpoint (before anything is built)."""
+    """``ConfigError`` for a model with ``init='checkpoint'`` whose workdir holds no checkpoint, or holds
+    the checkpoints of a model of another architecture (its ``config.json`` against the model's spec:
+    ``build.architecture_changes``; restoring it failed inside orbax), before anything is built."""
     models = {"student": config.student, **{f"experts.{name}": spec for name, spec in config.experts.items()}}
     for key, spec in models.items():
-        if spec.get("init") == "checkpoint" and checkpoints.latest_step(spec.checkpoint) is None:
+        if spec.get("init") != "checkpoint":
+            continue
+        if checkpoints.latest_step(spec.checkpoint) is None:
             raise ConfigError(f"config.{key}.checkpoint: no checkpoints under {checkpoints.checkpoint_dir(spec.checkpoint)}")
+        if os.path.isfile(os.path.join(spec.checkpoint, checkpoints.CONFIG_FILE)):  # else restore_model_params checks shapes
+            changes = build.architecture_changes(config, spec, checkpoints.load_run_config(spec.checkpoint))
+            if changes:
+                shown = "; ".join(f"config.{name.replace('student', key, 1)} is {here!r}, its {checkpoints.CONFIG_FILE} has {name} {there!r}"
+                                  for name, there, here in changes)  # fmt: skip
+                raise ConfigError(f"config.{key}.checkpoint: {spec.checkpoint} holds a model of another architecture: {shown}")
 
 
 def _check_resume(config: ConfigDict, workdir: str) -> None:
@@ -410,8 +420,8 @@ def _check_resume(config: ConfigDict, workdir: str) -> None:
     if checkpoints.latest_step(workdir) is None or not os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
         return
     unset = "(unset)"
-    saved = _flat(checkpoints.load_run_config(workdir).to_dict())
-    given = _flat(json.loads(config.to_json()))
+    saved = _flat(with_defaults(checkpoints.load_run_config(workdir)))
+    given = _flat(with_defaults(config))
     changed = sorted(key for key in saved.keys() | given.keys()
                      if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, unset) != given.get(key, unset))  # fmt: skip
     if changed:

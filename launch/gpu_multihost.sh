@@ -4,23 +4,24 @@
 # node as coordinator.
 #   launch/gpu_multihost.sh CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]
 # WORKDIR must be on a filesystem every node sees (checkpoints are written by all processes).
+# Options may come anywhere on the line, before, between or after CONFIG and WORKDIR.
 set -euo pipefail
 
-usage() { echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]" >&2; exit 2; }
-[ $# -ge 2 ] || usage
-config=$1 workdir=$2
-shift 2
+usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]" >&2; exit 2; }
 dry_run=0 per=gpu port=12355
-overrides=()
+positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry_run=1 ;;
     --per=gpu | --per=host) per=${arg#--per=} ;;
     --port=*) port=${arg#--port=} ;;
     --config.*=*) overrides+=("$arg") ;;
-    *) echo "error: unexpected argument '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+    --*) echo "error: unknown option '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+    *) positional+=("$arg") ;;
   esac
 done
+[ ${#positional[@]} -eq 2 ] || usage "2 positional arguments expected, got ${#positional[@]}: ${positional[*]}"
+config=${positional[0]} workdir=${positional[1]}
 [ -f "$config" ] || { echo "error: config file '$config' not found" >&2; exit 2; }
 [ -n "${SLURM_JOB_NODELIST:-}" ] || { echo "error: no SLURM allocation (SLURM_JOB_NODELIST unset): run inside sbatch or salloc" >&2; exit 2; }
 

@@ -4,24 +4,25 @@
 #   launch/local_multiprocess.sh PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]
 # Process 0 prints to this terminal; process i > 0 logs to WORKDIR/logs/process_i.log. Exits
 # non-zero when any process fails. The caller's XLA_FLAGS are kept, with the device count added.
+# Options may come anywhere on the line, before, between or after the positional arguments.
 set -euo pipefail
 
-usage() { echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]" >&2; exit 2; }
-[ $# -ge 4 ] || usage
-processes=$1 devices=$2 config=$3 workdir=$4
-shift 4
-[[ "$processes" =~ ^[1-9][0-9]*$ ]] || { echo "error: PROCESSES must be a positive integer, got '$processes'" >&2; exit 2; }
-[[ "$devices" =~ ^[1-9][0-9]*$ ]] || { echo "error: DEVICES_PER_PROCESS must be a positive integer, got '$devices'" >&2; exit 2; }
+usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]" >&2; exit 2; }
 dry_run=0 port=12355
-overrides=()
+positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry_run=1 ;;
     --port=*) port=${arg#--port=} ;;
     --config.*=*) overrides+=("$arg") ;;
-    *) echo "error: unexpected argument '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+    --*) echo "error: unknown option '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+    *) positional+=("$arg") ;;
   esac
 done
+[ ${#positional[@]} -eq 4 ] || usage "4 positional arguments expected, got ${#positional[@]}: ${positional[*]}"
+processes=${positional[0]} devices=${positional[1]} config=${positional[2]} workdir=${positional[3]}
+[[ "$processes" =~ ^[1-9][0-9]*$ ]] || { echo "error: PROCESSES must be a positive integer, got '$processes'" >&2; exit 2; }
+[[ "$devices" =~ ^[1-9][0-9]*$ ]] || { echo "error: DEVICES_PER_PROCESS must be a positive integer, got '$devices'" >&2; exit 2; }
 [ -f "$config" ] || { echo "error: config file '$config' not found" >&2; exit 2; }
 
 command_of() {  # the command line of process $1

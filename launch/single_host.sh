@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Run a config on this host (all local accelerators), resuming when WORKDIR has checkpoints.
 #   launch/single_host.sh CONFIG WORKDIR [--config.KEY=VALUE ...] [--dry-run]
+# Options may come anywhere on the line, before, between or after CONFIG and WORKDIR.
 set -euo pipefail
 
-usage() { echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--dry-run]" >&2; exit 2; }
-[ $# -ge 2 ] || usage
-config=$1 workdir=$2
-shift 2
+usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--dry-run]" >&2; exit 2; }
 dry_run=0
-overrides=()
+positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) dry_run=1 ;;
     --config.*=*) overrides+=("$arg") ;;
-    *) echo "error: unexpected argument '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+    --*) echo "error: unknown option '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
+    *) positional+=("$arg") ;;
   esac
 done
+[ ${#positional[@]} -eq 2 ] || usage "2 positional arguments expected, got ${#positional[@]}: ${positional[*]}"
+config=${positional[0]} workdir=${positional[1]}
 [ -f "$config" ] || { echo "error: config file '$config' not found" >&2; exit 2; }
 
 cmd=(python -m danceopd_jax.main --config "$config" --workdir "$workdir" "${overrides[@]}")

@@ -5,16 +5,14 @@
 #   launch/tpu_vm.sh run     NAME --zone=Z CONFIG WORKDIR [--config.KEY=VALUE ...]   on --worker=all
 #   launch/tpu_vm.sh delete  NAME --zone=Z
 # Every subcommand takes --dry-run (print the gcloud commands, run nothing) and --slices=N (default 1).
+# Options may come anywhere on the line, before, between or after ACTION, NAME, CONFIG and WORKDIR.
 # N > 1 is a multislice job: one queued resource of N slices named NAME-0 .. NAME-<N-1>, set up and
 # run on every slice at once; split the mesh over them with --config.dcn_mesh.data=N.
 # Every worker runs the same command and joins jax.distributed (coordinator auto-detected on TPU);
 # WORKDIR must be shared by the workers (a GCS FUSE or NFS mount).
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-[ $# -ge 2 ] || usage
-action=$1 name=$2
-shift 2
+usage() { [ $# -eq 0 ] || echo "error: $*" >&2; sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 zone="" type=v5litepod-8 version="" dry_run=0 slices=1
 positional=() overrides=()
 for arg in "$@"; do
@@ -29,6 +27,14 @@ for arg in "$@"; do
     *) positional+=("$arg") ;;
   esac
 done
+[ ${#positional[@]} -ge 2 ] || usage "ACTION NAME (2 positional arguments) expected, got ${#positional[@]}: ${positional[*]}"
+action=${positional[0]} name=${positional[1]}
+case "$action" in
+  create | setup | delete) expected=2 ;;
+  run) expected=4 ;;  # ACTION NAME CONFIG WORKDIR
+  *) echo "error: unknown action '$action'; valid: create, setup, run, delete" >&2; exit 2 ;;
+esac
+[ ${#positional[@]} -eq "$expected" ] || usage "$expected positional arguments expected, got ${#positional[@]}: ${positional[*]}"
 [ -n "$zone" ] || { echo "error: --zone=ZONE is required" >&2; exit 2; }
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || { echo "error: --slices must be a positive integer, got '$slices'" >&2; exit 2; }
 if [ -z "$version" ]; then  # the software image Cloud TPU documents for each generation
@@ -76,9 +82,8 @@ case "$action" in
     done
     ssh_all "cd $remote_dir && python3 -m pip install -q -e '.[tpu]'" ;;
   run)
-    [ ${#positional[@]} -eq 2 ] || { echo "error: run needs CONFIG WORKDIR" >&2; exit 2; }
-    [ -f "${positional[0]}" ] || { echo "error: config file '${positional[0]}' not found" >&2; exit 2; }
-    main=$(printf '%q ' python3 -m danceopd_jax.main --config "${positional[0]}" --workdir "${positional[1]}" \
+    [ -f "${positional[2]}" ] || { echo "error: config file '${positional[2]}' not found" >&2; exit 2; }
+    main=$(printf '%q ' python3 -m danceopd_jax.main --config "${positional[2]}" --workdir "${positional[3]}" \
       "${overrides[@]}" --distributed)
     ssh_all "cd $remote_dir && $main" ;;
   delete)
@@ -87,5 +92,4 @@ case "$action" in
     else  # the queued resource and its slices
       run "${queued[@]}" delete "$name" "--zone=$zone" --force --quiet
     fi ;;
-  *) echo "error: unknown action '$action'; valid: create, setup, run, delete" >&2; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 adapters, XLA's FLOP count."""
 
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -128,3 +129,27 @@ def diffusers_velocity(transformer, x, t, cond):
             timestep=torch.from_numpy(1000 * t),
         ).sample
     return out.permute(0, 2, 3, 1).numpy()
+
+
+def finished_stage(workdir, config, name: str, saved=None, step=None) -> str:
+    """``WORKDIR/NAME`` as a finished stage leaves it, without training: its config.json (``saved``, a
+    dict, or the resolved stage config as ``train`` records it) and a checkpoint at ``num_train_steps``."""
+    import numpy as np
+
+    from danceopd_jax import checkpoints, pipeline
+    from danceopd_jax.config_validation import validate
+
+    stage_dir = os.path.join(workdir, name)
+    stage = pipeline.resolve_stage(config.stages[name], str(workdir))
+    validate(stage)
+    os.makedirs(stage_dir, exist_ok=True)
+    if saved is None:
+        checkpoints.save_run_config(stage, stage_dir)
+    else:
+        with open(os.path.join(stage_dir, checkpoints.CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(saved, f)
+    manager = checkpoints.make_manager(stage_dir, 1)
+    checkpoints.save(manager, step or stage.num_train_steps, {"w": np.zeros(2, np.float32)}, {})
+    manager.wait_until_finished()
+    manager.close()
+    return stage_dir

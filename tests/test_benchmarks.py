@@ -32,6 +32,64 @@ def load_script(name: str, monkeypatch):
     return module
 
 
+def test_step_benchmark_counts_the_traced_step(monkeypatch):
+    """step.py's FLOPs are the traced train step's: for every length of the truncated rollout its
+    parts add up to the whole step's traced program (``lax.switch`` over both routes, the rollout's
+    while loop run that many times); the rollout forward is the analytic one; the timed steps' trip
+    counts are read at the train steps the donated executable really ran."""
+    bench = load_script("step", monkeypatch)
+    from measure import matmul_flops  # beside the script, on the path load_script set
+
+    from danceopd_jax.models import dit
+
+    args = bench.parse_args(["--presets", "tiny", "--image-size", "8"])
+    config = bench.benchmark_config("tiny", args)
+    run = bench.setup_run(config)
+    [(route, batch)] = bench.draw_batches(run, 1)
+    flops = bench.timed_flops(run, batch, [4, 6, 8])
+    passes, trips = flops["passes"], flops["rollout_trips"]
+    jaxpr = jax.make_jaxpr(run.step_fn)(run.state, run.experts, batch, jnp.int32(route)).jaxpr
+    assert [bench.step_flops(passes, n) for n in range(4)] == [matmul_flops(jaxpr, while_trips=n) for n in range(4)]
+    with pytest.raises(ValueError, match="while_trips"):
+        matmul_flops(jaxpr)
+    student = bench.build.model_config(config, config.student)
+    assert passes["forward"] == dit.forward_flops(student, 2, config.condition.text_len) and passes["prepare"] == 0
+    assert len(trips) == 3 and all(0 <= n <= 3 for n in trips)
+    assert flops["total"] == sum(bench.step_flops(passes, n) for n in trips) / 3
+    assert flops["rollout"] + flops["teacher"] + flops["student"] == pytest.approx(flops["total"])
+
+    seen = []  # the executables take turns and thread the state: each call runs the next train step
+
+    def fake(state, experts, batch, route):
+        seen.append(int(state.step))
+        return state.replace(step=state.step + 1), {}
+
+    run.state = run.state.replace(step=jnp.int32(3))
+    _, ran = bench.time_steps(run, {"donated": fake, "kept": fake}, [(route, batch)] * 4, warmup=2)
+    assert seen == list(range(3, 11)) and ran == {"donated": [7, 9], "kept": [8, 10]}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--presets", "tiny,foo"], "error: --presets: unknown preset 'foo'; valid: tiny, mini, S, B, L, XL"),
+        (["--presets", ""], "error: --presets: unknown preset ''; valid: tiny, mini, S, B, L, XL"),
+        (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        (["--image-size", "-16"], "error: --image-size must be >= 1, got -16"),
+        (["--image-size", "15"], "error: preset tiny: config.student.patch_size: image_size 15 is not divisible by patch size 2"),
+        (["--steps", "0"], "error: --steps must be >= 1, got 0"),
+        (["--peak-tflops", "-1"], "error: --peak-tflops must be a positive number, got -1.0"),
+        (["--cfg-scale", "nan"], "error: --cfg-scale must be a finite number >= 0, got nan"),
+        (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
+    ],
+)
+def test_step_benchmark_rejects_bad_arguments_in_one_line(argv, message, monkeypatch, capsys):
+    bench = load_script("step", monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--presets", "tiny", *argv])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
+
+
 def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
     land in the Markdown table and the JSON beside it, the frozen base stored in bf16 as a run

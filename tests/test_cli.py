@@ -98,10 +98,67 @@ def test_single_host_launcher_dry_run_prints_the_command(tmp_path):
     ]
     bad = subprocess.run(["bash", str(script), "configs/smoke.py", str(tmp_path), "extra"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unexpected argument 'extra'" in bad.stderr
+    assert bad.returncode == 2 and "error: 2 positional arguments expected, got 3:" in bad.stderr and "extra" in bad.stderr
 
 
 def test_bad_mesh_is_one_line(tmp_path):
     result = _main(tmp_path / "w", "--config.mesh.tensor=3", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: config.mesh: 1 devices do not divide by the fixed axes' product 3"
+
+
+@pytest.mark.parametrize(
+    "module,flags,message",
+    [
+        ("danceopd_jax.sample", ["--bogus"], "error: Unknown command line flag 'bogus'"),
+        ("danceopd_jax.sample", ["--workdir=w", "--out=x.png", "--num=abc"], "error: flag --num=abc: invalid literal for int() with base 10: 'abc'"),
+        ("danceopd_jax.export", ["--workdir=w", "--out=o", "--merged=maybe"], "error: flag --merged=maybe: ('Non-boolean argument to boolean flag', 'maybe')"),
+        ("danceopd_jax.export", ["--out=o"], "error: --workdir is required"),
+        ("danceopd_jax.encode_prompts", ["--workdir=w"], "error: Unknown command line flag 'workdir'"),
+        ("danceopd_jax.encode_prompts", ["--text_len=x"], "error: flag --text_len=x: invalid literal for int() with base 10: 'x'"),
+    ],
+)
+def test_the_commands_flag_errors_are_one_line_and_exit_code_2(module, flags, message):
+    """Before: absl's ``FATAL Flags parsing error: ...`` and a usage hint (``commands.parse_flags`` now)."""
+    result = subprocess.run([sys.executable, "-m", module, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+
+
+def _model_memory():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_memory", ROOT / "benchmarks" / "model_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--rank", "0"], "error: --rank must be >= 1, got 0"),
+        (["--rank", "-4"], "error: --rank must be >= 1, got -4"),
+        (["--rank", "many"], "error: argument --rank: invalid int value: 'many'"),
+        (["--ranks", "4"], "error: unrecognized arguments: --ranks 4"),
+        (["--out", "TMP"], "error: --out 'TMP' is a folder; give the document's file name"),
+        (["--out", ""], "error: --out is empty; give the document's file name"),
+        (["--out", "TMP/file/MODELS.md"], "error: --out 'TMP/file/MODELS.md': its folder 'TMP/file' exists and is not a folder"),
+    ],
+)
+def test_model_memory_bad_arguments_are_one_line_before_any_tracing(tmp_path, capsys, argv, message):
+    """Before: a rank < 1 was a traceback from add_lora after tracing SD3.5-M, a bad --out one after
+    tracing every model; argparse's errors came with a usage dump."""
+    (tmp_path / "file").write_text("")
+    argv = [arg.replace("TMP", str(tmp_path)) for arg in argv]
+    with pytest.raises(SystemExit) as exit_:
+        _model_memory().main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines() == [message.replace("TMP", str(tmp_path))], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_model_memory_writes_its_document_whole(tmp_path):
+    path = tmp_path / "docs" / "MODELS.md"
+    _model_memory().write_document("# doc\n", str(path))
+    assert path.read_text() == "# doc\n" and os.listdir(path.parent) == ["MODELS.md"]

@@ -149,3 +149,35 @@ def test_the_command_refuses_bad_input_in_one_line(folder, tmp_path):
                       f"--out={tmp_path}/out.safetensors")  # fmt: skip
     assert result.returncode == 2 and result.stderr == f"error: {tmp_path}/absent.txt: no such prompt file\n"
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_the_workdir_table_is_reused_only_for_the_folder_that_encoded_it(folder, tmp_path, monkeypatch):
+    """A run's table cached in its workdir is keyed on the folder's text encoders: a new run in the same
+    workdir on another folder encodes its prompts again (before: it read the first folder's table)."""
+    from danceopd_jax.models import sd3
+
+    other = write_tiny_sd3(str(tmp_path / "other"), seed=1)  # the same architecture, other random weights
+
+    def run_table(model_dir: str, workdir: pathlib.Path):
+        config = smoke_config(model_dir)
+        table = build.sd3_prompt_table(config, build.make_sources(config), str(workdir))
+        return {p: table(p)[0] for p in table.prompts}  # read now: the file may be replaced later
+
+    first = run_table(folder, tmp_path / "run")
+    second = run_table(other, tmp_path / "run")
+    fresh = run_table(other, tmp_path / "fresh")
+    assert second.keys() == fresh.keys() == first.keys()
+    for prompt in fresh:
+        assert np.abs(second[prompt] - fresh[prompt]).max() <= 1e-6
+        assert np.abs(second[prompt] - first[prompt]).max() > 1e-3
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the cached table was encoded again")
+
+    monkeypatch.setattr(sd3, "prompt_encoder", no_encoding)
+    again = run_table(other, tmp_path / "run")  # the same folder again: the cached table is read
+    assert all(np.array_equal(again[p], second[p]) for p in again)
+    old = str(tmp_path / "old.safetensors")  # a table that records no encoder (older code): not trusted
+    save_table(old, list(fresh), np.stack(list(fresh.values())), np.zeros((len(fresh), 32), np.float32))
+    with pytest.raises(AssertionError, match="encoded again"):
+        sd3.prompt_table(other, list(fresh)[1:], old, TEXT_LEN)

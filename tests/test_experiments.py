@@ -21,7 +21,7 @@ from danceopd_jax.evaluation.guidance import effective_guidance
 from danceopd_jax.experiments import report
 from danceopd_jax.train import train_and_evaluate
 
-from conftest import load_config
+from conftest import finished_stage, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,8 @@ def test_quick_reproduction_end_to_end(tmp_path):
     assert {"danceopd_cfg2@3", "danceopd_cfg3@1"} <= set(cfg)
     text = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## The paper's claims", "## T2I + edit composition", "## Local + global edit composition",
-                    "## Realism absorption", "## CFG absorption", "### Routing beyond fixed buckets", "## Metrics"):  # fmt: skip
+                    "## Realism absorption", "## CFG absorption", "### Routing beyond fixed buckets", "## Metrics",
+                    "## Scorer accuracy at 16 px"):  # fmt: skip
         assert heading in text, heading
     assert "--quick" in text and "wall time" in text
     for image in ("composition.png", "local_global.png", "rollout_steps.png", "cfg_product_rule.png", "composition_t2i.png",
@@ -153,6 +154,21 @@ def test_quick_reproduction_end_to_end(tmp_path):
     merged = json.loads((tmp_path / "results.json").read_text())
     assert set(merged["results"]) == set(results) and merged["results"]["composition"] == results["composition"]
     assert [sorted(run["settings"]) for run in merged["meta"]["runs"]] == [sorted(results), ["realism"]]
+
+
+def test_a_stage_the_workdir_trained_with_another_config_is_refused_in_the_plan(tmp_path):
+    """Before any expert trains, not when reproduce reaches the stage (``pipeline.check_stage_configs``)."""
+    from danceopd_jax.config_validation import ConfigError
+    from danceopd_jax.experiments import reproduce
+
+    args = reproduce.parse_args(["--workdir", str(tmp_path), "--quick", "--settings", "realism"])
+    experts, students = reproduce.plan(args)
+    finished_stage(tmp_path / "experts", experts, "anchor")
+    changed = ConfigDict(students["realism", 0].to_dict())
+    changed.stages.danceopd.rollout_steps = 3
+    finished_stage(tmp_path / "realism" / "seed0", changed, "danceopd")
+    with pytest.raises(ConfigError, match=r"setting realism, seed 0: config.stages.danceopd: .* config.rollout_steps 3 -> 4"):
+        reproduce.plan(args)
 
 
 def test_reproduce_exits_cleanly_when_a_training_is_preempted(monkeypatch, tmp_path):

@@ -102,3 +102,55 @@ def test_tpu_vm_multislice_dry_run_uses_one_queued_resource():
     assert _dry_run_words("launch/tpu_vm.sh", "delete", "job", zone, slices)[3:] == ["queued-resources", "delete", "job", zone, "--force", "--quiet"]
     bad = _run("launch/tpu_vm.sh", "create", "job", zone, "--slices=one")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --slices must be a positive integer, got 'one'"
+
+
+SLURM_ENV = {"SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8",
+             "BASH_FUNC_scontrol%%": "() { echo node-a; echo node-b; }"}  # fmt: skip
+ZONE = "--zone=us-central2-b"
+# (script, positionals, options, extra environment): each script's positionals and options in the documented order.
+ORDERINGS = [
+    ("single_host.sh", ["configs/smoke.py", "/tmp/w"], ["--config.seed=1"], {}),
+    ("local_multiprocess.sh", ["2", "3", "configs/smoke.py", "/tmp/w"], ["--config.seed=1", "--port=999"], {}),
+    ("gpu_multihost.sh", ["configs/smoke.py", "/shared/w"], ["--config.seed=1", "--per=host", "--port=7"], SLURM_ENV),
+    ("tpu_vm.sh", ["run", "pod", "configs/smoke.py", "/mnt/w"], [ZONE, "--slices=2", "--config.seed=3"], {}),
+    ("tpu_vm.sh", ["create", "pod"], [ZONE, "--type=v4-32"], {}),
+]
+
+
+@pytest.mark.parametrize("script, positionals, options, extra_env", ORDERINGS, ids=lambda v: v if isinstance(v, str) else "")
+def test_options_anywhere_on_the_line(script, positionals, options, extra_env):
+    """``--dry-run`` and the other options given first or between the positionals print the same
+    commands as after them (before, ``launch/single_host.sh --dry-run CONFIG WORKDIR`` took
+    ``--dry-run`` for the config)."""
+    env = dict(os.environ, **extra_env)
+    path = f"launch/{script}"
+    documented = _run(path, *positionals, *options, "--dry-run", env=env)
+    assert documented.returncode == 0 and documented.stdout, documented.stderr
+    first = _run(path, "--dry-run", *options, *positionals, env=env)
+    middle = _run(path, positionals[0], "--dry-run", *options[:1], *positionals[1:], *options[1:], env=env)
+    for other in (first, middle):
+        assert (other.returncode, other.stdout, other.stderr) == (0, documented.stdout, ""), other.args
+
+
+@pytest.mark.parametrize("script, positionals, options, extra_env", ORDERINGS, ids=lambda v: v if isinstance(v, str) else "")
+def test_wrong_positional_count_prints_usage(script, positionals, options, extra_env):
+    """One positional too few or too many (``--dry-run`` anywhere) is a usage error, exit code 2,
+    before anything runs; so is an unknown option."""
+    env = dict(os.environ, **extra_env)
+    path = f"launch/{script}"
+    usage = "A Cloud TPU VM" if script == "tpu_vm.sh" else f"usage: {path} "
+    for words in (positionals[:-1], [*positionals, "extra"], [positionals[0], "--dry-run", "extra", *positionals[1:]]):
+        result = _run(path, *words, *options, "--dry-run", env=env)
+        error, shown = result.stderr.split("\n", 1)
+        assert result.returncode == 2 and result.stdout == "" and shown.startswith(usage), (words, result.stderr)
+        assert error.startswith("error: ") and f"got {len(words) - words.count('--dry-run')}: " in error, error
+    unknown = _run(path, "--dry-run", "--bogus", *positionals, *options, env=env)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown option '--bogus'"), unknown.stderr
+
+
+def test_single_host_dry_run_first():
+    """The reported case: ``--dry-run`` before CONFIG WORKDIR prints the command, not a config error."""
+    result = _run("launch/single_host.sh", "--dry-run", "configs/smoke.py", "/tmp/w")
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout) == ["python", "-m", "danceopd_jax.main", "--config", "configs/smoke.py", "--workdir", "/tmp/w"]
+    assert _run("launch/single_host.sh", "--dry-run").stderr.startswith("error: 2 positional arguments expected, got 0")

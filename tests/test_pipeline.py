@@ -8,7 +8,7 @@ import pytest
 from danceopd_jax import pipeline
 from danceopd_jax.config_validation import ConfigError
 
-from conftest import load_config
+from conftest import finished_stage, load_config
 
 
 def quick_demo():
@@ -86,3 +86,80 @@ def test_composition_config_is_valid_and_compares_like_with_like():
         assert stage.student.checkpoint == "@anchor"
     assert config.stages.danceopd_mid_t.query_sampler == "mid_t"
     assert config.stages.soft_mixing.routing == "soft"
+
+
+def _record_training(monkeypatch) -> list[str]:
+    trained = []
+    monkeypatch.setattr(pipeline, "train_and_evaluate", lambda stage, stage_dir: trained.append(os.path.basename(stage_dir)))
+    return trained
+
+
+def test_a_finished_stage_is_reused_only_with_the_config_it_trained_with(tmp_path, monkeypatch, capsys):
+    """A stage trained with another config (lr, buckets, method) is one error naming the stage, its
+    workdir and the changed keys, before any stage trains (before: reused as if it had these settings)."""
+    config = quick_demo()
+    for name in ("edit_teacher", "student"):  # the anchor is not trained yet: it would train first
+        finished_stage(tmp_path, config, name)
+    trained = _record_training(monkeypatch)
+    pipeline.train_stages(config, str(tmp_path))
+    assert trained == ["anchor"] and capsys.readouterr().out.count("finished earlier") == 2
+
+    student_dir = os.path.join(tmp_path, "student")
+    for key, value, shown in (
+        ("optimizer.learning_rate", 2e-3, "config.optimizer.learning_rate 0.0003 -> 0.002"),
+        ("method", "diffusionopd", "config.method 'danceopd' -> 'diffusionopd'"),
+        ("data.buckets.t2i.size", 7, "config.data.buckets.t2i.size 256 -> 7"),
+    ):
+        changed = quick_demo()
+        node = changed.stages.student
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+        trained.clear()
+        with pytest.raises(ConfigError) as error:
+            pipeline.train_stages(changed, str(tmp_path))
+        message = str(error.value)
+        assert message.startswith(f"config.stages.student: {student_dir} holds checkpoints of this stage trained with another config: ")
+        assert shown in message and "\n" not in message
+        assert trained == []  # nothing trained, not even the anchor that comes first
+    # length, logging and layout may change: the stage is still reused
+    longer_log = quick_demo()
+    longer_log.stages.student.log_every = 3
+    longer_log.stages.student.mesh.data = 1
+    trained.clear()
+    pipeline.train_stages(longer_log, str(tmp_path))
+    assert trained == ["anchor"]
+
+
+def test_a_stage_saved_before_keys_existed_counts_only_non_default_values(tmp_path, monkeypatch):
+    """A config.json written by older code lacks the keys added since; such a key whose value now is
+    its default is no change (else every old workdir would be refused), another value is."""
+    from danceopd_jax.config_validation import validate, with_defaults
+
+    config = quick_demo()
+    stage = pipeline.resolve_stage(config.stages.student, str(tmp_path))
+    validate(stage)
+    old = json.loads(stage.to_json())
+    for key in ("sigma_schedule", "router", "route_weights", "compilation_cache_dir", "dcn_mesh", "expert_sharding",
+                "model_dir", "transformer_path", "prompt_embeddings", "skip_nonfinite_steps", "loss_log"):  # fmt: skip
+        del old[key]
+    del old["condition"]["pooled_dim"]
+    for key in [k for k in old["logical_axis_rules"] if k.startswith("activation_")]:
+        del old["logical_axis_rules"][key]
+    for spec in (old["student"], *old["experts"].values()):
+        for key in ("attention", "remat", "kind", "lora_rank", "lora_alpha", "lora_targets", "lora_path"):
+            del spec[key]
+    del old["data"]["buckets"]["t2i"]["path"]
+    assert with_defaults(old) == with_defaults(stage)
+    for name in ("anchor", "edit_teacher"):
+        finished_stage(tmp_path, config, name)
+    finished_stage(tmp_path, config, "student", saved=old)
+    trained = _record_training(monkeypatch)
+    pipeline.train_stages(config, str(tmp_path))
+    assert trained == []
+    config.stages.student.sigma_schedule = "flow_match_euler"  # not the value the old run had
+    config.stages.student.experts.anchor.remat = "full"
+    with pytest.raises(ConfigError) as error:
+        pipeline.train_stages(config, str(tmp_path))
+    assert "config.experts.anchor.remat 'none' -> 'full', config.sigma_schedule 'uniform' -> 'flow_match_euler'" in str(error.value)

@@ -1,6 +1,7 @@
 """The sampling command and API on a freshly trained smoke run."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -83,6 +84,33 @@ def test_command_bad_input(workdir, tmp_path, flags, message):
     result = _sample("--workdir", str(workdir), "--out", str(tmp_path / "x.png"), *flags)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "out,message",
+    [
+        ("x.unknownext", "error: --out 'OUT': unknown extension '.unknownext'; valid extensions: .png, .jpg, .jpeg"),
+        ("x", "error: --out 'OUT': no extension; valid extensions: .png"),
+        ("file/x.png", "error: --out 'OUT': its folder 'TMP/file' exists and is not a folder"),
+        ("folder.png", "error: --out 'OUT' is a folder; give the image's file name"),
+    ],
+)
+def test_command_checks_out_before_sampling(workdir, tmp_path, out, message):
+    """A bad ``--out`` is one line before the weights are read (before: a traceback after sampling)."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    result = _sample("--workdir", str(workdir), "--out", str(tmp_path / out))
+    message = message.replace("OUT", str(tmp_path / out)).replace("TMP", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]], result.stderr
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png"]
+
+
+def test_command_writes_the_format_of_the_extension(workdir, tmp_path):
+    out = tmp_path / "new" / "x.JPG"
+    result = _sample("--workdir", str(workdir), "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(out).format == "JPEG" and os.listdir(out.parent) == ["x.JPG"]  # no staging file left
 
 
 def test_command_missing_workdir(tmp_path):
@@ -201,3 +229,23 @@ def test_command_help_lists_the_tasks():
     result = _sample("--help")
     flag = " ".join(result.stdout.split("--task:")[1].split("(default: 't2i')")[0].split())
     assert all(f"{name}: {task.description}" in flag for name, task in TASKS.items()), result.stdout[-2000:]
+
+
+def test_a_run_saved_before_newer_config_keys_still_loads(workdir, tmp_path):
+    """A workdir whose config.json predates keys added since (``condition.pooled_dim``, ``sigma_schedule``,
+    the student's ``attention``/``remat``/``kind``, ``router``...) loads with their defaults
+    (``config_validation.read_run_config``); before, sampling it failed on the first missing key."""
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / checkpoints.CONFIG_FILE).read_text())
+    for section, key in (("condition", "pooled_dim"), ("student", "attention"), ("student", "remat"), ("student", "kind")):
+        del saved[section][key]
+    for key in ("sigma_schedule", "router", "route_weights", "compilation_cache_dir"):
+        saved.pop(key)
+    (old / checkpoints.CONFIG_FILE).write_text(json.dumps(saved))
+    config, _, params = load_trained_model(str(old))
+    assert config.condition.pooled_dim == 0 and config.student.attention == "xla"
+    expected = load_trained_model(str(workdir))[2]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))

@@ -117,6 +117,17 @@ def test_the_student_is_a_lora_over_the_shared_base(folder, tmp_path):
     assert any(moved)
 
 
+def test_channels_that_are_not_the_folders_latent_channels_are_one_clear_error(folder):
+    """config.channels of an SD3 run is checked against the transformer's latent channels before anything
+    is built (before: the first step failed to compile with a shape error)."""
+    validate(smoke_config(folder))  # 16, the tiny transformer's
+    with pytest.raises(ConfigError) as error:
+        validate(smoke_config(folder, channels=4))
+    assert str(error.value) == (
+        f"config.channels: 4 latent channels, but {folder}/transformer/config.json has in_channels 16: set config.channels=16"
+    )
+
+
 def test_bad_input_is_one_clear_error(folder, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)

@@ -33,6 +33,7 @@ class PromptEmbeddings:
         self.where = tensors.where
         self._index = {p: i for i, p in enumerate(self.prompts)}
         self._tensors = tensors
+        self.metadata = dict(tensors.metadata)  # the file's metadata: ``prompts``, and what encoded it where recorded
         self.text_shape = tensors.shape("text/0")
         self.pooled_dim = tensors.shape("pooled/0")[0]
 
@@ -79,22 +80,28 @@ def load_table(path: str) -> PromptEmbeddings:
     return PromptEmbeddings(prompts, tensors)
 
 
-def save_table(path: str, prompts: Sequence[str], text: np.ndarray, pooled: np.ndarray) -> None:
-    """Write embeddings ``text`` [N, L, D] and ``pooled`` [N, P] of ``prompts`` (N distinct prompts)."""
+def save_table(
+    path: str, prompts: Sequence[str], text: np.ndarray, pooled: np.ndarray, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write embeddings ``text`` [N, L, D] and ``pooled`` [N, P] of ``prompts`` (N distinct prompts),
+    with string ``metadata`` beside the ``prompts`` list (e.g. what encoded them)."""
     if len(set(prompts)) != len(prompts) or not (len(prompts) == len(text) == len(pooled)):
         raise ValueError("save_table needs N distinct prompts and N text and pooled embeddings")
     tensors = {f"text/{i}": np.asarray(t, np.float32) for i, t in enumerate(text)}
     tensors.update({f"pooled/{i}": np.asarray(p, np.float32) for i, p in enumerate(pooled)})
-    write_safetensors(path, tensors, {"prompts": json.dumps(list(prompts))})
+    write_safetensors(path, tensors, {**(metadata or {}), "prompts": json.dumps(list(prompts))})
 
 
-def encode_table(path: str, prompts: Sequence[str], encode: Encoder, batch_size: int = 16) -> PromptEmbeddings:
-    """Encode the ``table_prompts`` of ``prompts`` in batches and save them at ``path`` (atomically)."""
+def encode_table(
+    path: str, prompts: Sequence[str], encode: Encoder, batch_size: int = 16, metadata: Mapping[str, str] | None = None
+) -> PromptEmbeddings:
+    """Encode the ``table_prompts`` of ``prompts`` in batches and save them at ``path`` (atomically,
+    with ``metadata``, ``save_table``)."""
     distinct = table_prompts(prompts)
     texts, pooled = [], []
     for start in range(0, len(distinct), batch_size):
         out = encode(distinct[start : start + batch_size])
         texts.append(np.asarray(out["text"], np.float32))
         pooled.append(np.asarray(out["pooled"], np.float32))
-    save_table(path, distinct, np.concatenate(texts), np.concatenate(pooled))
+    save_table(path, distinct, np.concatenate(texts), np.concatenate(pooled), metadata)
     return load_table(path)

@@ -1,8 +1,9 @@
 """Score models on the shapes world's capabilities: held-out examples -> samples -> metrics, grids.
 
-Each capability has a bucket kind (its examples) and a scorer from ``metrics``. Evaluation
-examples are drawn with seeds far from any training bucket's, and the same examples and noise
-serve every model, so rows of a table differ only by the model.
+Each capability has a bucket kind (its examples, ``heldout.CAPABILITY_BUCKETS``) and a scorer
+from ``metrics``. Evaluation examples are held out from every evaluated model's training inputs
+(``heldout.py``), and the same examples and noise serve every model, so rows of a table differ
+only by the model.
 """
 
 import dataclasses
@@ -12,19 +13,10 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from danceopd_jax.data import scenes
-from danceopd_jax.data.scene_buckets import SceneExample, scene_examples
+from danceopd_jax.data.scene_buckets import SceneExample
 from danceopd_jax.evaluation import metrics
 from danceopd_jax.evaluation.grids import caption_grid
 from danceopd_jax.sampling import encode_conditions, generate
-
-EVAL_SEED_OFFSET = 1_000_003  # evaluation examples never share a seed with training buckets
-
-CAPABILITY_BUCKETS = {
-    "t2i": "scenes_t2i",
-    "local_edit": "scenes_local_edit",
-    "global_edit": "scenes_global_edit",
-    "realism": "scenes_t2i",  # prompts; scored for realism cues and for T2I faithfulness
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +29,6 @@ class Sampling:
     cfg_scale: float = 1.0
     batch_size: int = 64
     seed: int = 0
-
-
-def evaluation_examples(capability: str, num: int, seed: int = 0) -> list[SceneExample]:
-    if capability not in CAPABILITY_BUCKETS:
-        raise ValueError(f"unknown capability {capability!r}; valid: {', '.join(CAPABILITY_BUCKETS)}")
-    return scene_examples(CAPABILITY_BUCKETS[capability], num, EVAL_SEED_OFFSET + seed)
 
 
 def sample_examples(config: ConfigDict, graphdef, params, examples: list[SceneExample], sampling: Sampling) -> np.ndarray:

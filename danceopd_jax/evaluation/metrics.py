@@ -31,7 +31,7 @@ METRIC_DOCS = {  # one line per metric name, as the score dicts name them (local
     "Global: objects' shapes, sizes, cells and (except sketches) colours as in the source; night keeps the background",
     "exact": "local edit: the whole parsed scene equals the target scene",
     "realism": "mean over the visible realistic-render cues (background gradient, object shading, drop shadow, grain) "
-    "of where each lies between its plain-render and realistic-render level; 0 = plain, 1 = realistic",
+    "of where each lies between its plain-render and realistic-render level; 0 = plain or no object, 1 = realistic",
 }
 _MATCH_WEIGHTS = {"shape": 2, "colour": 2, "position": 1, "size": 1}
 T2I_CATEGORIES = ("single_object", "two_objects", "colour", "position", "count")

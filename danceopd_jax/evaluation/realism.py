@@ -15,7 +15,9 @@ own units (0 on a plain render):
 Each cue scores 0 at or below its level on plain renders with mild noise and blur, 1 at or above
 the level of realistic renders (``CUE_RANGES``, set from renders); the realism score is the mean
 over the cues that can be seen: gradient and shadow vanish on dark backgrounds, shading needs an
-object. A background too noisy to be a flat colour (e.g. pure noise) shows no cue at all.
+object. A background too noisy to be a flat colour (e.g. pure noise) shows no cue at all, and
+neither does an image with no object: every scene has one, so an empty background, however
+realistic its light and grain, is no realistic render of the scene (it scores 0).
 """
 
 import numpy as np
@@ -106,8 +108,9 @@ def grain(parsed: ParsedScene) -> float | None:
 
 
 def realism_cues(parsed: ParsedScene) -> dict[str, float]:
-    """The cues that can be seen in this image (see the module docstring); none for sketches and noise."""
-    if parsed.backdrop is None or parsed.noise > MAX_BACKGROUND_NOISE:
+    """The cues that can be seen in this image (see the module docstring); none for sketches, noise
+    and images without an object."""
+    if parsed.backdrop is None or parsed.noise > MAX_BACKGROUND_NOISE or not parsed.objects:
         return {}
     cues = {"shading": shading(parsed), "grain": grain(parsed)}
     if _lum(parsed.backdrop).mean() >= MIN_BACKGROUND_BRIGHTNESS:

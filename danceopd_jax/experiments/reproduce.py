@@ -28,12 +28,12 @@ from ml_collections import ConfigDict  # noqa: E402
 from danceopd_jax.averaging import average_weights  # noqa: E402
 from danceopd_jax.checkpoints import load_run_config  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
-from danceopd_jax.evaluation import capabilities  # noqa: E402
+from danceopd_jax.evaluation import accuracy, heldout  # noqa: E402
 from danceopd_jax.evaluation.guidance import effective_guidance  # noqa: E402
 from danceopd_jax.experiments import report, settings  # noqa: E402
-from danceopd_jax.pipeline import evaluate_loaded, evaluate_models, train_stages, validate_stages  # noqa: E402
+from danceopd_jax.pipeline import check_stage_configs, evaluate_loaded, evaluate_models, train_stages, validate_stages  # noqa: E402
 from danceopd_jax.sampling import encode_conditions, load_trained_model  # noqa: E402
-from danceopd_jax.shapes_configs import evaluation  # noqa: E402
+from danceopd_jax.shapes_configs import IMAGE_SIZE, evaluation  # noqa: E402
 from danceopd_jax.train import LOSS_LOG, ROUTER_REPORT, Preempted  # noqa: E402
 
 DEFAULT_REPORT = os.path.join("docs", "RESULTS.md")
@@ -68,18 +68,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> tuple[ConfigDict, dict]:
-    """Every config of the run, validated before anything trains: ``(experts, {(setting, seed): stages})``."""
+    """Every config of the run, validated before anything trains, also against the stages the workdir
+    already holds (``check_stage_configs``): ``(experts, {(setting, seed): stages})``."""
     s = settings.REPRODUCE_SIZES[args.size]
-    experts_dir = os.path.join(os.path.abspath(args.workdir), settings.EXPERTS_DIR)
+    workdir = os.path.abspath(args.workdir)
+    experts_dir = os.path.join(workdir, settings.EXPERTS_DIR)
     experts = ConfigDict(dict(stages=settings.expert_stages(s)))
-    validate_stages(experts)
+    check_stage_configs(experts, experts_dir, validate_stages(experts))
     students = {}
     for seed in range(args.seeds):
         for name in args.setting_names:
             rows = settings.SETTINGS[name].rows(s, experts_dir, seed, seed == 0)
             students[name, seed] = ConfigDict(dict(stages=rows))
             try:
-                validate_stages(students[name, seed])
+                order = validate_stages(students[name, seed])
+                check_stage_configs(students[name, seed], os.path.join(workdir, name, f"seed{seed}"), order)
             except ConfigError as error:
                 raise ConfigError(f"setting {name}, seed {seed}: {error}") from None
     return experts, students
@@ -131,7 +134,7 @@ def evaluate_setting(setting: settings.Setting, model_dirs: dict, traces: dict, 
     anchor_scales = sorted({a * b for a in alphas.values() for b in settings.CFG_EVAL_SCALES})
     loaded = {name: load_trained_model(path) for name, path in model_dirs.items()}
     anchor = loaded["anchor"]
-    examples = capabilities.evaluation_examples("t2i", s["examples"], seed)
+    examples = heldout.evaluation_examples("t2i", s["examples"], seed, [config for config, _, _ in loaded.values()])
     cond = encode_conditions(anchor[0], [e.prompt for e in examples])
     image_shape = (anchor[0].image_size, anchor[0].image_size, anchor[0].channels)
     for beta in anchor_scales:
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compilation_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     print(f"== experts ({', '.join(experts.stages)}) ==", flush=True)
-    train_stages(experts, experts_dir)
+    trained = len(train_stages(experts, experts_dir))
+    stages = len(experts.stages)
     print(f"experts ready after {_elapsed(started)}", flush=True)
     results: dict = {name: {} for name in args.setting_names}
     traces: dict = {name: {} for name in args.setting_names}
@@ -172,12 +176,14 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 if not os.path.isfile(os.path.join(model_dirs[average], "config.json")):
                     average_weights({os.path.join(experts_dir, e): w for e, w in weights.items()}, model_dirs[average])
             seed_dir = os.path.join(setting_dir, f"seed{seed}")
-            train_stages(students[name, seed], seed_dir)
+            trained += len(train_stages(students[name, seed], seed_dir))
+            stages += len(students[name, seed].stages)
             model_dirs.update({row: os.path.join(seed_dir, row) for row in students[name, seed].stages})
             row_traces = {row: route_weight_trace(path) for row, path in model_dirs.items()}
             traces[name][str(seed)] = {row: trace for row, trace in row_traces.items() if trace}
             results[name][str(seed)] = evaluate_setting(setting, model_dirs, traces[name][str(seed)], s, seed, seed_dir)
-    this_run = dict(command=command, settings=args.setting_names, wall_minutes=round((time.perf_counter() - started) / 60, 1))
+    this_run = dict(command=command, settings=args.setting_names, wall_minutes=round((time.perf_counter() - started) / 60, 1),
+                    trained=trained, reused=stages - trained)  # fmt: skip
     meta = dict(
         device=f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})",
         cpus=os.cpu_count(),
@@ -187,6 +193,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
         sizes=s,
         seeds=args.seeds,
         workdir=workdir,
+        scorer_accuracy=dict(
+            image_size=IMAGE_SIZE, items=s["scorer_items"], figures=accuracy.measure(s["scorer_items"], seed=0, image_size=IMAGE_SIZE)
+        ),
     )
     output = merge_previous(dict(meta=meta, results=results, traces=traces), os.path.join(workdir, "results.json"))
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
@@ -198,7 +207,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
 def merge_previous(output: dict, path: str) -> dict:
     """Keep the settings an earlier run at the same size and seeds wrote to ``path`` and this run did not
-    redo (``--settings`` picks a subset); its runs are listed before this one in ``meta.runs``."""
+    redo (``--settings`` picks a subset). The earlier runs are listed before this one in ``meta.runs``:
+    their settings stay, or their trainings, reused, fed this run."""
     if not os.path.isfile(path):
         return output
     with open(path, encoding="utf-8") as f:
@@ -206,10 +216,10 @@ def merge_previous(output: dict, path: str) -> dict:
     old_meta = previous["meta"]
     if (old_meta["size"], old_meta["seeds"]) != (output["meta"]["size"], output["meta"]["seeds"]):
         return output
+    output["meta"]["runs"] = report.runs_of(previous) + output["meta"]["runs"]
     kept = {name: per_seed for name, per_seed in previous["results"].items() if name not in output["results"]}
     if not kept:
         return output
-    output["meta"]["runs"] = report.runs_of(previous) + output["meta"]["runs"]
     merged = {**kept, **output["results"]}
     output["results"] = {name: merged[name] for name in settings.SETTINGS if name in merged}
     output["traces"] = {**{name: t for name, t in previous.get("traces", {}).items() if name in kept}, **output["traces"]}

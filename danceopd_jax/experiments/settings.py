@@ -36,7 +36,10 @@ ROLLOUT_ABLATION = (4, 16, 28)  # the main rows use the size's rollout (8)
 # The demo's sizes, with students cut to 150 steps of 24 samples in the full run: its ~20 student
 # trainings (dense DiffusionOPD and Flow-OPD cost ~3x a DanceOPD step) then fit the 60-minute
 # budget on a 2-core CPU with 3 seeds.
-REPRODUCE_SIZES = {"full": {**SIZES["full"], "student_steps": 150, "student_batch": 24}, "quick": SIZES["quick"]}
+REPRODUCE_SIZES = {  # scorer_items: ground-truth items of the scorer accuracy the report prints
+    "full": {**SIZES["full"], "student_steps": 150, "student_batch": 24, "scorer_items": 300},
+    "quick": {**SIZES["quick"], "scorer_items": 30},
+}
 
 
 def expert_stages(s: dict) -> dict:
@@ -69,7 +72,7 @@ class Setting:
 
     name: str
     title: str
-    capabilities: str  # evaluated capabilities (``capabilities.CAPABILITY_BUCKETS``)
+    capabilities: str  # evaluated capabilities (``heldout.CAPABILITY_BUCKETS``)
     experts: tuple[str, ...]  # expert rows of its table
     averages: dict  # weight-averaging rows: name -> {expert: weight}
     rows: Callable[[dict, str, int, bool], dict]  # (sizes, experts dir, seed, with ablations) -> {row: stage}

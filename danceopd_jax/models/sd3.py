@@ -20,6 +20,8 @@ The classifier-free-guidance null of SD3 is the encoding of the empty prompt (no
 fields here use ``null_condition``.
 """
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -132,15 +134,41 @@ def prompt_encoder(model_dir: str, text_len: int, dtype: str = "float32") -> Enc
     return encode
 
 
+ENCODED_BY = "encoded_by"  # a cached prompt table's metadata key: ``encoder_identity`` of what encoded it
+
+
+def encoder_identity(model_dir: str, text_len: int, dtype: str = "float32") -> str:
+    """What a prompt's embeddings depend on besides the prompt, as one JSON string: the folder (its real
+    path), a digest of the path, size and modification time of every file of its text encoders and
+    tokenizers (weights replaced in place change it), ``text_len`` and the compute dtype."""
+    components = sd3_folder.pipeline_components(model_dir)
+    files = []
+    for name in sd3_folder.TEXT_COMPONENTS:
+        if name not in components:
+            continue
+        for root, dirs, names in os.walk(components[name]):
+            dirs.sort()
+            for file in sorted(names):
+                stat = os.stat(os.path.join(root, file))
+                files.append([os.path.relpath(os.path.join(root, file), model_dir), stat.st_size, stat.st_mtime_ns])
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    identity = dict(model_dir=os.path.realpath(model_dir), text_files=digest, text_len=text_len, dtype=dtype)
+    return json.dumps(identity, sort_keys=True)
+
+
 def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32") -> PromptEmbeddings:
-    """The embeddings of ``prompts`` (and the empty prompt) at ``path``: read if it has them all, else
-    encoded (``prompt_encoder``)."""
+    """The embeddings of ``prompts`` (and the empty prompt) at ``path``: read if it has them all and was
+    encoded by this folder's text encoders as they are now, at this ``text_len`` and dtype
+    (``encoder_identity``, recorded in the table), else encoded (``prompt_encoder``) and written there.
+    A table another folder (or an older version of this code, which recorded nothing) encoded is
+    encoded again, never reused."""
+    identity = encoder_identity(model_dir, text_len, dtype)
     if os.path.isfile(path):
         table = load_table(path)
-        if not table.missing(["", *prompts]) and table.text_shape[0] == text_len:
+        if table.metadata.get(ENCODED_BY) == identity and not table.missing(["", *prompts]) and table.text_shape[0] == text_len:
             return table
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return encode_table(path, prompts, prompt_encoder(model_dir, text_len, dtype))
+    return encode_table(path, prompts, prompt_encoder(model_dir, text_len, dtype), metadata={ENCODED_BY: identity})
 
 
 def null_condition(table: PromptEmbeddings) -> dict[str, np.ndarray]:
