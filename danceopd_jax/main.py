@@ -19,7 +19,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
-from danceopd_jax.commands import fail as _usage_error, folder_problem, parse_flags  # noqa: E402
+from danceopd_jax.commands import fail, folder_problem, parse_flags  # noqa: E402
 from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.models.lora import UnknownLoRATarget
 from danceopd_jax.models.sd3_folder import ModelFolderError
@@ -39,35 +39,35 @@ def _check_workdir(workdir: str) -> None:
     (probed, and left as it was found: nothing is written before the config is checked)."""
     problem = folder_problem(workdir)
     if problem:
-        _usage_error(f"--workdir: {workdir!r} {problem}")
+        fail(f"--workdir: {workdir!r} {problem}")
 
 
 def main(argv):
     if len(argv) > 1:
-        _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter; progress is printed
     config_path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
     if not os.path.isfile(config_path):
-        _usage_error(f"--config: no such file {config_path!r}")
+        fail(f"--config: no such file {config_path!r}")
     config = _CONFIG.value
     workdir = _WORKDIR.value
     _check_workdir(workdir)
     try:
         distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except distributed.DistributedError as error:
-        _usage_error(error)
+        fail(error)
     try:
         if "stages" in config:
             pipeline.run_pipeline(config, workdir)
         else:
             train.train_and_evaluate(config, workdir)
     except (ConfigError, ModelFolderError, WeightsError, WeightsMismatch, UnknownLoRATarget) as error:
-        _usage_error(error)
+        fail(error)
     except train.Preempted:
         return  # the loop printed where it saved; exit code 0
     except (FloatingPointError, checkpoints.CheckpointError) as error:
-        _usage_error(error, code=1)
+        fail(error, code=1)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from ml_collections import ConfigDict
 
 from danceopd_jax import checkpoints
 from danceopd_jax.config_lib import run_sigma_schedule
-from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate, with_defaults
+from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate
 from danceopd_jax.evaluation import capabilities, heldout, metrics
 from danceopd_jax.sampling import load_trained_model
-from danceopd_jax.train import RESUMABLE_CHANGES, _flat, train_and_evaluate
+from danceopd_jax.train import config_changes, shown_changes, train_and_evaluate
 
 STAGE_REF = "@"
 # A pipeline config's keys (each stage is a run config, checked by ``validate``).
@@ -162,37 +162,18 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-UNSET = "(unset)"
-
-
-def stage_changes(stage: ConfigDict, stage_dir: str) -> list[str]:
-    """``config.KEY SAVED -> NOW`` for every key, outside ``train.RESUMABLE_CHANGES``, where ``stage``
-    (a resolved stage config) differs from the config of the run whose checkpoints ``stage_dir`` holds;
-    empty when it holds none. Both are completed with the defaults of the keys they lack
-    (``with_defaults``), so a config saved before a key existed differs only where ``stage`` sets it
-    to something else than its default."""
-    if checkpoints.latest_step(stage_dir) is None or not os.path.isfile(os.path.join(stage_dir, checkpoints.CONFIG_FILE)):
-        return []
-    saved = _flat(with_defaults(checkpoints.load_run_config(stage_dir)))
-    given = _flat(with_defaults(stage))
-    changed = sorted(key for key in saved.keys() | given.keys()
-                     if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, UNSET) != given.get(key, UNSET))  # fmt: skip
-    return [f"config.{key} {saved.get(key, UNSET)!r} -> {given.get(key, UNSET)!r}" for key in changed]
-
-
 def check_stage_configs(config: ConfigDict, workdir: str, order: list[str] | None = None) -> None:
     """``ConfigError`` for the first stage (in ``order``, default dependency order) whose
-    ``WORKDIR/STAGE`` holds checkpoints trained with another config (``stage_changes``): reusing or
-    resuming it would give a model of the old settings under the new ones. Reads only config files
-    and checkpoint step numbers, so it runs before any stage trains."""
+    ``WORKDIR/STAGE`` holds checkpoints trained with another config (``train.config_changes``, as a
+    resumed run is checked): reusing or resuming it would give a model of the old settings under the
+    new ones. Reads only config files and checkpoint step numbers, so it runs before any stage trains."""
     for name in order if order is not None else stage_order(config):
         stage_dir = os.path.join(workdir, name)
-        changes = stage_changes(resolve_stage(config.stages[name], workdir), stage_dir)
+        changes = config_changes(resolve_stage(config.stages[name], workdir), stage_dir)
         if changes:
-            more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
             raise ConfigError(
                 f"config.stages.{name}: {stage_dir} holds checkpoints of this stage trained with another config: "
-                f"{', '.join(changes[:4])}{more}; restore those values, or train it anew in another workdir "
+                f"{shown_changes(changes)}; restore those values, or train it anew in another workdir "
                 f"(or after removing {stage_dir})"
             )
 

@@ -413,21 +413,34 @@ def _check_init_checkpoints(config: ConfigDict) -> None:
                 raise ConfigError(f"config.{key}.checkpoint: {spec.checkpoint} holds a model of another architecture: {shown}")
 
 
-def _check_resume(config: ConfigDict, workdir: str) -> None:
-    """``ConfigError`` naming every key, outside ``RESUMABLE_CHANGES``, where ``config`` differs from the
-    config of the run whose checkpoints ``workdir`` holds: a run resumes with its own config (before
-    anything is built or written; before: the new config overwrote the run's ``config.json``)."""
+def config_changes(config: ConfigDict, workdir: str) -> list[str]:
+    """``config.KEY SAVED -> NOW`` for every key, outside ``RESUMABLE_CHANGES``, where ``config`` differs
+    from the config of the run whose checkpoints ``workdir`` holds; empty when it holds none. Both are
+    completed with the defaults of the keys they lack (``with_defaults``), so a config saved before a
+    key existed differs only where ``config`` sets it to something else than its default."""
     if checkpoints.latest_step(workdir) is None or not os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
-        return
+        return []
     unset = "(unset)"
     saved = _flat(with_defaults(checkpoints.load_run_config(workdir)))
     given = _flat(with_defaults(config))
     changed = sorted(key for key in saved.keys() | given.keys()
                      if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key, unset) != given.get(key, unset))  # fmt: skip
-    if changed:
-        shown = ", ".join(f"config.{k} {saved.get(k, unset)!r} -> {given.get(k, unset)!r}" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise ConfigError(f"{workdir} holds checkpoints of a run with another config: {shown}{more}; resume it with its own "
+    return [f"config.{key} {saved.get(key, unset)!r} -> {given.get(key, unset)!r}" for key in changed]
+
+
+def shown_changes(changes: list[str], shown: int = 4) -> str:
+    """The first ``shown`` of ``config_changes``, and how many more there are."""
+    more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
+    return ", ".join(changes[:shown]) + more
+
+
+def _check_resume(config: ConfigDict, workdir: str) -> None:
+    """``ConfigError`` naming the keys where ``config`` differs from the config of the run whose
+    checkpoints ``workdir`` holds (``config_changes``): a run resumes with its own config (before
+    anything is built or written; before: the new config overwrote the run's ``config.json``)."""
+    changes = config_changes(config, workdir)
+    if changes:
+        raise ConfigError(f"{workdir} holds checkpoints of a run with another config: {shown_changes(changes)}; resume it with its own "
                           f"values (only {', '.join(RESUMABLE_CHANGES[:4])}, mesh and the like may change) or use a new workdir")
 
 

@@ -27,6 +27,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from danceopd_jax.averaging import average_weights  # noqa: E402
 from danceopd_jax.checkpoints import load_run_config  # noqa: E402
+from danceopd_jax.commands import ArgumentParser, fail  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 from danceopd_jax.evaluation import accuracy, heldout  # noqa: E402
 from danceopd_jax.evaluation.guidance import effective_guidance  # noqa: E402
@@ -40,14 +41,8 @@ DEFAULT_REPORT = os.path.join("docs", "RESULTS.md")
 DEFAULT_SEEDS = {"full": 3, "quick": 1}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, no usage dump
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m danceopd_jax.experiments.reproduce", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m danceopd_jax.experiments.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="where models, evaluations and results.json go")
     parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in minutes (CI)")
     parser.add_argument("--seeds", type=int, default=None, help="student seeds per row (default: 3, quick: 1)")
@@ -233,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args, "python -m danceopd_jax.experiments.reproduce " + " ".join(argv))
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
     except Preempted:
         return  # the training loop printed where it saved; the same command continues (exit code 0)
 
