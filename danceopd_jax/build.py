@@ -93,6 +93,12 @@ def architecture_changes(config: ConfigDict, spec: ConfigDict, saved) -> list[tu
     return [(key, get(there, key), get(here, key)) for key in keys if get(there, key) != get(here, key)]
 
 
+def shown_architecture_changes(changes: list[tuple[str, Any, Any]], prefix: str, model: str, source: str) -> str:
+    """``architecture_changes`` as ``PREFIX.KEY is HERE, SOURCE has KEY SAVED; ...``, a ``student.KEY``
+    shown as ``PREFIX.MODEL.KEY`` (``model``: the spec's key in the config, e.g. ``experts.edit``)."""
+    return "; ".join(f"{prefix}.{name.replace('student', model, 1)} is {here!r}, {source} has {name} {there!r}" for name, there, here in changes)
+
+
 def load_model(config: ConfigDict, spec: ConfigDict, mesh: Mesh, rules, *, frozen: bool = False) -> tuple[nnx.GraphDef, Any, Any]:
     """``(graphdef, state, shardings)``: random init (``seed``) or another run's checkpoint, sharded.
 

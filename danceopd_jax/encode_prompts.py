@@ -12,7 +12,8 @@ written to a temporary name, then renamed). A run given ``--config.prompt_embedd
 reads it instead of loading the text encoders (the run's ``model_dir`` may then lack them).
 
 Bad input (a missing or malformed prompt file, a folder that is not an SD3 pipeline or whose text
-encoders do not load, ``--text_len`` <= 77, an ``--out`` that is a folder) is one line
+encoders do not load, ``--text_len`` <= 77, an ``--out`` that is a folder or in a folder that cannot
+be written) is one line
 ``error: ...`` on stderr and exit code 2, before any prompt is encoded.
 """
 
@@ -22,7 +23,7 @@ import time
 from absl import app, flags
 from absl.flags import FLAGS
 
-from danceopd_jax.commands import fail, parse_flags, start
+from danceopd_jax.commands import fail, folder_problem, parse_flags, start
 from danceopd_jax.data.prompt_embeddings import Encoder, encode_table, table_prompts
 from danceopd_jax.data.prompt_files import read_prompts
 from danceopd_jax.models import sd3, sd3_folder
@@ -50,6 +51,9 @@ def check_arguments(model_dir: str, out: str, text_len: int, batch_size: int) ->
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder; give the table's file name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if problem := folder_problem(parent):
+        raise ValueError(f"--out {out}: its folder {parent} {problem}")
     sd3_folder.pipeline_components(model_dir)  # ModelFolderError names what is missing
 
 

@@ -14,9 +14,10 @@ Writes, from the run's latest checkpoint (its EMA when the run kept one):
 
 Only SD3 runs (``config.model_dir``) have a LoRA student to export; a DiT run's checkpoint is
 already its whole model. Bad input (no run at ``W``, a DiT run, a run without checkpoints, a
-moved model folder, an ``--out`` that is not empty) is one line ``error: ...`` on stderr and exit
-code 2, checked before the weights are read. Everything is written to a temporary folder beside
-``DIR`` and renamed to ``DIR`` when complete: a failed export leaves nothing.
+moved model folder, an ``--out`` that is not empty or whose folder cannot be written) is one line
+``error: ...`` on stderr and exit code 2, checked before the weights are read. Everything is
+written to a temporary folder beside ``DIR`` and renamed to ``DIR`` when complete: a failed export
+leaves nothing.
 """
 
 import os
@@ -27,7 +28,7 @@ from absl.flags import FLAGS
 from flax import nnx
 
 from danceopd_jax import checkpoints, sd3_sampling
-from danceopd_jax.commands import fail, parse_flags, start
+from danceopd_jax.commands import fail, folder_problem, parse_flags, start
 from danceopd_jax.models import lora, sd3_folder
 from danceopd_jax.models.sd3_folder import ModelFolderError
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch
@@ -41,6 +42,9 @@ def check_export(workdir: str, out: str) -> None:
     config = sd3_sampling.sd3_run_config(workdir)  # FileNotFoundError / ValueError (a DiT run)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"--out {out} exists and is not an empty folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    if problem := folder_problem(parent):  # the export is staged beside ``out``
+        raise ValueError(f"--out {out}: its folder {parent} {problem}")
     if checkpoints.latest_step(workdir) is None:
         raise FileNotFoundError(f"no checkpoints under {checkpoints.checkpoint_dir(workdir)}: nothing trained to export")
     sd3_folder.pipeline_components(config.model_dir, text_encoders=False)  # ModelFolderError: the folder moved or is broken

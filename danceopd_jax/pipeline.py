@@ -14,7 +14,7 @@ import time
 
 from ml_collections import ConfigDict
 
-from danceopd_jax import checkpoints
+from danceopd_jax import build, checkpoints
 from danceopd_jax.config_lib import run_sigma_schedule
 from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate
 from danceopd_jax.evaluation import capabilities, heldout, metrics
@@ -68,14 +68,30 @@ def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _check_stage_architectures(config: ConfigDict, name: str) -> None:
+    """``ConfigError`` for a model of stage ``name`` that starts from a stage (``@REF``) whose student
+    has another architecture (``build.architecture_changes``): caught before any stage trains, not
+    when the restore into it fails after the stages before it have trained."""
+    stage = config.stages[name]
+    for key, spec in _model_specs(stage):
+        if spec.init == "checkpoint" and spec.checkpoint.startswith(STAGE_REF):
+            ref = spec.checkpoint[len(STAGE_REF) :]
+            changes = build.architecture_changes(stage, spec, config.stages[ref].to_dict())
+            if changes:
+                shown = build.shown_architecture_changes(changes, f"config.stages.{name}", key, f"stage {ref!r}")
+                raise ConfigError(f"config.stages.{name}.{key}.checkpoint: stage {ref!r} trains a model of another architecture: {shown}")
+
+
 def validate_stages(config: ConfigDict) -> list[str]:
-    """Check every stage's config; returns the stage order."""
+    """Check every stage's config, and that each model starting from a stage fits its architecture;
+    returns the stage order."""
     order = stage_order(config)
     for name in order:
         try:
             validate(resolve_stage(config.stages[name], "/pipeline-workdir"))
         except ConfigError as error:
             raise ConfigError(str(error).replace("config.", f"config.stages.{name}.", 1)) from None
+        _check_stage_architectures(config, name)
     return order
 
 

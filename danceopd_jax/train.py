@@ -408,8 +408,7 @@ def _check_init_checkpoints(config: ConfigDict) -> None:
         if os.path.isfile(os.path.join(spec.checkpoint, checkpoints.CONFIG_FILE)):  # else restore_model_params checks shapes
             changes = build.architecture_changes(config, spec, checkpoints.load_run_config(spec.checkpoint))
             if changes:
-                shown = "; ".join(f"config.{name.replace('student', key, 1)} is {here!r}, its {checkpoints.CONFIG_FILE} has {name} {there!r}"
-                                  for name, there, here in changes)  # fmt: skip
+                shown = build.shown_architecture_changes(changes, "config", key, f"its {checkpoints.CONFIG_FILE}")
                 raise ConfigError(f"config.{key}.checkpoint: {spec.checkpoint} holds a model of another architecture: {shown}")
 
 

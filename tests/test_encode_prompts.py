@@ -137,10 +137,12 @@ def test_a_table_that_does_not_fit_the_run_is_one_clear_error(folder, bare, enco
 
 
 def test_the_command_refuses_bad_input_in_one_line(folder, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
     for args, problem in (
         ((folder, f"{tmp_path}/out.safetensors", 77, 16), "--text_len 77: must be 77 CLIP tokens"),
         ((folder, f"{tmp_path}/out.safetensors", TEXT_LEN, 0), "--batch_size must be >= 1"),
         ((folder, str(tmp_path), TEXT_LEN, 16), "is a folder"),
+        ((folder, f"{tmp_path}/a_file/out.safetensors", TEXT_LEN, 16), "its folder .*a_file exists and is not a folder"),
         ((str(tmp_path), f"{tmp_path}/out.safetensors", TEXT_LEN, 16), "model_index.json: file missing"),
     ):
         with pytest.raises(ValueError, match=problem):

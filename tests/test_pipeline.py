@@ -49,6 +49,19 @@ def test_stage_errors_carry_the_stage_key():
             pipeline.validate_pipeline(config)
 
 
+def test_a_model_starting_from_a_stage_of_another_architecture_is_refused_before_any_training():
+    """Before: the refusal came only when that stage started, after the stages before it had trained."""
+    config = quick_demo()
+    pipeline.validate_pipeline(config)  # the demo's references fit
+    config.stages.edit_teacher.student.patch_size = 4
+    with pytest.raises(ConfigError) as error:
+        pipeline.validate_pipeline(config)
+    assert str(error.value) == (
+        "config.stages.edit_teacher.student.checkpoint: stage 'anchor' trains a model of another "
+        "architecture: config.stages.edit_teacher.student.patch_size is 4, stage 'anchor' has student.patch_size 2"
+    )
+
+
 def test_resolve_points_references_into_the_workdir():
     stage = pipeline.resolve_stage(quick_demo().stages.student, "/w")
     assert stage.student.checkpoint == os.path.join("/w", "anchor")

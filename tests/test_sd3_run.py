@@ -315,6 +315,9 @@ def test_sample_and_export_bad_input_is_one_clear_line(trained, tmp_path):
     with pytest.raises(ValueError, match="occupied exists and is not an empty folder"):
         export.export_run(str(workdir), str(occupied))
     assert os.listdir(occupied) == ["keep.txt"]
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match="out: its folder .*a_file exists and is not a folder"):
+        export.check_export(str(workdir), str(tmp_path / "a_file" / "out"))  # before: failed after reading the weights
     (tmp_path / "empty").mkdir()
     export.check_export(str(workdir), str(tmp_path / "empty"))  # an empty --out folder is fine
 
