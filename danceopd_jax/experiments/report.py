@@ -271,7 +271,8 @@ def routing_table(stats: dict, examples: int) -> list[str]:
             " instructions share no wording here, so the routing problem is separable from a few hundred labels. The"
             " router rows then route exactly as the buckets would and differ from fixed buckets only in the data stream"
             " (each batch mixes both buckets, where fixed buckets give each step one bucket); with the same pool order"
-            " and seed their students train alike, hence equal scores. The learned router pays off where labels are"
+            " and seed the hard-routed students train alike, and the soft row's near one-hot weights train nearly the"
+            " same student, hence equal scores. The learned router pays off where labels are"
             " missing, not as a better router than the labels themselves.",
         ]
     return lines
