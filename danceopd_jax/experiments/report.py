@@ -416,7 +416,7 @@ def write_report(output: dict, path: str) -> None:
         *[f"- Command: `{run['command']}` ({', '.join(run['settings'])}): wall time {run['wall_minutes']} min{_stages_of(run)}"
           for run in runs_of(output)],  # fmt: skip
         f"- Device: {meta['device']}, {meta['cpus']} CPU cores, jax {meta['jax']}",
-        f"- Sizes ({meta['size']}): {', '.join(f'{k} {v}' for k, v in meta['sizes'].items())}",
+        f"- Sizes ({meta['size']}): {', '.join(f'{k} {v}' for k, v in sorted(meta['sizes'].items()))}",
         f"- Seeds: {meta['seeds']} per student row (ablation rows: the first seed only). Experts and weight averages"
         " are trained once; their spread is evaluation noise only (each seed draws its own held-out examples and noise).",
         f"- Cells: mean ± sample std over runs; one number when there was one run. {examples} held-out examples per"
