@@ -8,7 +8,7 @@ project's NNX modules built from the released configs (``mmdit.MMDIT_PRESETS``; 
 encoders' and the VAE's configs below), so no weights are read and nothing is allocated. The
 two transformers take about 40 s each to trace on a 2-core CPU.
 
-Memory of the setting "student + 2 teachers" (DESIGN.md: experts that fine-tune one base should
+Memory of the setting "student + 2 teachers" (a design goal: experts that fine-tune one base should
 be storable as LoRA deltas over one shared base copy), in bytes, with P transformer parameters,
 T the positional table, L the LoRA parameters at rank r and s bytes per stored element::
 
@@ -41,7 +41,7 @@ from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, Buffer, mmdit_config
 from danceopd_jax.models.t5 import T5Config, T5EncoderModel
 from danceopd_jax.models.vae import SD3_VAE, AutoencoderKL
 
-# The paper's student LoRA (PAPER.md, "Paper setup"): attention q, k, v, out and the MLP, on both
+# The paper's student LoRA (docs/METHOD.md, "Paper setup"): attention q, k, v, out and the MLP, on both
 # streams of the joint attention and on the MMDiT-X self-attention ``attn2`` (NNX attribute names;
 # diffusers calls to_out ``to_out.0``, fc1 ``net.0.proj`` and fc2 ``net.2``).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "fc1", "fc2")
@@ -292,7 +292,7 @@ def render(
         "layers and the norm scales, which work in float32, in float32. Trainable parameters keep float32 AdamW moments (`optax.adamw`: m and",
         "v, 8 bytes); a full student stored in bfloat16 also keeps float32 master weights (4 bytes); the student's",
         "LoRA factors train in float32 (weight, gradient, m, v: 16 bytes). Setting B is the authors' release",
-        "(PAPER.md: teachers as full frozen copies); C needs teachers that are LoRA fine-tunes of the same base",
+        "(docs/METHOD.md: teachers as full frozen copies); C needs teachers that are LoRA fine-tunes of the same base",
         "(`lora.load_lora_deltas`). A full copy holds its own positional table.",
         "",
         *settings,

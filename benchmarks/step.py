@@ -13,8 +13,8 @@ route gets weight 0, so every timed step takes the ``edit`` route; the ``t2i`` e
 compiled into the step's ``lax.switch``.
 
 Defaults are sized for a 2-core CPU, where image 32, B=8, N=16 took 47 s a step at DiT-S (DiT-B
-about 4x that): image 16, batch 2, 4 rollout steps, 3 timed steps; ``tiny,S,B`` in about 4 minutes. On CPU read the ratios, not the absolute times
-(DESIGN.md, "Performance: how to measure"); the GPU run passes bigger settings.
+about 4x that): image 16, batch 2, 4 rollout steps, 3 timed steps; ``tiny,S,B`` in about 4 minutes. On CPU read the ratios, not the absolute times;
+the GPU run passes bigger settings.
 
 FLOPs are model FLOPs counted on the traced programs of the step's passes, as
 ``step_throughput.py`` counts them (``measure.pass_flops``, ``measure.matmul_flops``: 2*m*n*k per

@@ -12,7 +12,7 @@ configuration's alone and one that runs out of memory does not stop the others. 
 the same shapes (another ``--profile``, the passes after the step) skips compiles that take
 minutes on a GPU; the step's compile time then reads ``(cached)``.
 
-The step is the paper's (PAPER.md): per-step routing to one expert field, an Euler rollout of
+The step is the paper's (docs/METHOD.md): per-step routing to one expert field, an Euler rollout of
 ``--rollout-steps`` (16) from noise on the shifted grid, K = 1 query state from ``low_t``, the
 expert's velocity there, the float32 MSE, AdamW (lr 2e-4, weight decay 0, clip 1.0), bf16
 compute with float32 parameters. It is built from the same pieces as ``train.setup_run``

@@ -10,7 +10,7 @@ Rows (same student architecture, init from the anchor, and the same number of st
   diffusionopd               all rollout states, dt^2/2 weights, both buckets every update
   soft_mixing                every sample's target is the average of the two fields
   danceopd_{low,mid,high}_t  hard per-step routing, one query state from Beta(5,2) / (5,5) / (2,5)
-Expected (PAPER.md, in direction): DanceOPD low_t keeps the anchor's T2I and gains the
+Expected (docs/METHOD.md, in direction): DanceOPD low_t keeps the anchor's T2I and gains the
 teacher's editing better than the baselines, and better than mid_t / high_t.
 """
 

@@ -12,7 +12,7 @@ Then every model is sampled on held-out T2I, local-edit and global-edit examples
 WORKDIR/grids/*.png and the scores to WORKDIR/metrics.md.
 
 Expected: the edit teacher edits but loses T2I accuracy against the anchor (the conflict of
-PAPER.md); the student keeps most of the anchor's T2I accuracy and gains the teacher's editing.
+docs/METHOD.md); the student keeps most of the anchor's T2I accuracy and gains the teacher's editing.
 """
 
 from ml_collections import ConfigDict

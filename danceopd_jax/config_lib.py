@@ -72,7 +72,7 @@ def base_config() -> ConfigDict:
     config.queries_per_rollout = 1
     config.condition_dropout = 0.0  # flow_matching only
     config.fm_time_sampler = "logit_normal"  # flow_matching only: logit_normal | uniform
-    # flowopd only (PAPER.md baselines; core/flowopd.py): SDE noise level, advantage =
+    # flowopd only (docs/METHOD.md baselines; core/flowopd.py): SDE noise level, advantage =
     # clip(kl_scale * KL, +-advantage_clip), PPO ratio clip. The paper's "group size 16" is the batch.
     config.flowopd = ConfigDict({"eta": 0.7, "kl_scale": -1.0, "advantage_clip": 5.0, "ppo_clip": 1e-4})
 
@@ -132,7 +132,7 @@ def base_config() -> ConfigDict:
     return config
 
 
-# The paper's student LoRA targets ("attention q, k, v, out and the MLP", PAPER.md "Paper setup") as
+# The paper's student LoRA targets ("attention q, k, v, out and the MLP", docs/METHOD.md "Paper setup") as
 # ``models.lora`` patterns over the MMDiT's layer names (diffusers' module names; ``fc1`` / ``fc2`` are
 # diffusers' ``net.0.proj`` / ``net.2``): the joint attention's projections of both streams (``to_*``
 # for image tokens, also SD3.5's ``attn2``; ``add_*_proj`` / ``to_add_out`` for text) and both MLPs.
@@ -145,7 +145,7 @@ def run_sigma_schedule(run_config: ConfigDict) -> str:
 
 
 def sd35_medium_recipe() -> ConfigDict:
-    """The paper's SD3.5-Medium training setup (PAPER.md "Paper setup"; the authors' release) with no
+    """The paper's SD3.5-Medium training setup (docs/METHOD.md "Paper setup"; the authors' release) with no
     fields yet: configs add experts, fields and routes.
 
     A rank-128 / alpha-128 LoRA student on ``SD3_LORA_TARGETS`` in bf16 compute with full remat

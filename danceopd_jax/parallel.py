@@ -5,7 +5,7 @@ on several TPU slices or hosts, ``config.dcn_mesh`` splits them into an outer pa
 data-centre network and an inner part within a slice or host (``make_mesh``).
 Parameters carry logical names (``embed``, ``heads``, ``mlp``, ...); the config's rules map them
 to mesh axes. The batch is sharded over (``data``, ``fsdp``). Axes are GSPMD ``Auto`` so that
-logical annotations propagate through the model (DESIGN.md, environment facts). Activation
+logical annotations propagate through the model. Activation
 constraints (``models.layers.constrain``) take effect in code traced inside ``sharding_context``.
 """
 

@@ -108,7 +108,7 @@ def test_paper_configs_validate_without_weights(name, sd35_folder):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_paper_hyperparameters(name, sd35_folder):
-    """PAPER.md "Paper setup", the authors' release, and SD3.5-M's 1024 px / 77 + 256-token shapes."""
+    """docs/METHOD.md "Paper setup", the authors' release, and SD3.5-M's 1024 px / 77 + 256-token shapes."""
     c = paper_config(name, sd35_folder)
     assert (c.method, c.routing, c.query_sampler, c.queries_per_rollout) == ("danceopd", "per_step", "low_t", 1)
     assert (c.rollout_steps, c.shift, c.num_train_steps, c.batch_size) == (16, 3.0, 3000, 4)  # batch 4 = 1 x grad accumulation 4

@@ -22,7 +22,7 @@ NULL_LABEL = -1
 
 
 def unconditional(cond: Condition) -> Condition:
-    """The CFG null condition: empty prompt and no label; the edit source is kept (PAPER.md, CFG field)."""
+    """The CFG null condition: empty prompt and no label; the edit source is kept (docs/METHOD.md, CFG field)."""
     null = dict(cond)
     if "text" in cond:
         null["text"] = jnp.zeros_like(cond["text"])

@@ -2,7 +2,7 @@
 
 A frozen expert model is a field (``model_field``; ``inference_field`` inside loops); so are
 operators on fields: the CFG field ``u + a * (c - u)`` and linear combinations
-``sum_k w_k v_k`` (PAPER.md, "Fields").
+``sum_k w_k v_k`` (docs/METHOD.md, "Fields").
 Plain user functions with the same signature are fields too.
 """
 

@@ -1,4 +1,4 @@
-"""Flow-OPD baseline (PAPER.md, "Baselines"): SDE rollout, teacher transition-mean KL as the
+"""Flow-OPD baseline (docs/METHOD.md, "Baselines"): SDE rollout, teacher transition-mean KL as the
 per-step advantage, PPO-clipped policy-gradient objective.
 
 Convention as everywhere (``schedule``): ``x_sigma = (1 - sigma) x0 + sigma noise``,

@@ -4,7 +4,7 @@
 teacher field (see ``routing``). Batches are dicts ``{"image": x0 [B,...], "cond": {...}}``.
 
 * ``danceopd``: K states of the student's own rollout at Beta-biased query indices,
-  ``|| v_student(z_i, t_i, c) - sg(v_target(z_i, t_i, c)) ||^2`` in float32 (PAPER.md steps 2-5).
+  ``|| v_student(z_i, t_i, c) - sg(v_target(z_i, t_i, c)) ||^2`` in float32 (docs/METHOD.md steps 2-5).
 * ``diffusionopd``: every rollout state, the MSE of state i weighted by ``(sigma_{i+1}-sigma_i)^2 / 2``.
 * ``flowopd`` (``flowopd.flowopd_loss``): SDE rollout (noise level ``eta``); the per-step KL
   between the student's and the routed field's transition means is the (clipped, negated)

@@ -1,7 +1,7 @@
 """Deterministic (ODE Euler) student rollouts as ``lax.scan`` loops, never differentiated.
 
 Over the grid ``sigma_0 = 1 > ... > sigma_N = 0`` the pre-step states are z_0 (pure noise) ..
-z_{N-1}; each step is ``z_{i+1} = z_i + (sigma_{i+1} - sigma_i) * v(z_i, sigma_i, c)`` (PAPER.md
+z_{N-1}; each step is ``z_{i+1} = z_i + (sigma_{i+1} - sigma_i) * v(z_i, sigma_i, c)`` (docs/METHOD.md
 step 2). The outputs pass through ``stop_gradient``: the rollout only generates query states.
 """
 

@@ -139,7 +139,7 @@ def routed_field(fields: Sequence[Field], params: Any, assign: str, key: jax.Arr
     The rows of ``x`` are ``num_samples`` samples, each as consecutive rows (its K query states or
     N rollout states, ``conditioning.repeat_condition``'s sample-major layout). The assignment is
     made once per sample, from its first row, and repeated over its rows: a sampled route
-    (``assign="sample"``) scores all the states of one rollout against one field (PAPER.md step 1).
+    (``assign="sample"``) scores all the states of one rollout against one field (docs/METHOD.md step 1).
     """
     num_routes = len(fields)
 

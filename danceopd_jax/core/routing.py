@@ -1,4 +1,4 @@
-"""Routing samples to capability fields (PAPER.md step 1).
+"""Routing samples to capability fields (docs/METHOD.md step 1).
 
 * per step (paper default, the authors' "granularity: optimizer_step"): one route for the whole
   step, drawn on the host from (seed, step) so the data pipeline can draw that route's bucket;

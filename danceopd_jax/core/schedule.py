@@ -1,6 +1,6 @@
 """Sigma grids for the rollout and the samplers that pick which rollout states are queried.
 
-Convention (PAPER.md, step 2): ``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity
+Convention (docs/METHOD.md, step 2): ``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity
 ``v = noise - x0``, sigma runs 1 -> 0 over the grid, Euler step ``x <- x + (sigma_next - sigma) v``.
 """
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 QUERY_SAMPLERS = ("low_t", "mid_t", "high_t", "uniform", "stratified")
 
-# Beta(a, b) parameters of the query-time samplers (PAPER.md step 3). u near 1 = low noise.
+# Beta(a, b) parameters of the query-time samplers (docs/METHOD.md step 3). u near 1 = low noise.
 _BETA_PARAMS = {"low_t": (5.0, 2.0), "mid_t": (5.0, 5.0), "high_t": (2.0, 5.0)}
 
 
@@ -25,7 +25,7 @@ FLOW_MATCH_TRAIN_TIMESTEPS = 1000  # SD3 / SD3.5 schedulers' num_train_timesteps
 def sigma_grid(num_steps: int, shift: float = 1.0, schedule: str = "uniform") -> jax.Array:
     """The ``num_steps + 1`` sigmas of an Euler rollout, from 1 (pure noise) to 0 (clean), float32.
 
-    ``uniform``: ``shift(linspace(1, 0, N + 1))``, the SD3 shift of a uniform grid (PAPER.md step 2).
+    ``uniform``: ``shift(linspace(1, 0, N + 1))``, the SD3 shift of a uniform grid (docs/METHOD.md step 2).
 
     ``flow_match_euler``: the grid of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N)``
     (static shift, ``T = 1000`` training timesteps), which SD3 pipelines sample on and the authors'

@@ -1,6 +1,6 @@
 """The effective guidance a model shows, measured against a reference model's CFG direction.
 
-CFG absorption (PAPER.md, "CFG field"): a student distilled from ``v_u + alpha (v_c - v_u)`` of
+CFG absorption (docs/METHOD.md, "CFG field"): a student distilled from ``v_u + alpha (v_c - v_u)`` of
 the anchor and sampled with CFG scale ``beta`` should behave like the anchor guided at about
 ``alpha * beta``. On states ``x`` of the anchor's own (unguided) rollout, with the anchor's
 conditional and unconditional velocities ``a_c``, ``a_u`` and the model's guided velocity

@@ -177,7 +177,7 @@ def _row_order(setting: settings.Setting, stats: dict) -> list[str]:
 
 
 def claims(all_stats: dict, examples: int, cfg_stats: dict | None = None) -> list[str]:
-    """The paper's claims (PAPER.md, "Reported results") checked on these numbers, one line each.
+    """The paper's claims (docs/METHOD.md, "Reported results") checked on these numbers, one line each.
 
     Realism: the share of the anchor-to-teacher realism gap the student closes (holds from half).
     CFG: the product rule holds where every student's effective guidance is within 0.8-1.25x of

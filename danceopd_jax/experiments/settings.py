@@ -4,7 +4,7 @@ Experts are trained once (seed 0) into ``WORKDIR/experts`` and shared by every s
 student rows of seed S go to ``WORKDIR/SETTING/seed{S}``. Every student row has the same
 architecture (``mini`` DiT), the same init (the anchor), the same number of steps and batch.
 
-Settings (PAPER.md "Reported results"):
+Settings (docs/METHOD.md "Reported results"):
   composition   T2I + edit: anchor field on T2I prompts, edit teacher's on edit pairs
   local_global  local + global editing: local-heavy teacher on local edits, global-heavy on global;
                 with the routing rows (learned router, adaptive route weights) beside fixed buckets
