@@ -11,8 +11,10 @@ Stages (each resumes, so a finished stage is reused):
 Then every model is sampled on held-out T2I, local-edit and global-edit examples; grids go to
 WORKDIR/grids/*.png and the scores to WORKDIR/metrics.md.
 
-Expected: the edit teacher edits but loses T2I accuracy against the anchor (the conflict of
-docs/METHOD.md); the student keeps most of the anchor's T2I accuracy and gains the teacher's editing.
+Expected (the paper, docs/METHOD.md): the edit teacher edits but loses T2I accuracy against the
+anchor; the student keeps the anchor's T2I accuracy and gains the teacher's editing. Measured
+(README, "What the demo shows"): the student does; the teacher's T2I loss is within noise on the
+held-out two-object prompts.
 """
 
 from ml_collections import ConfigDict
