@@ -3,8 +3,10 @@ for bad flags and arguments, probes of output folders, and a quiet start."""
 
 import argparse
 import os
+import re
 import sys
 import tempfile
+import traceback
 
 from absl import flags, logging
 
@@ -16,18 +18,61 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing where a bad flag (unknown, a bad value, a missing required one) or config
-    override is one line and exit code 2 (``fail``), not absl's ``FATAL Flags parsing error`` and usage
-    dump or a traceback. Pass it to ``app.run(main, flags_parser=parse_flags)``."""
+    """absl flag parsing where a bad flag (unknown, a bad value, a missing required one), a config file
+    that fails to run (``config_file_problem``) or a bad config override is one line and exit code 2
+    (``fail``), not absl's ``FATAL Flags parsing error`` and usage dump or a traceback. Pass it to
+    ``app.run(main, flags_parser=parse_flags)``."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as error:
-        fail(error)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:  # raised by ml_collections overrides
+    except Exception as error:  # a config file's code can raise anything
+        path = config_file_flag(argv)
+        problem = config_file_problem(error, path) if path else None
+        if problem:
+            fail(problem)
+        if isinstance(error, flags.Error):
+            fail(error)
+        if not isinstance(error, (AttributeError, KeyError, TypeError, ValueError)):  # raised by ml_collections overrides
+            raise
         text = str(error).replace("\\n", " ").replace("\\'", "'")
         if len(text) > 1 and text[0] == text[-1] == "'":  # ml_collections wraps a repr in quotes
             text = text[1:-1]
         fail(f"bad config override: {text}")
+
+
+def config_file_flag(argv: list[str]) -> str | None:
+    """The file named by ``--config FILE[:ARG]`` (or ``--config=...``) in ``argv``, or None."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1].split(":")[0]
+    return None
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def config_file_problem(error: BaseException, path: str) -> str | None:
+    """``--config PATH: [line N: ]TYPE: MESSAGE`` when ``error`` was raised while running the config
+    file ``path`` (a syntax error, an exception in its code or its ``get_config``, a ``get_config`` it
+    lacks or that takes other arguments than the ``:ARG`` given); None for any other error. ml_collections
+    passes a TypeError or ValueError of ``get_config`` on as a flag error with the traceback as text."""
+    here = os.path.realpath(path)
+    if isinstance(error, SyntaxError) and error.filename and os.path.realpath(error.filename) == here:
+        return f"--config {path}: line {error.lineno}: SyntaxError: {error.msg}"
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return f"--config {path}: defines no get_config()"
+    passed_on = isinstance(error, flags.Error) and "Error whilst parsing config file" in str(error)
+    if passed_on:
+        frames = [(file, int(line)) for file, line in _FRAME.findall(str(error))]
+        cause = str(error).strip().splitlines()[-1]
+    else:
+        frames = [(frame.filename, frame.lineno) for frame in traceback.extract_tb(error.__traceback__)]
+        cause = f"{type(error).__name__}: {error}"
+    lines = [line for file, line in frames if os.path.realpath(file) == here]
+    if not (lines or passed_on):
+        return None  # not the file's error (e.g. a bad override)
+    return f"--config {path}: " + (f"line {lines[-1]}: " if lines else "") + cause
 
 
 class ArgumentParser(argparse.ArgumentParser):

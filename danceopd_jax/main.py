@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
 from danceopd_jax.commands import fail, folder_problem, parse_flags  # noqa: E402
@@ -51,6 +51,8 @@ def main(argv):
     if not os.path.isfile(config_path):
         fail(f"--config: no such file {config_path!r}")
     config = _CONFIG.value
+    if not isinstance(config, ConfigDict):
+        fail(f"--config {config_path}: get_config() returned {type(config).__name__}, not a ConfigDict")
     workdir = _WORKDIR.value
     _check_workdir(workdir)
     try:

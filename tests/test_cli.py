@@ -85,6 +85,27 @@ def test_missing_config_file(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "error: --config: no such file 'configs/nope.py'"
 
 
+@pytest.mark.parametrize(
+    "source,suffix,message",
+    [
+        ("x = (\n", "", "line 1: SyntaxError: '(' was never closed"),
+        ("def get_config():\n    return {}['missing']\n", "", "line 2: KeyError: 'missing'"),
+        ("def get_config():\n    return int('x')\n", "", "line 2: ValueError: invalid literal for int() with base 10: 'x'"),
+        ("def get_config():\n    return 3\n", "", "get_config() returned int, not a ConfigDict"),
+        ("y = 1\n", "", "defines no get_config()"),
+        ("from ml_collections import ConfigDict\ndef get_config():\n    return ConfigDict()\n", ":quick",
+         "TypeError: get_config() takes 0 positional arguments but 1 was given"),
+    ],
+)  # fmt: skip
+def test_a_config_file_that_fails_to_run_is_one_line_naming_it(tmp_path, source, suffix, message):
+    """Before: a Python traceback (or, for an exception in get_config, one line with the traceback folded in)."""
+    path = tmp_path / "config.py"
+    path.write_text(source)
+    cmd = [sys.executable, "-m", "danceopd_jax.main", "--config", f"{path}{suffix}", "--workdir", str(tmp_path / "w")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"error: --config {path}: {message}\n", result.stderr[-2000:]
+
+
 def test_single_host_launcher_dry_run_prints_the_command(tmp_path):
     script = ROOT / "launch" / "single_host.sh"
     result = subprocess.run(
