@@ -75,6 +75,17 @@ def config_file_problem(error: BaseException, path: str) -> str | None:
     return f"--config {path}: " + (f"line {lines[-1]}: " if lines else "") + cause
 
 
+def exit_interrupted() -> None:
+    """After a ``KeyboardInterrupt`` that ended a command (Ctrl-C before the training loop, or a second
+    one in it): one line and exit code 130 at once. The ``finally`` blocks it passed have already
+    flushed the summaries and finished any checkpoint save; Python's teardown while XLA's threads
+    are busy (a compile in flight) can crash, so it is skipped."""
+    print("error: interrupted (Ctrl-C) before a checkpoint could be saved; the same command resumes from the newest one",
+          file=sys.stderr, flush=True)  # fmt: skip
+    sys.stdout.flush()
+    os._exit(130)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one line ``error: ...`` and exit code 2, no usage dump."""
 

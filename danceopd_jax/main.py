@@ -5,11 +5,13 @@ in ``DIR/checkpoints`` when there is one; a config with ``stages`` runs a pipeli
 trainings and an evaluation (``pipeline.run_pipeline``). ``--distributed`` or
 ``--coordinator_address/--num_processes/--process_id`` join a multi-process run (``distributed``).
 A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
-SIGTERM saves a checkpoint and exits 0 (the same command resumes); a non-finite loss or a set of
+SIGTERM saves a checkpoint and exits 0, Ctrl-C saves one and exits 130 (the same command resumes;
+a second Ctrl-C stops at once, without saving); a non-finite loss or a set of
 checkpoints none of which can be read is one line on stderr and exit code 1.
 """
 
 import os
+import sys
 
 # clu's TensorBoard writer imports TensorFlow; keep its start-up chatter off the terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -19,7 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
-from danceopd_jax.commands import fail, folder_problem, parse_flags  # noqa: E402
+from danceopd_jax.commands import exit_interrupted, fail, folder_problem, parse_flags  # noqa: E402
 from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.models.lora import UnknownLoRATarget
 from danceopd_jax.models.sd3_folder import ModelFolderError
@@ -66,8 +68,11 @@ def main(argv):
             train.train_and_evaluate(config, workdir)
     except (ConfigError, ModelFolderError, WeightsError, WeightsMismatch, UnknownLoRATarget) as error:
         fail(error)
-    except train.Preempted:
-        return  # the loop printed where it saved; exit code 0
+    except train.Preempted as error:
+        if error.exit_code:  # the loop printed where it saved; SIGTERM exits 0, Ctrl-C 130
+            sys.exit(error.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second one in it
+        exit_interrupted()
     except (FloatingPointError, checkpoints.CheckpointError) as error:
         fail(error, code=1)
 

@@ -4,8 +4,8 @@ Sections follow big_vision's ``train.py``: config check, mesh, input, models, op
 state, the jitted step, checkpoint/resume, loop. Only the student is trained and checkpointed.
 
 What a run survives (README, "What survives what"): a kill at any step (resume from the newest
-readable checkpoint reproduces the uninterrupted run bit-exactly), SIGTERM (finish the step, save,
-``Preempted``), a corrupt newest checkpoint (fall back to the one before), and non-finite losses
+readable checkpoint reproduces the uninterrupted run bit-exactly), SIGTERM or Ctrl-C (finish the
+step, save, ``Preempted``; a second Ctrl-C stops at once), a corrupt newest checkpoint (fall back to the one before), and non-finite losses
 (an error before anything is saved, or skipped steps with ``skip_nonfinite_steps``).
 """
 
@@ -167,46 +167,57 @@ class _LossLog:
 
 
 class Preempted(Exception):
-    """The run got SIGTERM, saved a checkpoint at ``step`` and stopped; running it again resumes there."""
+    """The run got SIGTERM (or, in one process, Ctrl-C: SIGINT), saved a checkpoint at ``step`` and
+    stopped; running it again resumes there."""
 
-    def __init__(self, step: int, directory: str):
-        super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step} in {directory}; "
-                         "run the same command again to resume")  # fmt: skip
+    def __init__(self, step: int, directory: str, signal_name: str = "SIGTERM"):
+        what = "interrupted (SIGINT)" if signal_name == "SIGINT" else "preempted (SIGTERM)"
+        super().__init__(f"{what}: saved a checkpoint at step {step} in {directory}; run the same command again to resume")
         self.step = step
+        self.signal_name = signal_name
+        self.exit_code = 130 if signal_name == "SIGINT" else 0  # a shell's code for Ctrl-C; SIGTERM: resumable, not a failure
 
 
 class _Preemption:
-    """SIGTERM (TPU VM maintenance, SLURM, Kubernetes) as a flag the loop reads after every step.
+    """SIGTERM (TPU VM maintenance, SLURM, Kubernetes) and Ctrl-C as a flag the loop reads after every step.
 
-    One process: a Python handler sets the flag; the previous handler comes back on exit. Several
-    processes: JAX's preemption service (started by ``jax.distributed.initialize``) catches the
-    signal, and orbax's ``reached_preemption(step)`` makes every process stop at the same step.
+    One process: a Python handler sets the flag for either signal; a second Ctrl-C stops at once
+    (``KeyboardInterrupt``, nothing saved); the previous handlers come back on exit. Several
+    processes: JAX's preemption service (started by ``jax.distributed.initialize``) catches SIGTERM,
+    and orbax's ``reached_preemption(step)`` makes every process stop at the same step; Ctrl-C keeps
+    Python's default there (every process must stop at the same step, which one signal cannot ensure).
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, manager):
         self.manager = manager
-        self.requested = False
-        self.installed = False
-        self.previous = None
+        self.requested = None  # the name of the signal that asked the run to stop
+        self.previous = {}
 
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGTERM)  # None: a handler not set from Python
-            signal.signal(signal.SIGTERM, self._handle)
-            self.installed = True
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.getsignal(signum)  # None: a handler not set from Python
+                signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT:
+            if self.requested == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
+            print("Ctrl-C: finishing this step and saving a checkpoint; press Ctrl-C again to stop without saving",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        self.requested = self.requested or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self.installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
             return self.manager.reached_preemption(step)
-        return self.requested
+        return self.requested is not None
 
 
 @jax.jit
@@ -448,7 +459,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
 
     Metrics are checked at every log point and before every checkpoint, so a non-finite loss stops
     the run (``FloatingPointError`` naming step and route) before its state can be saved, unless
-    ``skip_nonfinite_steps``. SIGTERM finishes the current step, saves it and raises ``Preempted``.
+    ``skip_nonfinite_steps``. SIGTERM (and in one process Ctrl-C) finishes the current step, saves it
+    and raises ``Preempted``.
     """
     validate(config)
     _check_init_checkpoints(config)
@@ -518,7 +530,7 @@ def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _P
                     _save_checkpoint(manager, done, state, run)
                 if preempted:
                     manager.wait_until_finished()
-                    error = Preempted(done, checkpoints.checkpoint_dir(workdir))
+                    error = Preempted(done, checkpoints.checkpoint_dir(workdir), preemption.requested or "SIGTERM")
                     _log(str(error))
                     raise error
     finally:

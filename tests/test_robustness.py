@@ -45,8 +45,10 @@ def _command(workdir, **overrides) -> list[str]:
 
 
 def _start(workdir, env: dict, **overrides) -> subprocess.Popen:
-    return subprocess.Popen(_command(workdir, **overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """The run in a child whose Ctrl-C (SIGINT) acts as in a terminal: a test runner's worker may ignore
+    SIGINT, and a child inherits that."""
+    return subprocess.Popen(_command(workdir, **overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _run(workdir, env: dict, **overrides) -> subprocess.CompletedProcess:
@@ -151,15 +153,18 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(tmp_path, cli_env
     _assert_same_run(tmp_path, reference)
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path, cli_env, reference):
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGTERM, 0, "preempted (SIGTERM)"), (signal.SIGINT, 130, "interrupted (SIGINT)")])
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_resumes_exactly(tmp_path, cli_env, reference, signum, code, said):
+    """Ctrl-C before: a KeyboardInterrupt traceback, and the steps since the last periodic checkpoint lost."""
     process = _start(tmp_path, cli_env)
     _wait_for_step(process, tmp_path, step=2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     signalled = time.monotonic()
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == code, stderr[-3000:]
     assert time.monotonic() - signalled < 30
-    lines = [line for line in stdout.splitlines() if line.startswith("preempted (SIGTERM)")]
+    assert "Traceback" not in stderr
+    lines = [line for line in stdout.splitlines() if line.startswith(said)]
     assert len(lines) == 1, stdout
     saved = int(lines[0].split("checkpoint at step ")[1].split()[0])
     assert saved < STEPS and (tmp_path / "checkpoints" / str(saved)).is_dir()
@@ -167,6 +172,21 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path, cl
     restarted = _run(tmp_path, cli_env)
     assert f"Resuming from step {saved} " in restarted.stdout
     _assert_same_run(tmp_path, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_come_back():
+    """The first Ctrl-C asks the loop to save and stop; a second one raises ``KeyboardInterrupt`` (stop
+    without saving); leaving the loop restores the handlers it found."""
+    before = {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS}
+    with train._Preemption(manager=None) as preemption:
+        assert not preemption.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this thread between bytecodes
+        assert preemption.reached(1) and preemption.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS} == before
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cli_env, reference):

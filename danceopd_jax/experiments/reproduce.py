@@ -27,7 +27,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from danceopd_jax.averaging import average_weights  # noqa: E402
 from danceopd_jax.checkpoints import load_run_config  # noqa: E402
-from danceopd_jax.commands import ArgumentParser, fail  # noqa: E402
+from danceopd_jax.commands import ArgumentParser, exit_interrupted, fail  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 from danceopd_jax.evaluation import accuracy, heldout  # noqa: E402
 from danceopd_jax.evaluation.guidance import effective_guidance  # noqa: E402
@@ -229,8 +229,11 @@ def main(argv: list[str] | None = None) -> None:
         run(args, "python -m danceopd_jax.experiments.reproduce " + " ".join(argv))
     except ConfigError as error:
         fail(error)
-    except Preempted:
-        return  # the training loop printed where it saved; the same command continues (exit code 0)
+    except Preempted as error:
+        if error.exit_code:  # the training loop printed where it saved; the same command continues (SIGTERM: exit 0)
+            sys.exit(error.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one in it
+        exit_interrupted()
 
 
 if __name__ == "__main__":
