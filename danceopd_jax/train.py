@@ -69,7 +69,8 @@ class _Flushed:
 
     last: int  # the last step in the window
     scalars: dict[str, float]  # averages over the window's steps (``skipped_steps``: their count)
-    rate: float  # steps/s
+    rate: float  # steps/s over the window
+    mean_rate: float  # steps/s over every timed step of this process so far (the ETA's: windows with a checkpoint save are slower)
     losses: list[dict]  # per step: {"step", "loss" (None when not finite), "route" (None unless per-step routing)[, "weights"]}
 
 
@@ -84,6 +85,7 @@ class _MetricWindow:
         self.pending: list[tuple[int, int, Any, np.ndarray]] = []  # step, route, device metrics, route weights
         self.started = time.perf_counter()
         self.untimed = 0  # pending steps before ``started`` (the compiled first step): not in the rate
+        self.timed_steps, self.timed_seconds = 0, 0.0  # over every flushed window: the mean rate
 
     def restart_clock(self) -> None:
         """Time the window from now: the steps already pending do not count towards its rate."""
@@ -124,6 +126,9 @@ class _MetricWindow:
         now = time.perf_counter()
         timed = len(self.pending) - self.untimed
         rate = timed / max(now - self.started, 1e-9) if timed else float("nan")
+        if timed:
+            self.timed_steps, self.timed_seconds = self.timed_steps + timed, self.timed_seconds + now - self.started
+        mean_rate = self.timed_steps / max(self.timed_seconds, 1e-9) if self.timed_steps else float("nan")
         last = self.pending[-1][0]
         scalars = {key: float(np.mean(values)) for key, values in sums.items()}
         if self.log_weights:
@@ -131,7 +136,7 @@ class _MetricWindow:
         self.pending, self.started, self.untimed = [], now, 0
         if self.skip_nonfinite:
             scalars["skipped_steps"] = skipped
-        return _Flushed(last, scalars, rate, losses)
+        return _Flushed(last, scalars, rate, mean_rate, losses)
 
 
 class _LossLog:
@@ -376,7 +381,8 @@ def _progress_line(config: ConfigDict, done: int, flushed: _Flushed) -> str:
     weights = f" [weights {weights}]" if weights else ""
     speed = "first step (compile)"  # a window of the first step alone has no rate
     if np.isfinite(flushed.rate):
-        speed = f"{flushed.rate:.2f} steps/s ETA {_format_eta((config.num_train_steps - done) / flushed.rate)}"
+        eta = _format_eta((config.num_train_steps - done) / flushed.mean_rate)
+        speed = f"{flushed.rate:.2f} steps/s (mean {flushed.mean_rate:.2f}) ETA {eta}"
     return (f"step {done}/{config.num_train_steps} loss {scalars.get('loss', float('nan')):.4f} [{per_route}]{weights} "
             f"grad_norm {scalars.get('grad_norm', float('nan')):.3f} lr {scalars.get('lr', float('nan')):.2e}{skipped} "
             f"{speed}")  # fmt: skip

@@ -375,9 +375,29 @@ def test_steps_per_second_leave_out_the_compiled_first_step(monkeypatch):
     window.add(4, 0, metrics, np.ones(1))
     window.restart_clock()
     first_only = window.flush()
-    assert np.isnan(first_only.rate)
+    assert np.isnan(first_only.rate) and first_only.mean_rate == 1.0  # no timed step: the mean stays
     config = load_config(num_train_steps=10)
     assert train._progress_line(config, 4, first_only).endswith("first step (compile)")
+
+
+def test_the_eta_follows_the_mean_rate_not_the_last_window(monkeypatch):
+    """A window with a checkpoint save is slower than the next: the ETA uses every timed step so far
+    (before: the last window's rate alone, so the ETA jumped between 0:16 and 2:07 on one run)."""
+    clock = iter([0.0, 0.0, 10.0, 11.0])  # created, clock restarted, a slow window (10 s), a fast one (1 s)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0), "lr": np.float32(1e-3),
+               "group_loss": np.ones(1, np.float32), "skipped_steps": np.int32(0)}  # fmt: skip
+    window = train._MetricWindow(["t2i"], True, False, False)
+    window.restart_clock()
+    for step in range(1, 11):
+        window.add(step, 0, metrics, np.ones(1))
+    assert window.flush().rate == 1.0
+    for step in range(11, 21):
+        window.add(step, 0, metrics, np.ones(1))
+    fast = window.flush()
+    assert fast.rate == 10.0 and fast.mean_rate == 20 / 11
+    line = train._progress_line(load_config(num_train_steps=20 + 2000), 20, fast)
+    assert line.endswith("10.00 steps/s (mean 1.82) ETA 0:18:20"), line  # 2000 steps at 20/11 steps/s: 1100 s
 
 
 def test_a_checkpoint_init_without_checkpoints_is_one_line_before_anything_is_built(tmp_path):
