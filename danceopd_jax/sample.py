@@ -7,9 +7,10 @@
 ``--out`` is a PNG (or ``.jpg``, ``.webp``, ...: ``IMAGE_EXTENSIONS``), written once complete (to
 a temporary name, then renamed). The task flag (``danceopd_jax/tasks.py``) sets the conditioning
 the student was trained with for that capability; edit tasks need ``--source``. Bad input (a bad
-flag, an ``--out`` of another extension or in a folder that cannot be written, a missing workdir
-or image, an unknown task, an edit task without a source, a source for t2i, an edit task on a
-model trained without sources) is one line ``error: ...`` on stderr and exit code 2, before any
+flag, ``--num`` or ``--steps`` < 1, a ``--cfg_scale`` that is not a finite number >= 0, an
+``--out`` of another extension or in a folder that cannot be written, a missing workdir or image,
+a source that is not an image or not square, an unknown task, an edit task without a source, a
+source for t2i, an edit task on a model trained without sources) is one line ``error: ...`` on stderr and exit code 2, before any
 weights are read; the same message as the Python API's (``sampling.sample_task``).
 
 An SD3 run (``config.model_dir``) is sampled the same way (``sd3_sampling``): its student is the
@@ -30,7 +31,7 @@ from danceopd_jax.commands import fail, folder_problem, parse_flags, start
 from danceopd_jax.config_validation import read_run_config
 from danceopd_jax.models.sd3_folder import ModelFolderError
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch
-from danceopd_jax.sampling import check_run_task, read_image, sample_task
+from danceopd_jax.sampling import check_run_task, check_sampling, read_image, sample_task
 from danceopd_jax.tasks import TASKS, get_task
 
 _TASK_HELP = "; ".join(f"{name}: {task.description}" for name, task in TASKS.items())
@@ -71,10 +72,11 @@ def save_image(image: np.ndarray, out: str) -> None:
 
 def main(argv) -> None:
     start(argv, workdir=FLAGS.workdir, out=FLAGS.out)
-    if FLAGS.num < 1 or (FLAGS.steps is not None and FLAGS.steps < 1):
-        fail("--num and --steps must be >= 1")
+    if FLAGS.num < 1:
+        fail(f"--num must be >= 1, got {FLAGS.num}")
     prompts = [FLAGS.prompt] * FLAGS.num
     try:
+        check_sampling(FLAGS.steps, FLAGS.cfg_scale)
         task = get_task(FLAGS.task)  # the task is checked before any image or weights are read
         config = read_run_config(FLAGS.workdir)
         check_run_task(config, task, prompts, [FLAGS.source] * FLAGS.num if FLAGS.source else None)

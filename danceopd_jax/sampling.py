@@ -119,8 +119,7 @@ def sample_task(
     ``steps`` defaults to the run's rollout steps. A task that cannot run on these inputs is a
     one-line ``ValueError``.
     """
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_sampling(steps, cfg_scale)
     if isinstance(model, (str, os.PathLike)):
         workdir = os.fspath(model)
         config = read_run_config(workdir)
@@ -149,10 +148,23 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round((np.asarray(images) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
 
+def check_sampling(steps: int | None, cfg_scale: float) -> None:
+    """``ValueError`` for Euler steps < 1 or a CFG scale that is not a finite number >= 0 (NaN sampled
+    NaN images, written as black ones)."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= cfg_scale < float("inf"):
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg_scale}")
+
+
 def read_image(path: str, image_size: int) -> np.ndarray:
-    """An RGB image file resized to the model's resolution, float32 in [-1, 1]."""
+    """A square RGB image file resized to the model's resolution, float32 in [-1, 1]; another shape is
+    a ``ValueError`` (resizing it would distort the scene the edit must keep)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such image {path!r}")
     with Image.open(path) as image:
+        if image.width != image.height:
+            raise ValueError(f"{path!r} is {image.width} x {image.height} px: a source image must be square "
+                             f"(it is resized to the model's {image_size} x {image_size})")  # fmt: skip
         resized = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(resized, np.float32) / 127.5 - 1.0

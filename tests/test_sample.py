@@ -75,12 +75,23 @@ def test_command_writes_a_png(workdir, tmp_path):
         (["--source", "/nonexistent.png"], "error: task 't2i' takes no source image"),
         (["--source", "SRC"], "error: task 't2i' takes no source image"),
         (["--task", "realism", "--source", "SRC"], "error: task 'realism' takes no source image"),
+        (["--task", "edit", "--source", "WIDE"], "error: 'WIDE' is 40 x 20 px: a source image must be square"),
+        (["--task", "edit", "--source", "NOT_IMAGE"], "error: cannot identify image file 'NOT_IMAGE'"),
+        (["--cfg_scale", "nan"], "error: cfg_scale must be a finite number >= 0 (1: no guidance), got nan"),
+        (["--cfg_scale", "-2"], "error: cfg_scale must be a finite number >= 0 (1: no guidance), got -2.0"),
+        (["--num", "0"], "error: --num must be >= 1, got 0"),
+        (["--steps", "0"], "error: steps must be >= 1, got 0"),
     ],
 )
 def test_command_bad_input(workdir, tmp_path, flags, message):
-    source = tmp_path / "src.png"
-    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(source)
-    flags = [str(source) if flag == "SRC" else flag for flag in flags]
+    """Before: a NaN or negative --cfg_scale wrote an image (black for NaN), and a non-square source
+    was squashed to the model's square."""
+    files = {"SRC": tmp_path / "src.png", "WIDE": tmp_path / "wide.png", "NOT_IMAGE": tmp_path / "not_image.png"}
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(files["SRC"])
+    Image.fromarray(np.full((20, 40, 3), 200, np.uint8)).save(files["WIDE"])
+    files["NOT_IMAGE"].write_text("not an image")
+    flags = [str(files[flag]) if flag in files else flag for flag in flags]
+    message = message.replace("WIDE", str(files["WIDE"])).replace("NOT_IMAGE", str(files["NOT_IMAGE"]))
     result = _sample("--workdir", str(workdir), "--out", str(tmp_path / "x.png"), *flags)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert not (tmp_path / "x.png").exists()
