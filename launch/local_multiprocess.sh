@@ -8,10 +8,12 @@
 set -euo pipefail
 
 usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]" >&2; exit 2; }
+show_help() { sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0; }  # the header above
 dry_run=0 port=12355
 positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
+    -h | --help) show_help ;;
     --dry-run) dry_run=1 ;;
     --port=*) port=${arg#--port=} ;;
     --config.*=*) overrides+=("$arg") ;;

@@ -13,10 +13,12 @@
 set -euo pipefail
 
 usage() { [ $# -eq 0 ] || echo "error: $*" >&2; sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+show_help() { sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0; }  # the header above
 zone="" type=v5litepod-8 version="" dry_run=0 slices=1
 positional=() overrides=()
 for arg in "$@"; do
   case "$arg" in
+    -h | --help) show_help ;;
     --dry-run) dry_run=1 ;;
     --zone=*) zone=${arg#--zone=} ;;
     --type=*) type=${arg#--type=} ;;

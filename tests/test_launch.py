@@ -29,6 +29,16 @@ def test_shellcheck_clean(script):
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_header_and_exits_0(script, flag):
+    """Before: 'error: unknown option' and exit code 2."""
+    result = _run(str(script), "some", "args", flag)
+    header = [line[2:] for line in script.read_text().splitlines()[1:] if line.startswith("# ")]
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.splitlines()[:3] == header[:3] and f"launch/{script.name}" in result.stdout
+
+
 @pytest.mark.parametrize("caller_flags", [None, "--xla_dump_to=/tmp/d"])
 def test_local_multiprocess_dry_run(caller_flags):
     """Each process gets its CPU devices and coordinator; the caller's own XLA_FLAGS are kept."""
