@@ -175,3 +175,13 @@ def test_prompt_files(tmp_path):
         PromptFileSource(str(tmp_path / "e.txt"))
     with pytest.raises(PromptFileError, match="no such prompt file"):
         PromptFileSource(str(tmp_path / "absent.txt"))
+
+
+def test_prompt_files_are_utf8_with_or_without_a_bom(tmp_path):
+    """Before: a Latin-1 file was a UnicodeDecodeError traceback without the file's name, and a BOM
+    (as Windows editors write) became part of the first prompt."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffa café\r\na dog\r\n".encode("utf-8"))
+    assert PromptFileSource(str(tmp_path / "bom.txt")).prompts == ["a café", "a dog"]
+    (tmp_path / "latin1.txt").write_bytes("a cat\na café\n".encode("latin-1"))
+    with pytest.raises(PromptFileError, match=r"latin1.txt:2: not UTF-8 text \(invalid continuation byte at byte 5 of the line\)$"):
+        PromptFileSource(str(tmp_path / "latin1.txt"))

@@ -27,8 +27,12 @@ def read_prompts(path: str) -> list[str]:
     if kind not in (".txt", ".jsonl"):
         raise PromptFileError(f"{path}: prompt files are .txt (one per line) or .jsonl ({{\"prompt\": ...}} per line)")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is not part of the prompt
+            except UnicodeDecodeError as error:
+                raise PromptFileError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start} of the line)") from None
             line = line.strip()
             if not line or (kind == ".txt" and line.startswith("#")):
                 continue
