@@ -519,6 +519,7 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
     want = f"text [{c.text_len}, {c.text_dim}], pooled [{c.pooled_dim}]"
     if got != want:
         _fail("prompt_embeddings", f"{path} holds {got} embeddings; config.condition needs {want} (text_len = 77 + T5 tokens)")
+    _check_table_encoders(config, table)
     sources = [
         make_bucket_source(b.kind, b.size, b.seed, config.image_size, config.channels, c.num_classes, b.path)
         for b in config.data.buckets.values()
@@ -532,6 +533,23 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
             f"{path} lacks {len(missing)} of the run's prompts, first {first}; "
             "encode them with python -m danceopd_jax.encode_prompts",
         )
+
+
+def _check_table_encoders(config: ConfigDict, table) -> None:
+    """A table ``encode_prompts`` wrote records which text encoders encoded it (``sd3.TEXT_ENCODERS``);
+    where the run's folder has text encoders too, they must be those (``sd3.text_encoders_digest``:
+    file names, sizes and sampled contents).
+    A folder without them, or a table that records nothing, cannot be checked."""
+    recorded = table.metadata.get(sd3.TEXT_ENCODERS)
+    if not recorded:
+        return
+    try:
+        here = sd3.text_encoders_digest(config.model_dir)
+    except ValueError:  # the folder lacks its text encoders: nothing to compare with
+        return
+    if here != recorded:
+        _fail("prompt_embeddings", f"{config.prompt_embeddings} was encoded by other text encoders than {config.model_dir}'s "
+                                   "(their files differ); encode the prompts with this folder")  # fmt: skip
 
 
 def _check_optimizer(config: ConfigDict) -> None:

@@ -9,7 +9,9 @@
 batches of ``--batch_size``, as a run encodes its own (``text`` [text_len, D] = 77 CLIP tokens +
 ``text_len - 77`` T5 tokens, ``pooled`` [P]), and written to ``TABLE`` (``data.prompt_embeddings``;
 written to a temporary name, then renamed). A run given ``--config.prompt_embeddings=TABLE``
-reads it instead of loading the text encoders (the run's ``model_dir`` may then lack them).
+reads it instead of loading the text encoders (the run's ``model_dir`` may then lack them; where it
+has them, they must be the ones that encoded the table: the table records a digest of their
+files, ``sd3.text_encoders_digest``).
 
 Bad input (a missing or malformed prompt file, a folder that is not an SD3 pipeline or whose text
 encoders do not load, ``--text_len`` <= 77, an ``--out`` that is a folder or in a folder that cannot
@@ -69,7 +71,8 @@ def main(argv) -> None:
     try:
         encode = sd3.prompt_encoder(FLAGS.model_dir, FLAGS.text_len)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        table = encode_table(FLAGS.out, prompts, with_progress(encode, total), FLAGS.batch_size)
+        encoded_by = {sd3.TEXT_ENCODERS: sd3.text_encoders_digest(FLAGS.model_dir)}  # checked against a run's folder
+        table = encode_table(FLAGS.out, prompts, with_progress(encode, total), FLAGS.batch_size, metadata=encoded_by)
     except (OSError, ValueError) as error:  # a missing subfolder, weights that do not fit, an unwritable --out
         fail(error)
     print(f"wrote {FLAGS.out}: {len(table.prompts)} prompts, text {list(table.text_shape)}, pooled [{table.pooled_dim}]")

@@ -136,6 +136,22 @@ def test_a_table_that_does_not_fit_the_run_is_one_clear_error(folder, bare, enco
         validate(dit)
 
 
+def test_a_table_is_checked_against_the_text_encoders_of_a_folder_that_has_them(folder, bare, encoded, tmp_path):
+    """The command records which text encoders encoded the table (names, sizes and sampled contents of
+    their files): a copy of the folder passes, a folder with other encoders of the same shapes is one
+    line (before: its run trained on embeddings of the wrong encoders), a folder without them cannot
+    be checked and passes."""
+    path, _ = encoded
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    for model_dir in (folder, str(copy), bare):
+        validate(smoke_config(model_dir, prompt_embeddings=path))
+    other = write_tiny_sd3(str(tmp_path / "other"), seed=1)  # the same architecture, other random weights
+    with pytest.raises(ConfigError) as error:
+        validate(smoke_config(other, prompt_embeddings=path))
+    assert str(error.value) == (f"config.prompt_embeddings: {path} was encoded by other text encoders than {other}'s "
+                                "(their files differ); encode the prompts with this folder")  # fmt: skip
+
+
 def test_the_command_refuses_bad_input_in_one_line(folder, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     for args, problem in (

@@ -137,10 +137,9 @@ def prompt_encoder(model_dir: str, text_len: int, dtype: str = "float32") -> Enc
 ENCODED_BY = "encoded_by"  # a cached prompt table's metadata key: ``encoder_identity`` of what encoded it
 
 
-def encoder_identity(model_dir: str, text_len: int, dtype: str = "float32") -> str:
-    """What a prompt's embeddings depend on besides the prompt, as one JSON string: the folder (its real
-    path), a digest of the path, size and modification time of every file of its text encoders and
-    tokenizers (weights replaced in place change it), ``text_len`` and the compute dtype."""
+def _text_files(model_dir: str) -> list[tuple[str, str]]:
+    """``(path in the folder, full path)`` of every file of the folder's text encoders and tokenizers,
+    in a fixed order."""
     components = sd3_folder.pipeline_components(model_dir)
     files = []
     for name in sd3_folder.TEXT_COMPONENTS:
@@ -148,12 +147,48 @@ def encoder_identity(model_dir: str, text_len: int, dtype: str = "float32") -> s
             continue
         for root, dirs, names in os.walk(components[name]):
             dirs.sort()
-            for file in sorted(names):
-                stat = os.stat(os.path.join(root, file))
-                files.append([os.path.relpath(os.path.join(root, file), model_dir), stat.st_size, stat.st_mtime_ns])
-    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
-    identity = dict(model_dir=os.path.realpath(model_dir), text_files=digest, text_len=text_len, dtype=dtype)
-    return json.dumps(identity, sort_keys=True)
+            files += [(os.path.relpath(os.path.join(root, file), model_dir), os.path.join(root, file)) for file in sorted(names)]
+    return files
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def encoder_identity(model_dir: str, text_len: int, dtype: str = "float32") -> str:
+    """What a prompt's embeddings depend on besides the prompt, as one JSON string: the folder (its real
+    path), a digest of the path, size and modification time of every file of its text encoders and
+    tokenizers (weights replaced in place change it), ``text_len`` and the compute dtype."""
+    stats = [(rel, os.stat(path)) for rel, path in _text_files(model_dir)]
+    files = _digest([[rel, stat.st_size, stat.st_mtime_ns] for rel, stat in stats])
+    return json.dumps(dict(model_dir=os.path.realpath(model_dir), text_files=files, text_len=text_len, dtype=dtype), sort_keys=True)
+
+
+SAMPLED_BYTES = 1 << 20  # read from each end of a file by ``text_encoders_digest``
+
+
+def _sampled(path: str) -> str:
+    """sha256 of a file's first and last ``SAMPLED_BYTES`` (the whole of a smaller file): cheap on a
+    multi-GB T5, and other weights of the same shapes differ there."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLED_BYTES))
+        size = os.fstat(f.fileno()).st_size
+        if size > 2 * SAMPLED_BYTES:
+            f.seek(size - SAMPLED_BYTES)
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def text_encoders_digest(model_dir: str) -> str:
+    """A digest of the folder's text-encoder and tokenizer files (their names, sizes and ``_sampled``
+    contents): the same for a copy of the folder on another machine, different for other encoders
+    (``TEXT_ENCODERS`` in a table ``encode_prompts`` writes; checked against a run's folder by config
+    validation)."""
+    return _digest([[rel, os.path.getsize(path), _sampled(path)] for rel, path in _text_files(model_dir)])
+
+
+TEXT_ENCODERS = "text_encoders"  # a prompt table's metadata key: ``text_encoders_digest`` of the folder that encoded it
 
 
 def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32") -> PromptEmbeddings:
