@@ -203,7 +203,10 @@ class _Preemption:
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
-                self.previous[signum] = signal.getsignal(signum)  # None: a handler not set from Python
+                previous = signal.getsignal(signum)  # None: a handler not set from Python
+                if signum == signal.SIGINT and previous == signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (nohup, a background job of a script): keep it so
+                self.previous[signum] = previous
                 signal.signal(signum, self._handle)
         return self
 

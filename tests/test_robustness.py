@@ -44,11 +44,17 @@ def _command(workdir, **overrides) -> list[str]:
             "--workdir", str(workdir), *flags]  # fmt: skip
 
 
-def _start(workdir, env: dict, **overrides) -> subprocess.Popen:
-    """The run in a child whose Ctrl-C (SIGINT) acts as in a terminal: a test runner's worker may ignore
-    SIGINT, and a child inherits that."""
-    return subprocess.Popen(_command(workdir, **overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+# ``python -m danceopd_jax.main ARGS`` with Ctrl-C acting as in a terminal: a test runner started in the
+# background ignores SIGINT and its children inherit that (a run keeps an ignored SIGINT ignored).
+_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv[0] = 'danceopd_jax.main'; runpy.run_module('danceopd_jax.main', run_name='__main__', alter_sys=True)")  # fmt: skip
+
+
+def _start(workdir, env: dict, ctrl_c: bool = False, **overrides) -> subprocess.Popen:
+    command = _command(workdir, **overrides)
+    if ctrl_c:
+        command = [sys.executable, "-c", _WITH_CTRL_C, *command[3:]]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _run(workdir, env: dict, **overrides) -> subprocess.CompletedProcess:
@@ -156,7 +162,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(tmp_path, cli_env
 @pytest.mark.parametrize("signum,code,said", [(signal.SIGTERM, 0, "preempted (SIGTERM)"), (signal.SIGINT, 130, "interrupted (SIGINT)")])
 def test_sigterm_or_ctrl_c_saves_the_current_step_and_resumes_exactly(tmp_path, cli_env, reference, signum, code, said):
     """Ctrl-C before: a KeyboardInterrupt traceback, and the steps since the last periodic checkpoint lost."""
-    process = _start(tmp_path, cli_env)
+    process = _start(tmp_path, cli_env, ctrl_c=signum == signal.SIGINT)
     _wait_for_step(process, tmp_path, step=2)
     process.send_signal(signum)
     signalled = time.monotonic()
@@ -174,19 +180,29 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_and_resumes_exactly(tmp_path, 
     _assert_same_run(tmp_path, reference)
 
 
-def test_a_second_ctrl_c_stops_at_once_and_the_handlers_come_back():
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_come_back(monkeypatch):
     """The first Ctrl-C asks the loop to save and stop; a second one raises ``KeyboardInterrupt`` (stop
-    without saving); leaving the loop restores the handlers it found."""
-    before = {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS}
-    with train._Preemption(manager=None) as preemption:
-        assert not preemption.reached(1)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs in this thread between bytecodes
-        assert preemption.reached(1) and preemption.requested == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    without saving); leaving the loop restores the handlers it found. A run started with SIGINT ignored
+    keeps ignoring it."""
+    found = {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS}  # the test runner's
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with train._Preemption(manager=None) as ignoring:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.SIGTERM in ignoring.previous
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+        before = {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS}
+        with train._Preemption(manager=None) as preemption:
+            assert not preemption.reached(1)
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-    assert {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS} == before
+            time.sleep(0.05)  # the handler runs in this thread between bytecodes
+            assert preemption.reached(1) and preemption.requested == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert {signum: signal.getsignal(signum) for signum in train._Preemption.SIGNALS} == before
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cli_env, reference):
