@@ -129,6 +129,10 @@ def base_config() -> ConfigDict:
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
     config.loss_log = False  # append {"step", "loss", "route"} per step to WORKDIR/losses.jsonl (process 0)
+    # Every sample_every steps (0: never), each route's first samples_per_route bucket records sampled by
+    # the student from fixed noise, as TensorBoard images samples/ROUTE (training_samples.py; DiT runs).
+    config.sample_every = 0
+    config.samples_per_route = 4
     return config
 
 

@@ -535,6 +535,18 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
         )
 
 
+def _check_training_samples(config: ConfigDict) -> None:
+    """``sample_every`` >= 0 and ``samples_per_route`` >= 1; samples are images of a DiT run in RGB or
+    grey pixels (an SD3 run's are latents: sample it with ``python -m danceopd_jax.sample``)."""
+    _positive_int(config, "sample_every", minimum=0)
+    _positive_int(config, "samples_per_route")
+    if config.sample_every and config.model_dir:
+        _fail("sample_every", "training samples are drawn for DiT runs; an SD3 run's student makes latents: "
+                              "sample its checkpoints with python -m danceopd_jax.sample")  # fmt: skip
+    if config.sample_every and config.channels not in (1, 3):
+        _fail("sample_every", f"training samples are shown as images, which need 1 or 3 channels; config.channels is {config.channels}")
+
+
 def _check_table_encoders(config: ConfigDict, table) -> None:
     """A table ``encode_prompts`` wrote records which text encoders encoded it (``sd3.TEXT_ENCODERS``);
     where the run's folder has text encoders too, they must be those (``sd3.text_encoders_digest``:
@@ -585,6 +597,7 @@ def validate(config: ConfigDict) -> None:
         _positive_int(config, key)
     _positive_int(config, "num_train_steps", minimum=0)
     _positive_int(config, "seed", minimum=0)
+    _check_training_samples(config)
     _in_range(config, "shift", 0.0, open_low=True)
     _in_range(config, "condition_dropout", 0.0, 1.0)
     _check_condition(config)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
@@ -73,7 +74,10 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
     """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` over ``sigma_grid(steps, shift,
     schedule)`` (CFG when ``cfg_scale != 1``)."""
     run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, float(cfg_scale))
-    return np.asarray(run(params, cond, key))
+    images = run(params, cond, key)
+    if not images.is_fully_addressable:  # parameters sharded over several processes: each gets every sample
+        images = multihost_utils.process_allgather(images, tiled=True)
+    return np.asarray(images)
 
 
 def check_run_task(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence | None = None) -> Task:

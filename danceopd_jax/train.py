@@ -25,7 +25,7 @@ import numpy as np
 from clu import metric_writers
 from ml_collections import ConfigDict
 
-from danceopd_jax import build, checkpoints, parallel
+from danceopd_jax import build, checkpoints, parallel, training_samples
 from danceopd_jax.config_validation import ConfigError, validate, with_defaults
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.models import sd3
@@ -268,6 +268,7 @@ class Run:
     step_fn: Callable  # (state, experts, batch, route) -> (state, metrics), unjitted
     route_weights: RouteWeights  # the per-step route schedule (host state, checkpointed)
     router_report: dict | None  # a learned router's accuracy and label counts (``build.train_router``)
+    student_graphdef: Any  # with ``state.params``, the student model (training samples)
 
     def global_batch(self, step: int, weights=None) -> tuple[int, dict]:
         """The route of ``step`` (drawn with ``weights``, default: the schedule's) and its batch as
@@ -354,7 +355,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
     )
     return Run(
         config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step,
-        step_fn, build.make_route_weights(config), router_report,
+        step_fn, build.make_route_weights(config), router_report, student_graphdef,
     )  # fmt: skip
 
 
@@ -401,7 +402,8 @@ def use_compilation_cache(config: ConfigDict, workdir: str) -> None:
 
 # Keys a resumed run may change: how long, how often, where and how it is laid out, not what it trains.
 RESUMABLE_CHANGES = ("num_train_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compilation_cache_dir",
-                     "loss_log", "skip_nonfinite_steps", "mesh", "dcn_mesh", "logical_axis_rules", "expert_sharding")  # fmt: skip
+                     "loss_log", "sample_every", "samples_per_route", "skip_nonfinite_steps", "mesh", "dcn_mesh",
+                     "logical_axis_rules", "expert_sharding")  # fmt: skip
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -512,6 +514,7 @@ def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _P
         list(config.routes), config.routing == "per_step", config.skip_nonfinite_steps, config.route_weights.schedule != "fixed"
     )
     loss_log = _LossLog(workdir, start, config.loss_log)
+    examples = training_samples.route_examples(config) if config.sample_every else None
     compile_started = time.perf_counter()
     try:
         with parallel.sharding_context(run.mesh, run.rules):
@@ -535,6 +538,9 @@ def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _P
                     writer.write_scalars(flushed.last, flushed.scalars)
                     loss_log.write(flushed.losses)
                     _log(_progress_line(config, done, flushed))
+                if examples and (done % config.sample_every == 0 or done == config.num_train_steps):
+                    sampled = state.params if state.ema_params is None else state.ema_params
+                    writer.write_images(done, training_samples.sample_images(config, run.student_graphdef, sampled, examples))
                 if is_checkpoint:
                     _save_checkpoint(manager, done, state, run)
                 if preempted:
