@@ -5,8 +5,9 @@ state, the jitted step, checkpoint/resume, loop. Only the student is trained and
 
 What a run survives (README, "What survives what"): a kill at any step (resume from the newest
 readable checkpoint reproduces the uninterrupted run bit-exactly), SIGTERM or Ctrl-C (finish the
-step, save, ``Preempted``; a second Ctrl-C stops at once), a corrupt newest checkpoint (fall back to the one before), and non-finite losses
-(an error before anything is saved, or skipped steps with ``skip_nonfinite_steps``).
+step, save, ``Preempted``; a second Ctrl-C stops at once), a corrupt newest checkpoint (fall back
+to the one before), and non-finite losses (an error before anything is saved, or skipped steps
+with ``skip_nonfinite_steps``).
 """
 
 import dataclasses

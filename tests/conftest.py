@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 
 # The tests' programs are tiny: LLVM's optimisation of their CPU code is a large part of their
 # compile time and no part of what they check (set before JAX starts; subprocesses inherit it).
@@ -15,6 +16,20 @@ if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """``benchmarks/NAME.py`` as a module (``benchmarks/`` is not a package); its folder is on
+    ``sys.path`` while it loads, for the scripts that import ``measure`` beside them."""
+    folder = str(ROOT / "benchmarks")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
 
 
 def cpu_devices_env(devices: int) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """The benchmark scripts run (tiny sizes) and their rollout cross-check holds; no timing is asserted."""
 
 import gzip
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -10,6 +9,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+
+from conftest import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,21 +24,12 @@ def test_step_benchmark_runs_and_scan_matches_python_loop():
     assert "yes" in rows[0], rows[0]  # lax.scan and Python-loop rollouts give the same states
 
 
-def load_script(name: str, monkeypatch):
-    """A benchmark script as a module (``benchmarks/`` is not a package; its scripts import ``measure`` beside them)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_step_benchmark_counts_the_traced_step(monkeypatch):
+def test_step_benchmark_counts_the_traced_step():
     """step.py's FLOPs are the traced train step's: for every length of the truncated rollout its
     parts add up to the whole step's traced program (``lax.switch`` over both routes, the rollout's
     while loop run that many times); the rollout forward is the analytic one; the timed steps' trip
     counts are read at the train steps the donated executable really ran."""
-    bench = load_script("step", monkeypatch)
+    bench = load_benchmark("step")
     from measure import matmul_flops  # beside the script, on the path load_script set
 
     from danceopd_jax.models import dit
@@ -83,14 +75,14 @@ def test_step_benchmark_counts_the_traced_step(monkeypatch):
         (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
     ],
 )
-def test_step_benchmark_rejects_bad_arguments_in_one_line(argv, message, monkeypatch, capsys):
-    bench = load_script("step", monkeypatch)
+def test_step_benchmark_rejects_bad_arguments_in_one_line(argv, message, capsys):
+    bench = load_benchmark("step")
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--presets", "tiny", *argv])
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
 
 
-def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
+def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path):
     """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
     land in the Markdown table and the JSON beside it, the frozen base stored in bf16 as a run
     stores it. Its FLOPs: the traced forward is the analytic one; the timed steps' rollouts run the
@@ -110,7 +102,7 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path, monkeypatch):
     assert r["params"] < r["frozen"]  # the LoRA student trains adapters over a frozen base
     assert r["cast"] == "once" and r["frozen_bytes"] < 4 * r["frozen"]  # frozen bf16 layers stored in bf16 (the float32 positional table dominates here)
     f = r["flops"]
-    bench = load_script("step_throughput", monkeypatch)
+    bench = load_benchmark("step_throughput")
     args = bench.parse_args(["--rollout-steps", "4"])
     choice = bench.MODELS["MMDiT-tiny"]
     config = bench.model_config(choice, 4, args)
@@ -186,10 +178,10 @@ def gpu_trace(path: pathlib.Path, with_ops_thread: bool) -> pathlib.Path:
     return path
 
 
-def test_kernel_profile_splits_device_time_by_category(tmp_path, monkeypatch):
+def test_kernel_profile_splits_device_time_by_category(tmp_path):
     """Device kernels are summed by category per call, overlapping streams count once in the busy
     time, host events are ignored, and an ``XLA Ops`` thread replaces the kernels it derives from."""
-    profile = load_script("kernel_profile", monkeypatch)
+    profile = load_benchmark("kernel_profile")
     s = profile.summarise(gpu_trace(tmp_path / "a.trace.json.gz", with_ops_thread=False), calls=2)
     assert s["category_ms"] == pytest.approx({"attention": 0.15, "matmul": 0.2, "collective": 0.0, "copy": 0.05, "other": 0.1})
     assert (s["busy_ms"], s["span_ms"]) == pytest.approx((0.475, 0.475))  # 950 us of union over 2 calls

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import load_benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -146,15 +148,6 @@ def test_the_commands_flag_errors_are_one_line_and_exit_code_2(module, flags, me
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
 
 
-def _model_memory():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("model_memory", ROOT / "benchmarks" / "model_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -173,7 +166,7 @@ def test_model_memory_bad_arguments_are_one_line_before_any_tracing(tmp_path, ca
     (tmp_path / "file").write_text("")
     argv = [arg.replace("TMP", str(tmp_path)) for arg in argv]
     with pytest.raises(SystemExit) as exit_:
-        _model_memory().main(argv)
+        load_benchmark("model_memory").main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.strip().splitlines() == [message.replace("TMP", str(tmp_path))], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -181,5 +174,5 @@ def test_model_memory_bad_arguments_are_one_line_before_any_tracing(tmp_path, ca
 
 def test_model_memory_writes_its_document_whole(tmp_path):
     path = tmp_path / "docs" / "MODELS.md"
-    _model_memory().write_document("# doc\n", str(path))
+    load_benchmark("model_memory").write_document("# doc\n", str(path))
     assert path.read_text() == "# doc\n" and os.listdir(path.parent) == ["MODELS.md"]

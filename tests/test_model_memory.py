@@ -2,7 +2,6 @@
 model, with r (in + out) per adapted layer, with its closed form and with PEFT on diffusers'
 model; its memory formulas give the hand-computed bytes; the document renders."""
 
-import importlib.util
 import pathlib
 import re
 
@@ -13,7 +12,7 @@ from flax import nnx
 from danceopd_jax.models.lora import LoRAParam, add_lora, target_matches
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, Buffer, param_count
 
-from conftest import SD35_TINY
+from conftest import SD35_TINY, load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RANK = 3
@@ -22,14 +21,7 @@ RANK = 3
 TINY = MMDiTConfig(**{**SD35_TINY, "pos_embed_max_size": 8})
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("model_memory", ROOT / "benchmarks" / "model_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mm = _load_script()
+mm = load_benchmark("model_memory")
 
 
 def _elements(state) -> int:
