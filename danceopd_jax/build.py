@@ -219,7 +219,8 @@ def step_group_sizes(config: ConfigDict) -> list[int]:
     """Samples per route group in one host's batch: ``[B / P]`` for per-step and learned routing; else
     the global batch's groups (``routing.group_sizes(B, weights)``), each split evenly over the P
     processes, so the global batch has the same groups for any number of processes. A group that
-    does not divide by P is a ``ConfigError`` (first met in ``train._check_layout``, before any build)."""
+    does not divide by P times ``grad_accum_steps`` is a ``ConfigError`` (first met in
+    ``train._check_layout``, before any build)."""
     processes = jax.process_count()
     if config.routing in ("per_step", "learned"):
         return [config.batch_size // processes]
@@ -228,6 +229,13 @@ def step_group_sizes(config: ConfigDict) -> list[int]:
         raise ConfigError(
             f"config.batch_size: routing {config.routing!r} splits the batch of {config.batch_size} into route groups "
             f"{sizes}, and each process draws an equal share of every group: each must divide by {processes} processes"
+        )
+    accum = config.grad_accum_steps
+    if any(size % (processes * accum) for size in sizes):
+        raise ConfigError(
+            f"config.grad_accum_steps: routing {config.routing!r} splits the batch of {config.batch_size} into route groups "
+            f"{sizes}, and each of the {accum} microbatches holds an equal share of every group on each of the {processes} "
+            f"process(es): each must divide by {processes * accum}"
         )
     return [size // processes for size in sizes]
 

@@ -46,6 +46,10 @@ def base_config() -> ConfigDict:
     config.seed = 0
     config.num_train_steps = 100
     config.batch_size = 8  # global samples per step
+    # Gradient accumulation (core/microbatches.py): the step computes its loss and gradient in this
+    # many microbatches of batch_size / grad_accum_steps samples, for 1/A of the activation memory;
+    # same samples, randomness and update as one pass (float summation order aside).
+    config.grad_accum_steps = 1
 
     config.method = "danceopd"  # danceopd | diffusionopd | flowopd | offpolicy | flow_matching
     config.routing = "per_step"  # per_step | per_sample | soft | learned

@@ -592,9 +592,11 @@ def validate(config: ConfigDict) -> None:
                        ("sigma_schedule", SIGMA_SCHEDULES), ("fm_time_sampler", FLOW_MATCHING_TIMES),
                        ("expert_sharding", EXPERT_SHARDINGS)):  # fmt: skip
         _choice(config, key, valid)
-    for key in ("rollout_steps", "queries_per_rollout", "batch_size", "image_size", "channels", "log_every",
-                "checkpoint_every", "keep_checkpoints"):  # fmt: skip
+    for key in ("rollout_steps", "queries_per_rollout", "batch_size", "grad_accum_steps", "image_size", "channels",
+                "log_every", "checkpoint_every", "keep_checkpoints"):  # fmt: skip
         _positive_int(config, key)
+    if config.batch_size % config.grad_accum_steps:
+        _fail("grad_accum_steps", f"{config.grad_accum_steps} microbatches do not divide batch_size {config.batch_size}")
     _positive_int(config, "num_train_steps", minimum=0)
     _positive_int(config, "seed", minimum=0)
     _check_training_samples(config)

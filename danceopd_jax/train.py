@@ -53,6 +53,12 @@ def _check_layout(config: ConfigDict, mesh) -> None:
         raise ConfigError(
             f"config.batch_size: {config.batch_size} is not divisible by data x fsdp = {batch_devices} devices"
         )
+    accum = config.grad_accum_steps
+    if config.batch_size % (accum * batch_devices):
+        raise ConfigError(
+            f"config.grad_accum_steps: {accum} microbatches of the batch of {config.batch_size} do not each split over "
+            f"data x fsdp = {batch_devices} devices; use a divisor of {config.batch_size // batch_devices}"
+        )
     if config.batch_size % jax.process_count():
         raise ConfigError(f"config.batch_size: {config.batch_size} is not divisible by {jax.process_count()} processes")
     grouped = len(build.step_group_sizes(config)) > 1  # raises when the route groups do not divide over the processes
@@ -346,6 +352,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
         ema_decay=opt.ema_decay,
         skip_nonfinite=config.skip_nonfinite_steps,
         router_params=router_params,
+        grad_accum_steps=config.grad_accum_steps,
     )
     replicated = parallel.replicated(mesh)
     train_step = jax.jit(
@@ -404,7 +411,7 @@ def use_compilation_cache(config: ConfigDict, workdir: str) -> None:
 # Keys a resumed run may change: how long, how often, where and how it is laid out, not what it trains.
 RESUMABLE_CHANGES = ("num_train_steps", "log_every", "checkpoint_every", "keep_checkpoints", "compilation_cache_dir",
                      "loss_log", "sample_every", "samples_per_route", "skip_nonfinite_steps", "mesh", "dcn_mesh",
-                     "logical_axis_rules", "expert_sharding")  # fmt: skip
+                     "logical_axis_rules", "expert_sharding", "grad_accum_steps")  # fmt: skip
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

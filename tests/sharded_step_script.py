@@ -9,9 +9,11 @@ the rules. Steps are traced inside ``parallel.sharding_context`` as the training
 the models' activation constraints are in them.
 
 ``dit``: per mesh the loss, the gradients, the updated parameters, the sharding of a few
-parameters and of the experts, and the activation constraints of the lowered step;
+parameters and of the experts, the activation constraints of the lowered step and the count of
+data-moving collectives (all-to-all, collective-permute) in the compiled one;
 ``fsdp4_tensor2_replicated_experts`` only evaluates the loss (experts replicated instead of
-sharded like the student).
+sharded like the student), and ``data2_fsdp2_tensor2_accum2`` is that mesh's step in two
+microbatches (``grad_accum_steps=2``).
 
 ``sd3``: the MMDiT path (a LoRA student over the shared frozen base, a teacher that is the base
 plus a LoRA delta, the base under CFG against the empty prompt). Per mesh one step on each route
@@ -43,12 +45,14 @@ MESHES = {
     "data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2}, 8),
 }
 REPLICATED_EXPERTS = "fsdp4_tensor2_replicated_experts"
+ACCUMULATED = "data2_fsdp2_tensor2_accum2"  # that mesh, the step in 2 microbatches of 4 samples
 
 
-def make_run(mesh_axes, num_devices, expert_sharding="like_student"):
+def make_run(mesh_axes, num_devices, expert_sharding="like_student", grad_accum_steps=1):
     config = load_config(
         batch_size=8,
         expert_sharding=expert_sharding,
+        grad_accum_steps=grad_accum_steps,
         **{
             "optimizer.warmup_steps": 0,
             "student.zero_init": False,  # gradients reach every layer
@@ -76,13 +80,15 @@ def constraint_specs(lowered_text: str) -> list[str]:
     return sorted(set(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])>", lowered_text)))
 
 
-def one_step(mesh_axes, num_devices):
-    run = make_run(mesh_axes, num_devices)
+def one_step(mesh_axes, num_devices, grad_accum_steps=1):
+    run = make_run(mesh_axes, num_devices, grad_accum_steps=grad_accum_steps)
     loss, route, batch = loss_of(run)
     with parallel.sharding_context(run.mesh, run.rules):
         grads = jax.jit(jax.grad(loss))(run.state.params)
         args = (run.state, run.experts, batch, jnp.int32(route))
-        constraints = constraint_specs(run.train_step.lower(*args).as_text())
+        lowered = run.train_step.lower(*args)
+        constraints = constraint_specs(lowered.as_text())
+        compiled = lowered.compile().as_text()
         state, metrics = run.train_step(*args)
     blocks = state.params["blocks"][0]
     return {
@@ -97,6 +103,8 @@ def one_step(mesh_axes, num_devices):
         "expert_q_kernel_shard_shape": list(expert_kernel(run).addressable_shards[0].data.shape),
         "batch_shard_rows": batch["image"].addressable_shards[0].data.shape[0],
         "constraints": constraints,
+        "all_to_all_ops": compiled.count("all-to-all("),
+        "collective_permute_ops": compiled.count("collective-permute("),
     }
 
 
@@ -115,6 +123,7 @@ def replicated_experts_loss(mesh_axes, num_devices):
 def dit_results() -> dict:
     results = {name: one_step(*spec) for name, spec in MESHES.items()}
     results[REPLICATED_EXPERTS] = replicated_experts_loss(*MESHES["fsdp4_tensor2"])
+    results[ACCUMULATED] = one_step(*MESHES["data2_fsdp2_tensor2"], grad_accum_steps=2)
     return results
 
 

@@ -123,6 +123,21 @@ def test_activation_constraints_are_in_the_lowered_step(results, mesh):
     assert results[mesh]["constraints"] == EXPECTED_CONSTRAINTS
 
 
+def test_accumulated_step_on_a_sharded_mesh_matches_one_device(results):
+    """``grad_accum_steps=2`` on data=2 x fsdp=2 x tensor=2: two strided microbatches of 4 samples, one
+    row of each per data-parallel device, give the one-device step without accumulation. The split
+    is local to each device: the compiled step has exactly the data movement of the same mesh's
+    step without accumulation (no all-to-all, no extra collective-permute) and the same activation
+    layouts."""
+    single, accumulated, plain = results["single"], results["data2_fsdp2_tensor2_accum2"], results["data2_fsdp2_tensor2"]
+    assert accumulated["loss"] == pytest.approx(single["loss"], rel=LOSS_RTOL)
+    for a, b in zip(single["params"], accumulated["params"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=PARAM_ATOL)
+    assert accumulated["all_to_all_ops"] == plain["all_to_all_ops"] == 0
+    assert accumulated["collective_permute_ops"] == plain["collective_permute_ops"]
+    assert accumulated["constraints"] == EXPECTED_CONSTRAINTS
+
+
 def test_experts_are_sharded_like_the_student_or_replicated(results):
     """``expert_sharding``: like_student (the default) shards an expert's kernels by the rules;
     replicated keeps a whole copy per device. The loss is the same either way."""

@@ -47,8 +47,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from danceopd_jax.core import microbatches
 from danceopd_jax.core.conditioning import Condition, repeat_condition
 from danceopd_jax.core.fields import Field
+from danceopd_jax.core.microbatches import BatchRows
 from danceopd_jax.core.objectives import frozen_student
 
 
@@ -104,11 +106,14 @@ def sde_transition_mean(x, v, sigma, sigma_next, eta: float, sigma_cap) -> jax.A
     return x * (1.0 + var / (2.0 * sigma) * dt) + v * (1.0 + var * (1.0 - sigma) / (2.0 * sigma)) * dt
 
 
-def rollout_sde(field: Field, noise: jax.Array, sigmas: jax.Array, cond: Condition, key: jax.Array, eta: float) -> SDERollout:
+def rollout_sde(
+    field: Field, noise: jax.Array, sigmas: jax.Array, cond: Condition, key: jax.Array, eta: float, rows: BatchRows | None = None
+) -> SDERollout:
     """Stochastic rollout of ``field`` from ``noise`` over ``sigmas`` as a ``lax.scan``, no gradient.
 
     Step i samples ``x_{i+1} = mean_i + std_i sqrt(-dt_i) * n_i``, ``n_i ~ N(0, I)`` drawn from
-    ``fold_in(key, i)``, with ``sigma_cap = sigmas[1]`` (see ``sde_std``).
+    ``fold_in(key, i)`` (a microbatch's ``rows`` of the whole batch's draw), with
+    ``sigma_cap = sigmas[1]`` (see ``sde_std``).
     """
     sigma_cap = sigmas[1]
     batch = noise.shape[0]
@@ -117,7 +122,7 @@ def rollout_sde(field: Field, noise: jax.Array, sigmas: jax.Array, cond: Conditi
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = field(x, jnp.full((batch,), sigma, jnp.float32), cond)
         mean = sde_transition_mean(x, v, sigma, sigma_next, eta, sigma_cap)
-        step_noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        step_noise = microbatches.normal(jax.random.fold_in(key, i), x.shape, rows)
         x_next = mean + sde_step_std(sigma, sigma_next, eta, sigma_cap) * step_noise
         return x_next, (x, x_next, mean)
 
@@ -138,6 +143,7 @@ def flowopd_loss(
     kl_scale: float = -1.0,
     advantage_clip: float = 5.0,
     ppo_clip: float = 1e-4,
+    rows: BatchRows | None = None,
 ) -> jax.Array:
     """Flow-OPD: per-step teacher transition-mean KL as the advantage of a PPO-clipped objective.
 
@@ -160,8 +166,8 @@ def flowopd_loss(
     """
     cond = batch["cond"]
     noise_key, sde_key = jax.random.split(key)
-    noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
-    rollout = rollout_sde(frozen_student(student, params), noise, sigmas, cond, sde_key, eta)
+    noise = microbatches.normal(noise_key, batch["image"].shape, rows)
+    rollout = rollout_sde(frozen_student(student, params), noise, sigmas, cond, sde_key, eta, rows)
     num_steps, batch_size = rollout.states.shape[:2]
     item_shape = rollout.states.shape[2:]
 

@@ -12,6 +12,10 @@ teacher field (see ``routing``). Batches are dicts ``{"image": x0 [B,...], "cond
 * ``offpolicy``: states ``(1 - sigma) x0 + sigma eps`` forward-noised from dataset images, no rollout.
 * ``flow_matching``: conditional flow matching from data, target ``eps - x0``, with condition
   dropout so that a CFG (unconditional) branch exists.
+
+Every objective takes ``rows``: ``None`` for a whole batch, or the ``microbatches.BatchRows`` of a
+microbatch of gradient accumulation, whose random draws are then the whole batch's restricted to
+its rows (``microbatches.draw``), so a sample's loss does not depend on the accumulation.
 """
 
 from typing import Any, Callable
@@ -19,8 +23,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from danceopd_jax.core import microbatches
 from danceopd_jax.core.conditioning import drop_condition, repeat_condition
 from danceopd_jax.core.fields import Field
+from danceopd_jax.core.microbatches import BatchRows
 from danceopd_jax.core.rollout import rollout_query_states, rollout_trajectory
 from danceopd_jax.core.schedule import sample_query_indices, shift_sigma
 
@@ -59,14 +65,21 @@ def _distill_states(student, params, target, states, times, cond) -> jax.Array:
     return per_sample_mse(student_v, teacher_v).reshape(batch, k).mean(axis=1)
 
 
-def danceopd_query_indices(key: jax.Array, batch_size: int, num_steps: int, num_queries: int = 1, sampler: str = "low_t") -> jax.Array:
+def query_indices(key: jax.Array, batch_size: int, num_steps: int, num_queries: int, sampler: str, rows: BatchRows | None) -> jax.Array:
+    """``sample_query_indices`` [B, K] of a batch, or of a microbatch's rows (``microbatches.draw``)."""
+    return microbatches.draw(lambda k, s: sample_query_indices(k, s[0], num_queries, num_steps, sampler), key, (batch_size,), rows)
+
+
+def danceopd_query_indices(
+    key: jax.Array, batch_size: int, num_steps: int, num_queries: int = 1, sampler: str = "low_t", rows: BatchRows | None = None
+) -> jax.Array:
     """The query indices [B, K] that ``danceopd_loss`` draws from its ``key``: the truncated rollout
     runs ``max`` of them Euler steps (benchmarks count a step's forwards with it)."""
     _, index_key = jax.random.split(key)
-    return sample_query_indices(index_key, batch_size, num_queries, num_steps, sampler)
+    return query_indices(index_key, batch_size, num_steps, num_queries, sampler, rows)
 
 
-def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t", truncate_rollout=True):
+def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t", truncate_rollout=True, rows=None):
     """DanceOPD: query K low-noise states of the student's own ODE rollout against the routed field.
 
     ``truncate_rollout=False`` runs all N - 1 Euler steps instead of stopping at the batch's last
@@ -74,16 +87,16 @@ def danceopd_loss(student, params, target, batch, key, *, sigmas, num_queries=1,
     """
     cond = batch["cond"]
     noise_key, _ = jax.random.split(key)
-    noise = jax.random.normal(noise_key, batch["image"].shape, jnp.float32)
-    indices = danceopd_query_indices(key, noise.shape[0], sigmas.shape[0] - 1, num_queries, sampler)
+    noise = microbatches.normal(noise_key, batch["image"].shape, rows)
+    indices = danceopd_query_indices(key, noise.shape[0], sigmas.shape[0] - 1, num_queries, sampler, rows)
     states, times = rollout_query_states(frozen_student(student, params), noise, sigmas, cond, indices, truncate_rollout)
     return _distill_states(student, params, target, states, times, cond)
 
 
-def diffusionopd_loss(student, params, target, batch, key, *, sigmas):
+def diffusionopd_loss(student, params, target, batch, key, *, sigmas, rows=None):
     """DiffusionOPD (dense): all N rollout states, state i weighted by ``dt_i^2 / 2``; summed over i."""
     cond = batch["cond"]
-    noise = jax.random.normal(key, batch["image"].shape, jnp.float32)
+    noise = microbatches.normal(key, batch["image"].shape, rows)
     trajectory, _ = rollout_trajectory(frozen_student(student, params), noise, sigmas, cond)
     num_steps, batch_size = trajectory.shape[:2]
     states = jnp.swapaxes(trajectory, 0, 1).reshape((batch_size * num_steps,) + trajectory.shape[2:])
@@ -94,14 +107,14 @@ def diffusionopd_loss(student, params, target, batch, key, *, sigmas):
     return jnp.sum(mse.reshape(batch_size, num_steps) * weights, axis=1)
 
 
-def offpolicy_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t"):
+def offpolicy_loss(student, params, target, batch, key, *, sigmas, num_queries=1, sampler="low_t", rows=None):
     """Off-policy distillation: teacher queried on forward-noised dataset images at grid times."""
     x0 = batch["image"].astype(jnp.float32)
     noise_key, index_key = jax.random.split(key)
     num_steps = sigmas.shape[0] - 1
-    indices = sample_query_indices(index_key, x0.shape[0], num_queries, num_steps, sampler)
+    indices = query_indices(index_key, x0.shape[0], num_steps, num_queries, sampler, rows)
     times = sigmas[indices]
-    noise = jax.random.normal(noise_key, (x0.shape[0], num_queries) + x0.shape[1:], jnp.float32)
+    noise = microbatches.normal(noise_key, (x0.shape[0], num_queries) + x0.shape[1:], rows)
     expand = times.reshape(times.shape + (1,) * (x0.ndim - 1))
     states = (1.0 - expand) * x0[:, None] + expand * noise
     return _distill_states(student, params, target, states, times, batch["cond"])
@@ -118,7 +131,7 @@ def sample_training_times(key, batch_size: int, kind: str = "logit_normal") -> j
     raise ValueError(f"unknown flow-matching time sampler {kind!r}; valid: {', '.join(FLOW_MATCHING_TIMES)}")
 
 
-def flow_matching_loss(student, params, batch, key, *, shift=1.0, condition_dropout=0.0, time_sampler="logit_normal"):
+def flow_matching_loss(student, params, batch, key, *, shift=1.0, condition_dropout=0.0, time_sampler="logit_normal", rows=None):
     """Conditional flow matching: ``|| v(x_s, s, c) - (eps - x0) ||^2``, ``x_s = (1-s) x0 + s eps``.
 
     ``s = shift(u)`` with ``u`` from ``sample_training_times``; the condition is dropped (null
@@ -127,10 +140,11 @@ def flow_matching_loss(student, params, batch, key, *, shift=1.0, condition_drop
     """
     x0 = batch["image"].astype(jnp.float32)
     noise_key, time_key, drop_key = jax.random.split(key, 3)
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    sigma = shift_sigma(sample_training_times(time_key, x0.shape[0], time_sampler), shift)
+    noise = microbatches.normal(noise_key, x0.shape, rows)
+    times = microbatches.draw(lambda k, s: sample_training_times(k, s[0], time_sampler), time_key, (x0.shape[0],), rows)
+    sigma = shift_sigma(times, shift)
     expand = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
     states = (1.0 - expand) * x0 + expand * noise
-    drop = jax.random.bernoulli(drop_key, condition_dropout, (x0.shape[0],))
+    drop = microbatches.draw(lambda k, s: jax.random.bernoulli(k, condition_dropout, s), drop_key, (x0.shape[0],), rows)
     cond = drop_condition(batch["cond"], drop)
     return per_sample_mse(student(params, states, sigma, cond), noise - x0)

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from danceopd_jax.core import microbatches
 from danceopd_jax.core.conditioning import Condition
 from danceopd_jax.core.fields import Field
+from danceopd_jax.core.microbatches import BatchRows
 
 ASSIGNMENTS = ("argmax", "sample", "soft")
 
@@ -119,21 +121,27 @@ def route_probabilities(params: RouterParams, cond: Condition) -> jax.Array:
     return jax.nn.softmax(router_logits(params, router_features(cond)), axis=-1)
 
 
-def route_assignment(params: RouterParams, cond: Condition, assign: str, key: jax.Array) -> jax.Array:
-    """``[B, M]`` per-sample route weights: one-hot for ``argmax`` / ``sample``, ``p(m | c)`` for ``soft``."""
+def route_assignment(params: RouterParams, cond: Condition, assign: str, key: jax.Array, rows: BatchRows | None = None) -> jax.Array:
+    """``[B, M]`` per-sample route weights: one-hot for ``argmax`` / ``sample``, ``p(m | c)`` for ``soft``.
+
+    ``sample`` draws ``argmax(log p + g)``, ``g`` Gumbel noise: ``jax.random.categorical``'s draw,
+    written out so that a microbatch (``rows``) takes its rows of the whole batch's noise."""
     probs = route_probabilities(params, cond)
     if assign == "soft":
         return probs
     if assign == "argmax":
         choice = jnp.argmax(probs, axis=-1)
     elif assign == "sample":
-        choice = jax.random.categorical(key, jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+        gumbel = microbatches.draw(lambda k, s: jax.random.gumbel(k, s, jnp.float32), key, probs.shape, rows)
+        choice = jnp.argmax(gumbel + jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
     else:
         raise ValueError(f"unknown router assignment {assign!r}; valid: {', '.join(ASSIGNMENTS)}")
     return jax.nn.one_hot(choice, probs.shape[-1], dtype=jnp.float32)
 
 
-def routed_field(fields: Sequence[Field], params: Any, assign: str, key: jax.Array, num_samples: int) -> Field:
+def routed_field(
+    fields: Sequence[Field], params: Any, assign: str, key: jax.Array, num_samples: int, rows: BatchRows | None = None
+) -> Field:
     """``v*(x, t, c) = sum_m a_m(c) v_m(x, t, c)`` with ``a = route_assignment(...)`` (module docstring).
 
     The rows of ``x`` are ``num_samples`` samples, each as consecutive rows (its K query states or
@@ -144,12 +152,11 @@ def routed_field(fields: Sequence[Field], params: Any, assign: str, key: jax.Arr
     num_routes = len(fields)
 
     def routed(x, t, cond):
-        rows = x.shape[0]
-        if rows % num_samples:
-            raise ValueError(f"routed field: {rows} rows are not whole repeats of {num_samples} samples")
-        repeats = rows // num_samples
+        if x.shape[0] % num_samples:
+            raise ValueError(f"routed field: {x.shape[0]} rows are not whole repeats of {num_samples} samples")
+        repeats = x.shape[0] // num_samples
         first_rows = jax.tree.map(lambda a: a[::repeats], cond)
-        weights = jnp.repeat(route_assignment(params, first_rows, assign, key), repeats, axis=0)
+        weights = jnp.repeat(route_assignment(params, first_rows, assign, key, rows), repeats, axis=0)
         if weights.shape[-1] != num_routes:
             raise ValueError(f"router predicts {weights.shape[-1]} routes, the run has {num_routes}")
         out = 0.0

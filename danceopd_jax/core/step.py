@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from danceopd_jax.core import flowopd, objectives, router, routing
+from danceopd_jax.core import flowopd, microbatches, objectives, router, routing
 from danceopd_jax.core.fields import Field
+from danceopd_jax.core.microbatches import BatchRows
 
-# (params, experts, batch, route, key) -> per-sample float32 loss [B]
-LossFn = Callable[[Any, Any, dict, jax.Array, jax.Array], jax.Array]
+# (params, experts, batch, route, key[, rows=BatchRows]) -> per-sample float32 loss [B]; ``rows`` is
+# passed for the microbatches of gradient accumulation only (``core/microbatches.py``)
+LossFn = Callable[..., jax.Array]
 
 
 @flax.struct.dataclass
@@ -90,11 +92,13 @@ def make_loss_fn(
     router_assign: str = "argmax",
     truncate_rollout: bool = True,
 ) -> LossFn:
-    """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key)``.
+    """Bind a method, a routing mode and the expert fields into ``loss(params, experts, batch, route, key, rows=None)``.
 
     ``route_fields(experts)`` builds the M route fields from the frozen expert states inside the
     traced step. ``group_sizes`` are the per-sample route groups of one host's batch and
-    ``group_blocks`` the number of hosts whose batches are concatenated (``routing.split_groups``).
+    ``group_blocks`` the number of hosts whose batches are concatenated (``routing.split_groups``);
+    a microbatch of gradient accumulation (``rows``) holds ``1/A`` of every group
+    (``microbatches.group_sizes``) and draws its rows of the whole batch's randomness.
     ``flowopd_options`` are read by ``method == "flowopd"`` only (default: the paper's values).
     ``routing_mode == "learned"`` routes each sample with the frozen ``router_params``
     (``router.routed_field``, assignment ``router_assign``). ``truncate_rollout=False`` makes
@@ -104,36 +108,38 @@ def make_loss_fn(
     if routing_mode == "learned" and router_params is None:
         raise ValueError("routing 'learned' needs router_params (a trained router.train_router)")
 
-    def target_field(experts, route, key, num_samples: int) -> Field:
+    def target_field(experts, route, key, num_samples: int, rows: BatchRows | None) -> Field:
         fields = route_fields(experts)
         if routing_mode == "per_step":
             return routing.per_step_field(fields, route)
         if routing_mode == "per_sample":
-            return routing.per_sample_field(fields, group_sizes, group_blocks)
+            sizes = group_sizes if rows is None else microbatches.group_sizes(group_sizes, rows.count)
+            return routing.per_sample_field(fields, sizes, group_blocks)
         if routing_mode == "soft":
             return routing.soft_mixing_field(fields, route_weights)
         if routing_mode == "learned":
-            return router.routed_field(fields, router_params, router_assign, jax.random.fold_in(key, 1), num_samples)
+            return router.routed_field(fields, router_params, router_assign, jax.random.fold_in(key, 1), num_samples, rows)
         raise ValueError(f"unknown routing {routing_mode!r}; valid: {', '.join(routing.ROUTING_MODES)}")
 
-    def loss(params, experts, batch, route, key):
+    def loss(params, experts, batch, route, key, rows: BatchRows | None = None):
         if method == "flow_matching":
             return objectives.flow_matching_loss(
-                student, params, batch, key, shift=shift, condition_dropout=condition_dropout, time_sampler=fm_time_sampler
+                student, params, batch, key, shift=shift, condition_dropout=condition_dropout, time_sampler=fm_time_sampler,
+                rows=rows,
             )
-        target = target_field(experts, route, key, batch["image"].shape[0])
+        target = target_field(experts, route, key, batch["image"].shape[0], rows)
         if method == "danceopd":
             return objectives.danceopd_loss(
                 student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler,
-                truncate_rollout=truncate_rollout,
+                truncate_rollout=truncate_rollout, rows=rows,
             )
         if method == "diffusionopd":
-            return objectives.diffusionopd_loss(student, params, target, batch, key, sigmas=sigmas)
+            return objectives.diffusionopd_loss(student, params, target, batch, key, sigmas=sigmas, rows=rows)
         if method == "flowopd":
-            return flowopd.flowopd_loss(student, params, target, batch, key, sigmas=sigmas, **flowopd_kwargs)
+            return flowopd.flowopd_loss(student, params, target, batch, key, sigmas=sigmas, rows=rows, **flowopd_kwargs)
         if method == "offpolicy":
             return objectives.offpolicy_loss(
-                student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler
+                student, params, target, batch, key, sigmas=sigmas, num_queries=num_queries, sampler=sampler, rows=rows
             )
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(objectives.OBJECTIVES)}")
 
@@ -164,8 +170,14 @@ def make_train_step(
     ema_decay: float = 0.0,
     skip_nonfinite: bool = False,
     router_params: router.RouterParams | None = None,
+    grad_accum_steps: int = 1,
 ):
     """``step(state, experts, batch, route) -> (new_state, metrics)``; gradients reach only ``state.params``.
+
+    ``grad_accum_steps`` A > 1 evaluates the loss and its gradient on A microbatches of the batch in
+    a ``lax.scan`` (``core/microbatches.py``) and applies their mean gradient once: the step's
+    activation memory is that of B / A samples, its loss, gradient and update those of the whole
+    batch (same samples, same randomness; float summation order aside).
 
     ``metrics["group_loss"]`` is the mean loss of each route group, or with a learned router
     (``router_params``) of the samples it routes to each field by argmax.
@@ -180,14 +192,33 @@ def make_train_step(
             return group_means(per_sample, group_sizes, group_blocks)
         return routed_means(per_sample, router.route_assignment(router_params, cond, "argmax", None))
 
-    def step(state: TrainState, experts, batch, route):
-        key = step_key(state.rng, state.step)
+    def loss_and_grads(params, experts, batch, route, key):
+        """``(mean loss, per-sample losses [B], mean gradient)`` of the batch, in A microbatches."""
 
-        def mean_loss(params):
-            per_sample = loss_fn(params, experts, batch, route, key)
+        def mean_loss(params, batch, rows):
+            microbatch = {} if rows is None else {"rows": rows}  # a loss used without accumulation need not take rows
+            per_sample = loss_fn(params, experts, batch, route, key, **microbatch)
             return jnp.mean(per_sample), per_sample
 
-        (loss, per_sample), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        if grad_accum_steps == 1:
+            (loss, per_sample), grads = jax.value_and_grad(mean_loss, has_aux=True)(params, batch, None)
+            return loss, per_sample, grads
+
+        def accumulate(grad_sum, microbatch):
+            index, rows_batch = microbatch
+            rows = BatchRows(index=index, count=grad_accum_steps)
+            (_, per_sample), grads = jax.value_and_grad(mean_loss, has_aux=True)(params, rows_batch, rows)
+            return jax.tree.map(jnp.add, grad_sum, grads), per_sample
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        indices = jnp.arange(grad_accum_steps, dtype=jnp.int32)
+        grad_sum, per_sample = jax.lax.scan(accumulate, zeros, (indices, microbatches.split(batch, grad_accum_steps)))
+        per_sample = microbatches.merge(per_sample)
+        return jnp.mean(per_sample), per_sample, jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+
+    def step(state: TrainState, experts, batch, route):
+        key = step_key(state.rng, state.step)
+        loss, per_sample, grads = loss_and_grads(state.params, experts, batch, route, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
