@@ -68,6 +68,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 import flax
 import jax
@@ -427,6 +428,59 @@ def use_compilation_cache(directory: str) -> list[int]:
     return hits
 
 
+@dataclasses.dataclass
+class TimedStep:
+    """What every compiled variant of one configuration's train step shares: the optimizer, the
+    train state's init and shardings, the sigma grid and a fixed random batch on the devices."""
+
+    models: Models
+    mesh: Any
+    rules: Any
+    optimizer: Any
+    lr: Any
+    init: Callable
+    state_shardings: Any
+    sigmas: jax.Array
+    batch: dict
+
+    def compile(self, truncate: bool = True, grad_accum_steps: int = 1, cache_hits: list[int] | None = None):
+        """``(compiled step, a fresh train state, compile seconds, loaded from the compilation cache)``
+        of the DanceOPD step (``make_loss_fn`` + ``make_train_step``), state donated; call it inside
+        ``parallel.sharding_context``."""
+        models, b = self.models, self.batch["image"].shape[0]
+        loss = make_loss_fn("danceopd", models.apply, models.route_fields, routing_mode="per_step", route_weights=[1.0],
+                            group_sizes=[b], sigmas=self.sigmas, num_queries=QUERIES, sampler=SAMPLER, truncate_rollout=truncate)  # fmt: skip
+        inner = loss
+        loss = lambda params, experts, *rest, **kw: inner(models.student_params(params, experts), experts, *rest, **kw)  # noqa: E731
+        replicated, batch_sharding = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+        step = jax.jit(
+            make_train_step(loss, self.optimizer, self.lr, group_sizes=[b], grad_accum_steps=grad_accum_steps),
+            in_shardings=(self.state_shardings, models.expert_shardings, batch_sharding, replicated),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        hits = cache_hits or [0]
+        state = jax.jit(self.init, out_shardings=self.state_shardings)(models.params)
+        start, before = time.perf_counter(), hits[0]
+        compiled = step.lower(state, models.experts, self.batch, jnp.int32(0)).compile()
+        return compiled, state, time.perf_counter() - start, hits[0] > before
+
+
+def timed_step(choice: ModelChoice, config, models: Models, mesh, rules, latent: int, b: int, args) -> TimedStep:
+    """The paper's optimizer (AdamW, lr 2e-4 constant, no weight decay, clip 1.0), a state with seed 0
+    and a batch of ``b`` random latents and conditions."""
+    lr = make_lr_schedule(2e-4, 0, 1000, "constant")
+    optimizer = make_optimizer(lr, weight_decay=0.0, grad_clip=1.0)
+    init = lambda p: init_train_state(p, optimizer, 0, use_ema=False)  # noqa: E731
+    state_shardings = parallel.shardings_of(jax.eval_shape(init, models.params), mesh, rules)
+    key_image, key_cond = jax.random.split(jax.random.key(0))
+    batch = jax.device_put(
+        {"image": jax.random.normal(key_image, (b, latent, latent, choice.channels)), "cond": condition(choice, config, b, key_cond)},
+        parallel.batch_sharding(mesh),
+    )
+    return TimedStep(models, mesh, rules, optimizer, lr, init, state_shardings, sigma_grid(args.rollout_steps, args.shift), batch)
+
+
 def run_one(model_name: str, px: int, args) -> dict:
     """All figures of one (model, resolution), in this process."""
     cache_hits = use_compilation_cache(args.compilation_cache) if args.compilation_cache else [0]
@@ -439,35 +493,7 @@ def run_one(model_name: str, px: int, args) -> dict:
     models = build_models(choice, config, mesh, rules, args.cfg_scale, cast_once=args.cast == "once", fold=args.adapters == "folded")
     jax.block_until_ready((models.params, models.experts))
     build_s = time.perf_counter() - start
-
-    lr = make_lr_schedule(2e-4, 0, 1000, "constant")
-    optimizer = make_optimizer(lr, weight_decay=0.0, grad_clip=1.0)
-    init = lambda p: init_train_state(p, optimizer, 0, use_ema=False)  # noqa: E731
-    state_shardings = parallel.shardings_of(jax.eval_shape(init, models.params), mesh, rules)
-    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    sigmas = sigma_grid(args.rollout_steps, args.shift)
-    key_image, key_cond = jax.random.split(jax.random.key(0))
-    batch = jax.device_put(
-        {"image": jax.random.normal(key_image, (b, latent, latent, choice.channels)), "cond": condition(choice, config, b, key_cond)},
-        batch_sharding,
-    )
-
-    def compiled_step(truncate: bool):
-        loss = make_loss_fn("danceopd", models.apply, models.route_fields, routing_mode="per_step", route_weights=[1.0],
-                            group_sizes=[b], sigmas=sigmas, num_queries=QUERIES, sampler=SAMPLER, truncate_rollout=truncate)  # fmt: skip
-        inner = loss
-        loss = lambda params, experts, *rest: inner(models.student_params(params, experts), experts, *rest)  # noqa: E731
-        step = jax.jit(
-            make_train_step(loss, optimizer, lr, group_sizes=[b]),
-            in_shardings=(state_shardings, models.expert_shardings, batch_sharding, replicated),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=0,
-        )
-        with parallel.sharding_context(mesh, rules):
-            state = jax.jit(init, out_shardings=state_shardings)(models.params)
-            start, hits = time.perf_counter(), cache_hits[0]
-            compiled = step.lower(state, models.experts, batch, jnp.int32(0)).compile()
-        return compiled, state, time.perf_counter() - start, cache_hits[0] > hits
+    step = timed_step(choice, config, models, mesh, rules, latent, b, args)
 
     flops = timed_flops(choice, latent, b, args, mesh, rules)
     result = dict(model=model_name, px=px, latent=latent, batch=b, device=jax.devices()[0].device_kind,
@@ -477,20 +503,20 @@ def run_one(model_name: str, px: int, args) -> dict:
                   frozen_bytes=sum(x.nbytes for x in jax.tree.leaves(models.experts)), flops=flops)  # fmt: skip
     with parallel.sharding_context(mesh, rules):
         for truncate in (True, False) if not args.no_full_rollout else (True,):
-            compiled, state, compile_s, cached = compiled_step(truncate)
+            compiled, state, compile_s, cached = step.compile(truncate, cache_hits=cache_hits)
             name = "step" if truncate else "step_full"
             result[f"{name}_compile_s"], result[f"{name}_cached"] = compile_s, cached
             result[f"{name}_peak_bytes"] = peak_bytes(compiled)
-            times, state = time_train_steps(compiled, state, models.experts, batch, args.steps)
+            times, state = time_train_steps(compiled, state, models.experts, step.batch, args.steps)
             result[f"{name}_times_s"], result[f"{name}_s"] = times, statistics.mean(times)
             if truncate:
                 result["device_peak_bytes"] = device_peak_bytes()  # the builds and this step so far
             if args.profile and truncate:
-                result["kernels"], state = profile_steps(compiled, state, models.experts, batch, trace_dir(args.profile, model_name, px))
+                result["kernels"], state = profile_steps(compiled, state, models.experts, step.batch, trace_dir(args.profile, model_name, px))
             del state, compiled
             print(json.dumps(result), flush=True)  # partial: the parent keeps the last complete line
         if not args.no_parts:
-            result.update(part_times(models, batch, sigmas, args, args.steps))
+            result.update(part_times(models, step.batch, step.sigmas, args, args.steps))
     return result
 
 

@@ -15,14 +15,15 @@ SD3.5-M realism fine-tunes usually hold. The prompts are a ``.txt`` (one per lin
 
 Setup as the paper's (``config_lib.sd35_medium_recipe``: rank-128 LoRA on attention q, k, v, out
 and the MLP, lr 2e-4, no weight decay, 16-step rollouts on the scheduler grid with shift 3.0, bf16, clip 1.0, 3000 steps,
-1024 px; batch 4 per step in place of 1 x grad accumulation 4). One route, as in the authors'
+1024 px; 4 samples per update as 4 microbatches of one). One route, as in the authors'
 ``sd35_realism_absorption`` config: every step queries the realism field, without CFG on either
 side (the teacher's ordinary field, not a guided one; the rollout is CFG-free).
 
 Expected (paper, with the authors' realism teacher, a full-parameter fine-tune, not released): the
 student's realism reward rises by 9.9%, closing 85.3% of the student-teacher gap; prompt content is
 kept. Parameter memory (base + teacher delta + student LoRA and its AdamW state) fits one 80 GB
-GPU (``docs/MODELS.md``); activation memory at 1024 px x batch 4 has not been measured.
+GPU (``docs/MODELS.md``); the activation memory of a 1024 px step has not been measured on a GPU
+(``benchmarks/grad_accumulation.py`` measures it per microbatch count).
 """
 
 from ml_collections import ConfigDict

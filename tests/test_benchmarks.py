@@ -131,6 +131,36 @@ def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path):
     assert bench.pass_flops(choice, 32, 1, remat, mesh, rules) == passes  # recomputation is not model work
 
 
+def test_grad_accumulation_benchmark_shows_less_memory_for_the_same_loss():
+    """Four microbatches of the tiny DiT's step at 128 px hold well under half the temporaries of one
+    pass (activations dominate them at this size) and give the same first loss; the table says so."""
+    bench = load_benchmark("grad_accumulation")
+    args = bench.parse_args(["--model", "DiT-tiny/2", "--px", "128", "--batch-size", "8", "--accum", "1,4", "--rollout-steps", "3",
+                             "--steps", "1"])  # fmt: skip
+    one, four = bench.measure_accumulations(args)
+    assert (one["microbatch"], four["microbatch"]) == (8, 2)
+    assert four["temp_bytes"] < 0.5 * one["temp_bytes"] and four["peak_bytes"] < one["peak_bytes"]
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-5) and one["step_s"] > 0
+    text = bench.table(args, [one, four])
+    assert "| 4 | 2 |" in text and "First-step losses differ by at most" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--accum", "1,3"], "error: --accum: [3] do not split the batch of 16 into microbatches over 1 device(s)"),
+        (["--accum", "1,x"], "error: --accum: '1,x' is not a comma-separated list of integers"),
+        (["--px", "100"], "error: --px: 100 is not divisible by 16 (latent / 8, patch 2)"),
+        (["--steps", "-1"], "error: --steps: must be >= 0, got -1"),
+    ],
+)
+def test_grad_accumulation_benchmark_rejects_bad_arguments_in_one_line(argv, message, capsys):
+    bench = load_benchmark("grad_accumulation")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
+
+
 def test_step_throughput_compilation_cache_serves_a_second_call(tmp_path):
     """With ``--compilation-cache`` the first call compiles the step and the second, on the same
     shapes, loads it from the cache and says so; both time a finite step."""

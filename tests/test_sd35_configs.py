@@ -111,7 +111,7 @@ def test_paper_hyperparameters(name, sd35_folder):
     """docs/METHOD.md "Paper setup", the authors' release, and SD3.5-M's 1024 px / 77 + 256-token shapes."""
     c = paper_config(name, sd35_folder)
     assert (c.method, c.routing, c.query_sampler, c.queries_per_rollout) == ("danceopd", "per_step", "low_t", 1)
-    assert (c.rollout_steps, c.shift, c.num_train_steps, c.batch_size) == (16, 3.0, 3000, 4)  # batch 4 = 1 x grad accumulation 4
+    assert (c.rollout_steps, c.shift, c.num_train_steps, c.batch_size, c.grad_accum_steps) == (16, 3.0, 3000, 4, 4)  # 1 sample x 4
     assert c.sigma_schedule == "flow_match_euler"  # the release rolls out on the pipeline scheduler's sigmas
     assert (c.image_size, c.channels) == (1024 // 8, 16)
     assert (c.condition.text_len, c.condition.text_dim, c.condition.pooled_dim) == (77 + 256, 4096, 2048)
