@@ -1,5 +1,5 @@
 """Gradient accumulation (``config.grad_accum_steps``, ``core/microbatches.py``): the step over A
-microbatches is the step over the whole batch, for every method and routing; the strided split
+microbatches is the step over the whole batch, whatever it draws at random; the strided split
 and its inverse; one-line errors for an A that does not fit the batch; a run resumed with another A."""
 
 import json
@@ -24,15 +24,15 @@ from conftest import load_config
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-4
 
-# name: (A, config overrides); batch 8, every objective and every routing that draws randomness.
+# name: (A, config overrides); batch 8. Together they make every random draw of the objectives and
+# the router through a microbatch: rollout noise and query indices (with per-sample route groups and
+# K = 2), sampled routes, off-policy noise per query, Flow-OPD's SDE noise, flow-matching times and
+# condition dropout.
 CASES = {
-    "danceopd_per_step": (4, {}),
     "danceopd_per_sample_two_queries": (2, {"routing": "per_sample", "queries_per_rollout": 2}),
-    "danceopd_soft": (2, {"routing": "soft"}),
     # an untrained router's probabilities are near uniform, so its sampled routes are random draws
-    "learned_sampled_routes": (2, {"routing": "learned", "router.assign": "sample", "router.train_steps": 1,
-                                   "router.label_fraction": 1.0, "router.heldout": 32}),
-    "diffusionopd": (2, {"method": "diffusionopd"}),
+    "danceopd_learned_sampled_routes": (4, {"routing": "learned", "router.assign": "sample", "router.train_steps": 1,
+                                            "router.label_fraction": 1.0, "router.heldout": 32}),
     "offpolicy_two_queries": (2, {"method": "offpolicy", "queries_per_rollout": 2}),
     "flowopd": (2, {"method": "flowopd"}),
     "flow_matching_with_dropout": (4, {"method": "flow_matching", "condition_dropout": 0.5}),
