@@ -80,10 +80,15 @@ def exit_interrupted() -> None:
     one in it): one line and exit code 130 at once. The ``finally`` blocks it passed have already
     flushed the summaries and finished any checkpoint save; Python's teardown while XLA's threads
     are busy (a compile in flight) can crash, so it is skipped."""
-    print("error: interrupted (Ctrl-C) before a checkpoint could be saved; the same command resumes from the newest one",
-          file=sys.stderr, flush=True)  # fmt: skip
+    exit_at_once("interrupted (Ctrl-C) before a checkpoint could be saved; the same command resumes from the newest one", 130)
+
+
+def exit_at_once(message: str, code: int) -> None:
+    """``error: MESSAGE`` on stderr and exit code ``code`` without Python's teardown: for an exit while
+    native threads are busy (a compile in flight, a blocked ``jax.distributed`` connect)."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(130)
+    os._exit(code)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -11,17 +11,38 @@ Neither: a single process, nothing to join. CPU processes exchange collectives o
 joining, ``jax.devices()`` lists every process's devices; each process feeds its own rows of the
 global batch (``jax.make_array_from_process_local_data``) and only process 0 logs and writes
 summaries and ``config.json``; orbax writes checkpoints from all processes.
+
+Joining waits until every process has reached the coordinator. That wait runs in a helper thread,
+so that Ctrl-C reaches the command while XLA's connect blocks, and it ends with ``JoinTimeout``
+after ``timeout_s`` instead of XLA's fatal abort and stack dump at its own deadline.
 """
 
+import threading
+import time
+from typing import Callable
+
 import jax
+
+# XLA's own deadline comes this much after ours, so ours always speaks first
+XLA_DEADLINE_MARGIN_S = 30
 
 
 class DistributedError(ValueError):
     """Inconsistent multi-process flags (a one-line CLI error)."""
 
 
-def initialize(distributed: bool, coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> bool:
-    """Join the run the flags describe; returns whether this is a multi-process run."""
+class JoinTimeout(RuntimeError):
+    """The processes did not all join within the timeout. XLA's connect is still blocked in its
+    thread, so the process must end without Python's teardown (``commands.exit_at_once``)."""
+
+
+def initialize(
+    distributed: bool, coordinator_address: str | None, num_processes: int | None, process_id: int | None, timeout_s: int = 300
+) -> bool:
+    """Join the run the flags describe, waiting at most ``timeout_s`` seconds for all processes;
+    returns whether this is a multi-process run."""
+    if timeout_s < 1:
+        raise DistributedError(f"--distributed_timeout must be >= 1 second, got {timeout_s}")
     explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes, "--process_id": process_id}
     given = [flag for flag, value in explicit.items() if value is not None]
     if given and len(given) < len(explicit):
@@ -40,5 +61,34 @@ def initialize(distributed: bool, coordinator_address: str | None, num_processes
     elif not distributed:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    who = f"process {process_id} of {num_processes} at coordinator {coordinator_address}" if given else "this process (cluster detected by JAX)"
+    print(f"joining the run: {who}, waiting up to {timeout_s} s for every process", flush=True)
+    join = lambda: jax.distributed.initialize(  # noqa: E731
+        coordinator_address, num_processes, process_id, initialization_timeout=timeout_s + XLA_DEADLINE_MARGIN_S
+    )
+    if not wait_interruptibly(join, timeout_s):
+        raise JoinTimeout(f"{who}: the processes did not all join within {timeout_s} s; start every process with the same "
+                          f"--coordinator_address and --num_processes (process 0 serves the coordinator) or raise --distributed_timeout")  # fmt: skip
     return True
+
+
+def wait_interruptibly(call: Callable[[], None], timeout_s: float) -> bool:
+    """Run ``call`` in a daemon thread while this thread waits for it in short slices, so that a
+    ``KeyboardInterrupt`` (Ctrl-C) is raised here even when ``call`` blocks in native code. Returns
+    False if ``call`` is still running after ``timeout_s``; an exception it raised is raised here."""
+    raised: list[BaseException] = []
+
+    def target():
+        try:
+            call()
+        except BaseException as error:  # handed to the waiting thread
+            raised.append(error)
+
+    thread = threading.Thread(target=target, name="jax-distributed-join", daemon=True)
+    deadline = time.monotonic() + timeout_s
+    thread.start()
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.2)
+    if raised:
+        raise raised[0]
+    return not thread.is_alive()

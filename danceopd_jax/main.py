@@ -3,7 +3,8 @@
 Trains with the config (see ``train.train_and_evaluate``), resuming from the latest checkpoint
 in ``DIR/checkpoints`` when there is one; a config with ``stages`` runs a pipeline of
 trainings and an evaluation (``pipeline.run_pipeline``). ``--distributed`` or
-``--coordinator_address/--num_processes/--process_id`` join a multi-process run (``distributed``).
+``--coordinator_address/--num_processes/--process_id`` join a multi-process run (``distributed``),
+waiting ``--distributed_timeout`` seconds for every process (then one line and exit code 1).
 A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
 SIGTERM saves a checkpoint and exits 0, Ctrl-C saves one and exits 130 (the same command resumes;
 a second Ctrl-C stops at once, without saving); a non-finite loss or a set of
@@ -21,7 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
-from danceopd_jax.commands import exit_interrupted, fail, folder_problem, parse_flags  # noqa: E402
+from danceopd_jax.commands import exit_at_once, exit_interrupted, fail, folder_problem, parse_flags  # noqa: E402
 from danceopd_jax.config_validation import ConfigError
 from danceopd_jax.models.lora import UnknownLoRATarget
 from danceopd_jax.models.sd3_folder import ModelFolderError
@@ -33,6 +34,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Explicit multi-process run: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Explicit multi-process run: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Explicit multi-process run: this process's index.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Multi-process run: seconds to wait for every process to join before giving up (exit code 1)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,20 +62,19 @@ def main(argv):
     workdir = _WORKDIR.value
     _check_workdir(workdir)
     try:
-        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except distributed.DistributedError as error:
-        fail(error)
-    try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
         if "stages" in config:
             pipeline.run_pipeline(config, workdir)
         else:
             train.train_and_evaluate(config, workdir)
-    except (ConfigError, ModelFolderError, WeightsError, WeightsMismatch, UnknownLoRATarget) as error:
+    except (distributed.DistributedError, ConfigError, ModelFolderError, WeightsError, WeightsMismatch, UnknownLoRATarget) as error:
         fail(error)
     except train.Preempted as error:
         if error.exit_code:  # the loop printed where it saved; SIGTERM exits 0, Ctrl-C 130
             sys.exit(error.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before the loop, or a second one in it
+    except distributed.JoinTimeout as error:
+        exit_at_once(error, 1)
+    except KeyboardInterrupt:  # Ctrl-C before the loop (waiting for the other processes, compiling), or a second one in it
         exit_interrupted()
     except (FloatingPointError, checkpoints.CheckpointError) as error:
         fail(error, code=1)

@@ -40,6 +40,18 @@ def cpu_devices_env(devices: int) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
+# ``python -m danceopd_jax.main ARGS`` with Ctrl-C acting as in a terminal: a test runner started in the
+# background ignores SIGINT and its children inherit that (a run keeps an ignored SIGINT ignored).
+_MAIN_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "sys.argv[0] = 'danceopd_jax.main'; runpy.run_module('danceopd_jax.main', run_name='__main__', alter_sys=True)")  # fmt: skip
+
+
+def main_command(*args: str, ctrl_c: bool = False) -> list[str]:
+    """The command line of ``python -m danceopd_jax.main ARGS``; with ``ctrl_c``, SIGINT raises
+    ``KeyboardInterrupt`` in it as in a terminal."""
+    return [sys.executable, *(("-c", _MAIN_WITH_CTRL_C) if ctrl_c else ("-m", "danceopd_jax.main")), *args]
+
+
 def load_config(name: str = "smoke", config_arg: str | None = None, **overrides):
     """``configs/NAME.py``'s ``get_config([config_arg])`` with dotted-key overrides (``{"optimizer.learning_rate": 0.1}``)."""
     spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")

@@ -61,27 +61,6 @@ def test_step_benchmark_counts_the_traced_step():
     assert seen == list(range(3, 11)) and ran == {"donated": [7, 9], "kept": [8, 10]}
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--presets", "tiny,foo"], "error: --presets: unknown preset 'foo'; valid: tiny, mini, S, B, L, XL"),
-        (["--presets", ""], "error: --presets: unknown preset ''; valid: tiny, mini, S, B, L, XL"),
-        (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
-        (["--image-size", "-16"], "error: --image-size must be >= 1, got -16"),
-        (["--image-size", "15"], "error: preset tiny: config.student.patch_size: image_size 15 is not divisible by patch size 2"),
-        (["--steps", "0"], "error: --steps must be >= 1, got 0"),
-        (["--peak-tflops", "-1"], "error: --peak-tflops must be a positive number, got -1.0"),
-        (["--cfg-scale", "nan"], "error: --cfg-scale must be a finite number >= 0, got nan"),
-        (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
-    ],
-)
-def test_step_benchmark_rejects_bad_arguments_in_one_line(argv, message, capsys):
-    bench = load_benchmark("step")
-    with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(["--presets", "tiny", *argv])
-    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
-
-
 def test_step_throughput_benchmark_runs_and_counts_flops(tmp_path):
     """The LoRA-MMDiT step (truncated and full rollout) and its passes run in their own process and
     land in the Markdown table and the JSON beside it, the frozen base stored in bf16 as a run
@@ -146,16 +125,25 @@ def test_grad_accumulation_benchmark_shows_less_memory_for_the_same_loss():
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "script, argv, message",
     [
-        (["--accum", "1,3"], "error: --accum: [3] do not split the batch of 16 into microbatches over 1 device(s)"),
-        (["--accum", "1,x"], "error: --accum: '1,x' is not a comma-separated list of integers"),
-        (["--px", "100"], "error: --px: 100 is not divisible by 16 (latent / 8, patch 2)"),
-        (["--steps", "-1"], "error: --steps: must be >= 0, got -1"),
+        ("step", ["--presets", "tiny,foo"], "error: --presets: unknown preset 'foo'; valid: tiny, mini, S, B, L, XL"),
+        ("step", ["--presets", ""], "error: --presets: unknown preset ''; valid: tiny, mini, S, B, L, XL"),
+        ("step", ["--presets", "tiny", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        ("step", ["--presets", "tiny", "--image-size", "-16"], "error: --image-size must be >= 1, got -16"),
+        ("step", ["--presets", "tiny", "--image-size", "15"], "error: preset tiny: config.student.patch_size: image_size 15 is not divisible by patch size 2"),
+        ("step", ["--presets", "tiny", "--steps", "0"], "error: --steps must be >= 1, got 0"),
+        ("step", ["--presets", "tiny", "--peak-tflops", "-1"], "error: --peak-tflops must be a positive number, got -1.0"),
+        ("step", ["--presets", "tiny", "--cfg-scale", "nan"], "error: --cfg-scale must be a finite number >= 0, got nan"),
+        ("step", ["--presets", "tiny", "--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16' (choose from 'float32', 'bfloat16')"),
+        ("grad_accumulation", ["--accum", "1,3"], "error: --accum: [3] do not split the batch of 16 into microbatches over 1 device(s)"),
+        ("grad_accumulation", ["--accum", "1,x"], "error: --accum: '1,x' is not a comma-separated list of integers"),
+        ("grad_accumulation", ["--px", "100"], "error: --px: 100 is not divisible by 16 (latent / 8, patch 2)"),
+        ("grad_accumulation", ["--steps", "-1"], "error: --steps: must be >= 0, got -1"),
     ],
 )
-def test_grad_accumulation_benchmark_rejects_bad_arguments_in_one_line(argv, message, capsys):
-    bench = load_benchmark("grad_accumulation")
+def test_benchmark_rejects_bad_arguments_in_one_line(script, argv, message, capsys):
+    bench = load_benchmark(script)
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message

@@ -5,18 +5,20 @@ one process and in two."""
 
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from danceopd_jax.distributed import DistributedError, initialize
+from danceopd_jax.distributed import DistributedError, initialize, wait_interruptibly
 from danceopd_jax.sampling import load_trained_model
 
-from conftest import cpu_devices_env
+from conftest import cpu_devices_env, main_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ["--config.num_train_steps=4", "--config.log_every=1"]
@@ -105,3 +107,48 @@ def test_a_bad_coordinator_address_is_one_line_before_jax_joins(address):
     """A port that is not a number crashed the process inside jax.distributed (segmentation fault)."""
     with pytest.raises(DistributedError, match=r"^--coordinator_address must be HOST:PORT with a port in 1\.\.65535, got "):
         initialize(False, address, 2, 0)
+
+
+def _waiting_process(workdir, port: int, *flags, ctrl_c: bool = False) -> subprocess.Popen:
+    """Process 1 of 2 of a run whose process 0 never starts."""
+    args = ["--config", "configs/smoke.py", "--workdir", str(workdir), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            "--process_id=1", *flags]  # fmt: skip
+    return subprocess.Popen(main_command(*args, ctrl_c=ctrl_c), cwd=ROOT, env=cpu_devices_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_a_process_whose_peers_never_join_stops_with_one_line_after_the_timeout(tmp_path):
+    """Not XLA's fatal abort and stack dump at its deadline; nothing is written."""
+    port = _free_port()
+    process = _waiting_process(tmp_path / "w", port, "--distributed_timeout=2")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr.strip() == (
+        f"error: process 1 of 2 at coordinator 127.0.0.1:{port}: the processes did not all join within 2 s; start every process with "
+        "the same --coordinator_address and --num_processes (process 0 serves the coordinator) or raise --distributed_timeout"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_ctrl_c_while_waiting_for_the_other_processes_stops_at_once(tmp_path):
+    """XLA's connect blocks in native code; the wait for it is in another thread, so Ctrl-C is heard."""
+    process = _waiting_process(tmp_path / "w", _free_port(), ctrl_c=True)
+    assert process.stdout.readline().startswith("joining the run: process 1 of 2 at coordinator 127.0.0.1:")
+    time.sleep(1)  # inside the connect
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr.strip().startswith("error: interrupted (Ctrl-C)") and len(stderr.strip().splitlines()) == 1
+
+
+def test_wait_interruptibly_returns_results_raises_errors_and_gives_up_at_the_timeout():
+    assert wait_interruptibly(lambda: None, 5)
+    assert not wait_interruptibly(lambda: time.sleep(3), 0.3)
+
+    def broken():
+        raise RuntimeError("from the helper thread")
+
+    with pytest.raises(RuntimeError, match="from the helper thread"):
+        wait_interruptibly(broken, 5)
+    with pytest.raises(DistributedError, match=r"^--distributed_timeout must be >= 1 second, got 0$"):
+        initialize(False, None, None, None, timeout_s=0)

@@ -12,7 +12,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -24,7 +23,7 @@ import pytest
 from danceopd_jax import checkpoints, train
 from danceopd_jax.core.step import init_train_state, make_optimizer
 
-from conftest import load_config
+from conftest import load_config, main_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24  # a smoke step takes tens of ms: enough steps after the signal that it lands mid-run
@@ -38,23 +37,13 @@ def cli_env(tmp_path_factory):
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
-def _command(workdir, **overrides) -> list[str]:
+def _command(workdir, ctrl_c: bool = False, **overrides) -> list[str]:
     flags = [f"--config.{key}={value}" for key, value in {**OVERRIDES, **overrides}.items()]
-    return [sys.executable, "-m", "danceopd_jax.main", "--config", str(ROOT / "configs" / "smoke.py"),
-            "--workdir", str(workdir), *flags]  # fmt: skip
-
-
-# ``python -m danceopd_jax.main ARGS`` with Ctrl-C acting as in a terminal: a test runner started in the
-# background ignores SIGINT and its children inherit that (a run keeps an ignored SIGINT ignored).
-_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "sys.argv[0] = 'danceopd_jax.main'; runpy.run_module('danceopd_jax.main', run_name='__main__', alter_sys=True)")  # fmt: skip
+    return main_command("--config", str(ROOT / "configs" / "smoke.py"), "--workdir", str(workdir), *flags, ctrl_c=ctrl_c)
 
 
 def _start(workdir, env: dict, ctrl_c: bool = False, **overrides) -> subprocess.Popen:
-    command = _command(workdir, **overrides)
-    if ctrl_c:
-        command = [sys.executable, "-c", _WITH_CTRL_C, *command[3:]]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(_command(workdir, ctrl_c, **overrides), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _run(workdir, env: dict, **overrides) -> subprocess.CompletedProcess:
