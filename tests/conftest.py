@@ -18,6 +18,18 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The files that take minutes, longest first (CI, 2 workers: the quick reproduction ~6.5 min, the
+# two-process runs ~4, the sharded steps ~4). Scheduled first, they leave the many short files to
+# fill the gaps, so that with ``--dist loadfile`` the workers finish together (longest first).
+LONG_FILES = ("test_experiments.py", "test_multiprocess.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Run ``LONG_FILES`` first, in that order; every other test keeps its place."""
+    rank = {name: index for index, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
+
 def load_benchmark(name: str):
     """``benchmarks/NAME.py`` as a module (``benchmarks/`` is not a package); its folder is on
     ``sys.path`` while it loads, for the scripts that import ``measure`` beside them."""
