@@ -14,7 +14,10 @@ summaries and ``config.json``; orbax writes checkpoints from all processes.
 
 Joining waits until every process has reached the coordinator. That wait runs in a helper thread,
 so that Ctrl-C reaches the command while XLA's connect blocks, and it ends with ``JoinTimeout``
-after ``timeout_s`` instead of XLA's fatal abort and stack dump at its own deadline.
+after ``timeout_s`` instead of XLA's fatal abort and stack dump at its own deadline. A process
+that dies mid-run makes the others' next collective fail; ``runtime_failure`` is the one line
+they stop with (without Python's teardown, whose shutdown barrier would wait for the dead process
+until the heartbeat timeout and then abort).
 """
 
 import threading
@@ -92,3 +95,11 @@ def wait_interruptibly(call: Callable[[], None], timeout_s: float) -> bool:
     if raised:
         raise raised[0]
     return not thread.is_alive()
+
+
+def runtime_failure(error: Exception) -> str:
+    """The one line a process of a multi-process run stops with after an XLA runtime error: most
+    often a collective that failed because another process died."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"process {jax.process_index()} of {jax.process_count()}: {first}; if another process died or was stopped (see its "
+            "log), start every process again with the same command: the run resumes from its newest checkpoint")  # fmt: skip

@@ -7,8 +7,9 @@ trainings and an evaluation (``pipeline.run_pipeline``). ``--distributed`` or
 waiting ``--distributed_timeout`` seconds for every process (then one line and exit code 1).
 A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
 SIGTERM saves a checkpoint and exits 0, Ctrl-C saves one and exits 130 (the same command resumes;
-a second Ctrl-C stops at once, without saving); a non-finite loss or a set of
-checkpoints none of which can be read is one line on stderr and exit code 1.
+a second Ctrl-C stops at once, without saving); a non-finite loss, a set of checkpoints none of
+which can be read, or in a multi-process run an XLA runtime error (another process died) is one
+line on stderr and exit code 1.
 """
 
 import os
@@ -18,6 +19,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
@@ -74,6 +76,10 @@ def main(argv):
             sys.exit(error.exit_code)
     except distributed.JoinTimeout as error:
         exit_at_once(error, 1)
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        exit_at_once(distributed.runtime_failure(error), 1)
     except KeyboardInterrupt:  # Ctrl-C before the loop (waiting for the other processes, compiling), or a second one in it
         exit_interrupted()
     except (FloatingPointError, checkpoints.CheckpointError) as error:

@@ -152,3 +152,29 @@ def test_wait_interruptibly_returns_results_raises_errors_and_gives_up_at_the_ti
         wait_interruptibly(broken, 5)
     with pytest.raises(DistributedError, match=r"^--distributed_timeout must be >= 1 second, got 0$"):
         initialize(False, None, None, None, timeout_s=0)
+
+
+def test_when_a_process_dies_mid_run_the_other_stops_with_one_line_at_once(tmp_path):
+    """Its next collective fails. Before: a traceback, then Python's teardown waited in JAX's
+    shutdown barrier for the dead process until the heartbeat timeout and aborted with a C++ stack dump."""
+    port = _free_port()
+    processes = [
+        subprocess.Popen(main_command("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.num_train_steps=100000",
+                                      "--config.log_every=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                      f"--process_id={index}"),
+                         cwd=ROOT, env=cpu_devices_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(2)
+    ]  # fmt: skip
+    survivor, victim = processes
+    while not (survivor.stdout.readline() or "step 3/").startswith("step 3/"):
+        pass
+    victim.kill()
+    victim.wait()
+    killed = time.monotonic()
+    _, stderr = survivor.communicate(timeout=90)
+    assert survivor.returncode == 1, stderr[-3000:]
+    assert time.monotonic() - killed < 30  # not the 100 s heartbeat timeout
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2: "), stderr[-3000:]
+    assert "the run resumes from its newest checkpoint" in errors[0]
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr
