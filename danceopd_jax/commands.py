@@ -2,6 +2,7 @@
 for bad flags and arguments, probes of output folders, and a quiet start."""
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -104,20 +105,28 @@ def folder_problem(folder: str) -> str | None:
     found: the folders the probe creates are removed again."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         return "exists and is not a folder"
+    try:
+        with made_folder(folder), tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"cannot be written ({error.strerror})"
+    return None
+
+
+@contextlib.contextmanager
+def made_folder(folder: str):
+    """``folder`` exists inside the block; the folders made for it (it and missing parents) are
+    removed again on exit, innermost first."""
     missing, path = [], os.path.abspath(folder)
     while not os.path.exists(path):
         missing.append(path)
         path = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        return f"cannot be written ({error.strerror})"
+        yield
     finally:
-        for made in filter(os.path.isdir, missing):  # innermost first: only the folders the probe made
+        for made in filter(os.path.isdir, missing):
             os.rmdir(made)
-    return None
 
 
 def start(argv, **required) -> None:

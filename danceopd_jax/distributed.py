@@ -17,17 +17,28 @@ so that Ctrl-C reaches the command while XLA's connect blocks, and it ends with 
 after ``timeout_s`` instead of XLA's fatal abort and stack dump at its own deadline. A process
 that dies mid-run makes the others' next collective fail; ``runtime_failure`` is the one line
 they stop with (without Python's teardown, whose shutdown barrier would wait for the dead process
-until the heartbeat timeout and then abort).
+until the heartbeat timeout and then abort). ``check_same_run`` stops a run whose processes were
+given different configs or do not share the workdir before anything is built.
 """
 
+import contextlib
+import hashlib
+import os
 import threading
 import time
 from typing import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from danceopd_jax.commands import made_folder
 
 # XLA's own deadline comes this much after ours, so ours always speaks first
 XLA_DEADLINE_MARGIN_S = 30
+# a network file system may show another host's new file only once its attribute cache expires
+# (NFS: acdirmax, 60 s by default)
+NETWORK_FS_DELAY_S = 60
 
 
 class DistributedError(ValueError):
@@ -103,3 +114,49 @@ def runtime_failure(error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"process {jax.process_index()} of {jax.process_count()}: {first}; if another process died or was stopped (see its "
             "log), start every process again with the same command: the run resumes from its newest checkpoint")  # fmt: skip
+
+
+def check_same_run(workdir: str, config_json: str, timeout_s: int) -> None:
+    """That every process of a multi-process run was started with the same config (``config_json``)
+    and sees the same ``workdir``: process 0 puts a file with a random name there and every process
+    looks for it, for up to ``min(timeout_s, NETWORK_FS_DELAY_S)`` seconds. Each learns every
+    process's answer, so all stop with the same one line (``DistributedError``); the workdir is left
+    as it was found."""
+    if jax.process_count() == 1:
+        return
+    mine = np.frombuffer(hashlib.sha256(config_json.encode()).digest() + os.urandom(8), np.uint32)  # digest, then a token
+    reference = np.asarray(multihost_utils.broadcast_one_to_all(mine))  # process 0's
+    marker = os.path.join(workdir, f".danceopd-join-{reference[8:].tobytes().hex()}")
+    with contextlib.ExitStack() as written:
+        if jax.process_index() == 0:
+            written.enter_context(made_folder(workdir))
+            open(marker, "x").close()
+            written.callback(os.remove, marker)
+        multihost_utils.sync_global_devices("danceopd_jax: join marker written")
+        unseen = not _appears(marker, min(timeout_s, NETWORK_FS_DELAY_S))
+        problems = np.array([not np.array_equal(mine[:8], reference[:8]), unseen], np.int32)
+        everyone = np.asarray(multihost_utils.process_allgather(problems))  # [processes, 2]
+    other_config, other_folder = (np.flatnonzero(everyone[:, k]).tolist() for k in range(2))
+    found = []
+    if other_config:
+        found.append(f"{_processes(other_config)} started with another config than process 0 "
+                     "(every process needs the same --config and overrides)")  # fmt: skip
+    if other_folder:
+        found.append(f"{_processes(other_folder)} cannot see the files process 0 writes in the run's --workdir "
+                     "(a multi-process run needs one folder every process sees, given as the same path)")  # fmt: skip
+    if found:
+        raise DistributedError("; ".join(found))
+
+
+def _appears(path: str, wait_s: float) -> bool:
+    """Whether the file ``path`` exists within ``wait_s`` seconds (polled)."""
+    deadline = time.monotonic() + wait_s
+    while not os.path.isfile(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def _processes(indices: list[int]) -> str:
+    return f"process {indices[0]}" if len(indices) == 1 else f"processes {', '.join(map(str, indices))}"

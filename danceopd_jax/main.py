@@ -4,7 +4,8 @@ Trains with the config (see ``train.train_and_evaluate``), resuming from the lat
 in ``DIR/checkpoints`` when there is one; a config with ``stages`` runs a pipeline of
 trainings and an evaluation (``pipeline.run_pipeline``). ``--distributed`` or
 ``--coordinator_address/--num_processes/--process_id`` join a multi-process run (``distributed``),
-waiting ``--distributed_timeout`` seconds for every process (then one line and exit code 1).
+waiting ``--distributed_timeout`` seconds for every process (then one line and exit code 1), and
+check that every process has the same config and sees the same workdir (``distributed.check_same_run``).
 A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
 SIGTERM saves a checkpoint and exits 0, Ctrl-C saves one and exits 130 (the same command resumes;
 a second Ctrl-C stops at once, without saving); a non-finite loss, a set of checkpoints none of
@@ -64,7 +65,8 @@ def main(argv):
     workdir = _WORKDIR.value
     _check_workdir(workdir)
     try:
-        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
+        if distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value):
+            distributed.check_same_run(workdir, config.to_json(sort_keys=True), _DISTRIBUTED_TIMEOUT.value)
         if "stages" in config:
             pipeline.run_pipeline(config, workdir)
         else:

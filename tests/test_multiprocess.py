@@ -178,3 +178,25 @@ def test_when_a_process_dies_mid_run_the_other_stops_with_one_line_at_once(tmp_p
     assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2: "), stderr[-3000:]
     assert "the run resumes from its newest checkpoint" in errors[0]
     assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+
+
+def test_processes_given_other_configs_or_workdirs_stop_together_with_one_line(tmp_path):
+    """Checked right after joining, before anything is built; the workdir is left as it was found."""
+    port = _free_port()
+    own = [str(tmp_path / "shared"), str(tmp_path / "local" / "w")]
+    processes = [
+        subprocess.Popen(main_command("--config", "configs/smoke.py", "--workdir", own[index], f"--config.seed={index}",
+                                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={index}",
+                                      "--distributed_timeout=15"),  # process 1 looks for process 0's file for 15 s
+                         cwd=ROOT, env=cpu_devices_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index in range(2)
+    ]  # fmt: skip
+    expected = (
+        "error: process 1 started with another config than process 0 (every process needs the same --config and overrides); "
+        "process 1 cannot see the files process 0 writes in the run's --workdir (a multi-process run needs one folder every process sees, "
+        "given as the same path)"
+    )
+    for process in processes:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2 and stderr.strip() == expected, stderr[-3000:]
+    assert not any(tmp_path.iterdir())
