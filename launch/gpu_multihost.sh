@@ -2,12 +2,12 @@
 # Run a config over the GPUs of a SLURM allocation (call it inside sbatch/salloc): srun starts one
 # process per GPU (default) or per host; every process joins jax.distributed with the job's first
 # node as coordinator.
-#   launch/gpu_multihost.sh CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]
+#   launch/gpu_multihost.sh CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--distributed_timeout=S] [--dry-run]
 # WORKDIR must be on a filesystem every node sees (checkpoints are written by all processes).
 # Options may come anywhere on the line, before, between or after CONFIG and WORKDIR.
 set -euo pipefail
 
-usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--dry-run]" >&2; exit 2; }
+usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 CONFIG WORKDIR [--config.KEY=VALUE ...] [--per=gpu|host] [--port=N] [--distributed_timeout=S] [--dry-run]" >&2; exit 2; }
 show_help() { sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0; }  # the header above
 dry_run=0 per=gpu port=12355
 positional=() overrides=()
@@ -17,7 +17,7 @@ for arg in "$@"; do
     --dry-run) dry_run=1 ;;
     --per=gpu | --per=host) per=${arg#--per=} ;;
     --port=*) port=${arg#--port=} ;;
-    --config.*=*) overrides+=("$arg") ;;
+    --config.*=* | --distributed_timeout=*) overrides+=("$arg") ;;  # passed to danceopd_jax.main
     --*) echo "error: unknown option '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
     *) positional+=("$arg") ;;
   esac

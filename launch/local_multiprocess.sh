@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Several JAX processes on this machine, each with its own CPU devices, joined by jax.distributed
 # (gloo collectives, coordinator on 127.0.0.1): a real multi-host run without a cluster.
-#   launch/local_multiprocess.sh PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]
+#   launch/local_multiprocess.sh PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N]
+#       [--distributed_timeout=S] [--dry-run]
 # Process 0 prints to this terminal; process i > 0 logs to WORKDIR/logs/process_i.log. Exits
 # non-zero when any process fails. The caller's XLA_FLAGS are kept, with the device count added.
 # Options may come anywhere on the line, before, between or after the positional arguments.
 set -euo pipefail
 
-usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--dry-run]" >&2; exit 2; }
+usage() { [ $# -eq 0 ] || echo "error: $*" >&2; echo "usage: $0 PROCESSES DEVICES_PER_PROCESS CONFIG WORKDIR [--config.KEY=VALUE ...] [--port=N] [--distributed_timeout=S] [--dry-run]" >&2; exit 2; }
 show_help() { sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0; }  # the header above
 dry_run=0 port=12355
 positional=() overrides=()
@@ -16,7 +17,7 @@ for arg in "$@"; do
     -h | --help) show_help ;;
     --dry-run) dry_run=1 ;;
     --port=*) port=${arg#--port=} ;;
-    --config.*=*) overrides+=("$arg") ;;
+    --config.*=* | --distributed_timeout=*) overrides+=("$arg") ;;  # passed to danceopd_jax.main
     --*) echo "error: unknown option '$arg' (overrides look like --config.KEY=VALUE)" >&2; exit 2 ;;
     *) positional+=("$arg") ;;
   esac

@@ -2,7 +2,7 @@
 # A Cloud TPU VM (single host or pod slice) from creation to teardown, with gcloud.
 #   launch/tpu_vm.sh create  NAME --zone=Z [--type=v5litepod-8] [--version=IMAGE (default: the type's image)]
 #   launch/tpu_vm.sh setup   NAME --zone=Z            copy this checkout to every worker, pip install -e '.[tpu]'
-#   launch/tpu_vm.sh run     NAME --zone=Z CONFIG WORKDIR [--config.KEY=VALUE ...]   on --worker=all
+#   launch/tpu_vm.sh run     NAME --zone=Z CONFIG WORKDIR [--config.KEY=VALUE ...] [--distributed_timeout=S]   on --worker=all
 #   launch/tpu_vm.sh delete  NAME --zone=Z
 # Every subcommand takes --dry-run (print the gcloud commands, run nothing) and --slices=N (default 1).
 # Options may come anywhere on the line, before, between or after ACTION, NAME, CONFIG and WORKDIR.
@@ -24,7 +24,7 @@ for arg in "$@"; do
     --type=*) type=${arg#--type=} ;;
     --version=*) version=${arg#--version=} ;;
     --slices=*) slices=${arg#--slices=} ;;
-    --config.*=*) overrides+=("$arg") ;;
+    --config.*=* | --distributed_timeout=*) overrides+=("$arg") ;;  # passed to danceopd_jax.main
     --*) echo "error: unknown option '$arg'" >&2; exit 2 ;;
     *) positional+=("$arg") ;;
   esac

@@ -120,9 +120,9 @@ ZONE = "--zone=us-central2-b"
 # (script, positionals, options, extra environment): each script's positionals and options in the documented order.
 ORDERINGS = [
     ("single_host.sh", ["configs/smoke.py", "/tmp/w"], ["--config.seed=1"], {}),
-    ("local_multiprocess.sh", ["2", "3", "configs/smoke.py", "/tmp/w"], ["--config.seed=1", "--port=999"], {}),
-    ("gpu_multihost.sh", ["configs/smoke.py", "/shared/w"], ["--config.seed=1", "--per=host", "--port=7"], SLURM_ENV),
-    ("tpu_vm.sh", ["run", "pod", "configs/smoke.py", "/mnt/w"], [ZONE, "--slices=2", "--config.seed=3"], {}),
+    ("local_multiprocess.sh", ["2", "3", "configs/smoke.py", "/tmp/w"], ["--config.seed=1", "--port=999", "--distributed_timeout=900"], {}),
+    ("gpu_multihost.sh", ["configs/smoke.py", "/shared/w"], ["--config.seed=1", "--per=host", "--port=7", "--distributed_timeout=900"], SLURM_ENV),
+    ("tpu_vm.sh", ["run", "pod", "configs/smoke.py", "/mnt/w"], [ZONE, "--slices=2", "--config.seed=3", "--distributed_timeout=900"], {}),
     ("tpu_vm.sh", ["create", "pod"], [ZONE, "--type=v4-32"], {}),
 ]
 
@@ -140,6 +140,14 @@ def test_options_anywhere_on_the_line(script, positionals, options, extra_env):
     middle = _run(path, positionals[0], "--dry-run", *options[:1], *positionals[1:], *options[1:], env=env)
     for other in (first, middle):
         assert (other.returncode, other.stdout, other.stderr) == (0, documented.stdout, ""), other.args
+
+
+@pytest.mark.parametrize("script, positionals, options, extra_env", ORDERINGS[1:4], ids=lambda v: v if isinstance(v, str) else "")
+def test_multi_process_scripts_pass_the_join_timeout_on(script, positionals, options, extra_env):
+    """``--distributed_timeout=S`` reaches every process's ``danceopd_jax.main`` command."""
+    result = _run(f"launch/{script}", *positionals, *options, "--dry-run", env=dict(os.environ, **extra_env))
+    commands = [line for line in result.stdout.splitlines() if "danceopd_jax.main" in line]
+    assert result.returncode == 0 and commands and all("--distributed_timeout=900" in line for line in commands), result.stdout
 
 
 @pytest.mark.parametrize("script, positionals, options, extra_env", ORDERINGS, ids=lambda v: v if isinstance(v, str) else "")
