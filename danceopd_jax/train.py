@@ -23,7 +23,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers
 from ml_collections import ConfigDict
 
 from danceopd_jax import build, checkpoints, parallel, training_samples
@@ -516,6 +515,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> TrainState:
 def _train_loop(run: Run, state: TrainState, start: int, manager, preemption: _Preemption, workdir: str) -> TrainState:
     """Steps ``start .. num_train_steps``: log points, loss log, checkpoints, preemption."""
     config = run.config
+    from clu import metric_writers  # imports TensorFlow (2.5 s): here, so that a bad flag or config fails fast
+
     # TensorBoard scalars from process 0 only; progress lines are printed by ``_log``.
     writer = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else metric_writers.MultiWriter([])
     window = _MetricWindow(
