@@ -176,3 +176,13 @@ def test_model_memory_writes_its_document_whole(tmp_path):
     path = tmp_path / "docs" / "MODELS.md"
     load_benchmark("model_memory").write_document("# doc\n", str(path))
     assert path.read_text() == "# doc\n" and os.listdir(path.parent) == ["MODELS.md"]
+
+
+def test_the_commands_start_without_tensorflow():
+    """clu's TensorBoard writer imports TensorFlow (2.5 s on the 2-core CPU); it is imported when a
+    training loop starts, so a bad flag or config is reported without waiting for it."""
+    modules = ["danceopd_jax.main", "danceopd_jax.sample", "danceopd_jax.export", "danceopd_jax.encode_prompts",
+               "danceopd_jax.experiments.reproduce"]  # fmt: skip
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules}]; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-3000:]
