@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# The files that take minutes, longest first (CI, 2 workers: the quick reproduction ~6.5 min, the
-# two-process runs ~4, the sharded steps ~4). Scheduled first, they leave the many short files to
+# The files that take minutes, longest first (measured in CI, 2 workers: test_experiments ~8 min with
+# the quick reproduction, the two-process runs ~5, the sharded steps ~3). Scheduled first, they leave the many short files to
 # fill the gaps, so that with ``--dist loadfile`` the workers finish together (longest first).
 LONG_FILES = ("test_experiments.py", "test_multiprocess.py", "test_sharding.py")
 
