@@ -14,8 +14,13 @@ from absl import flags, logging
 
 def fail(message: str, code: int = 2) -> None:
     """``error: MESSAGE`` (on one line) on stderr, exit code ``code`` (2: bad input)."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    _print_error(message)
     sys.exit(code)
+
+
+def _print_error(message) -> None:
+    """``error: MESSAGE`` on stderr, its whitespace (newlines included) folded into one line."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -87,7 +92,7 @@ def exit_interrupted() -> None:
 def exit_at_once(message: str, code: int) -> None:
     """``error: MESSAGE`` on stderr and exit code ``code`` without Python's teardown: for an exit while
     native threads are busy (a compile in flight, a blocked ``jax.distributed`` connect)."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    _print_error(message)
     sys.stdout.flush()
     os._exit(code)
 

@@ -109,10 +109,10 @@ def test_a_bad_coordinator_address_is_one_line_before_jax_joins(address):
         initialize(False, address, 2, 0)
 
 
-def _waiting_process(workdir, port: int, *flags, ctrl_c: bool = False) -> subprocess.Popen:
-    """Process 1 of 2 of a run whose process 0 never starts."""
-    args = ["--config", "configs/smoke.py", "--workdir", str(workdir), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            "--process_id=1", *flags]  # fmt: skip
+def _start_process(index: int, workdir, port: int, *flags, ctrl_c: bool = False) -> subprocess.Popen:
+    """Process ``index`` of a two-process smoke run with its coordinator on 127.0.0.1:``port``."""
+    args = ["--config", "configs/smoke.py", "--workdir", str(workdir), *flags, f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", f"--process_id={index}"]  # fmt: skip
     return subprocess.Popen(main_command(*args, ctrl_c=ctrl_c), cwd=ROOT, env=cpu_devices_env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
@@ -120,7 +120,7 @@ def _waiting_process(workdir, port: int, *flags, ctrl_c: bool = False) -> subpro
 def test_a_process_whose_peers_never_join_stops_with_one_line_after_the_timeout(tmp_path):
     """Not XLA's fatal abort and stack dump at its deadline; nothing is written."""
     port = _free_port()
-    process = _waiting_process(tmp_path / "w", port, "--distributed_timeout=2")
+    process = _start_process(1, tmp_path / "w", port, "--distributed_timeout=2")  # process 0 never starts
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
     assert stderr.strip() == (
@@ -132,7 +132,7 @@ def test_a_process_whose_peers_never_join_stops_with_one_line_after_the_timeout(
 
 def test_ctrl_c_while_waiting_for_the_other_processes_stops_at_once(tmp_path):
     """XLA's connect blocks in native code; the wait for it is in another thread, so Ctrl-C is heard."""
-    process = _waiting_process(tmp_path / "w", _free_port(), ctrl_c=True)
+    process = _start_process(1, tmp_path / "w", _free_port(), ctrl_c=True)  # process 0 never starts
     assert process.stdout.readline().startswith("joining the run: process 1 of 2 at coordinator 127.0.0.1:")
     time.sleep(1)  # inside the connect
     process.send_signal(signal.SIGINT)
@@ -158,14 +158,7 @@ def test_when_a_process_dies_mid_run_the_other_stops_with_one_line_at_once(tmp_p
     """Its next collective fails. Before: a traceback, then Python's teardown waited in JAX's
     shutdown barrier for the dead process until the heartbeat timeout and aborted with a C++ stack dump."""
     port = _free_port()
-    processes = [
-        subprocess.Popen(main_command("--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.num_train_steps=100000",
-                                      "--config.log_every=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                      f"--process_id={index}"),
-                         cwd=ROOT, env=cpu_devices_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for index in range(2)
-    ]  # fmt: skip
-    survivor, victim = processes
+    survivor, victim = (_start_process(index, tmp_path, port, "--config.num_train_steps=100000", "--config.log_every=1") for index in range(2))
     while not (survivor.stdout.readline() or "step 3/").startswith("step 3/"):
         pass
     victim.kill()
@@ -184,13 +177,8 @@ def test_processes_given_other_configs_or_workdirs_stop_together_with_one_line(t
     """Checked right after joining, before anything is built; the workdir is left as it was found."""
     port = _free_port()
     own = [str(tmp_path / "shared"), str(tmp_path / "local" / "w")]
-    processes = [
-        subprocess.Popen(main_command("--config", "configs/smoke.py", "--workdir", own[index], f"--config.seed={index}",
-                                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={index}",
-                                      "--distributed_timeout=15"),  # process 1 looks for process 0's file for 15 s
-                         cwd=ROOT, env=cpu_devices_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for index in range(2)
-    ]  # fmt: skip
+    # process 1 looks for process 0's file for 15 s
+    processes = [_start_process(index, own[index], port, f"--config.seed={index}", "--distributed_timeout=15") for index in range(2)]
     expected = (
         "error: process 1 started with another config than process 0 (every process needs the same --config and overrides); "
         "process 1 cannot see the files process 0 writes in the run's --workdir (a multi-process run needs one folder every process sees, "
