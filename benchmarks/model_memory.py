@@ -36,6 +36,7 @@ from flax import nnx
 
 from danceopd_jax.commands import ArgumentParser, folder_problem
 from danceopd_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.lora import LoRAParam, add_lora
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, Buffer, mmdit_config
 from danceopd_jax.models.t5 import T5Config, T5EncoderModel
@@ -63,10 +64,10 @@ T5_XXL = T5Config(  # google/t5-v1_1-xxl, encoder
     vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
 )
 FROZEN_MODELS = {
-    "CLIP-L/14 text encoder + projection": lambda: CLIPTextModelWithProjection(CLIP_L, rngs=nnx.Rngs(0)),
-    "OpenCLIP bigG/14 text encoder + projection": lambda: CLIPTextModelWithProjection(CLIP_G, rngs=nnx.Rngs(0)),
-    "T5-v1.1-XXL encoder": lambda: T5EncoderModel(T5_XXL, rngs=nnx.Rngs(0)),
-    "VAE (AutoencoderKL, encoder + decoder)": lambda: AutoencoderKL(SD3_VAE, rngs=nnx.Rngs(0)),
+    "CLIP-L/14 text encoder + projection": lambda: CLIPTextModelWithProjection(CLIP_L, rngs=InitKeys(0)),
+    "OpenCLIP bigG/14 text encoder + projection": lambda: CLIPTextModelWithProjection(CLIP_G, rngs=InitKeys(0)),
+    "T5-v1.1-XXL encoder": lambda: T5EncoderModel(T5_XXL, rngs=InitKeys(0)),
+    "VAE (AutoencoderKL, encoder + decoder)": lambda: AutoencoderKL(SD3_VAE, rngs=InitKeys(0)),
 }
 
 GIB = 2**30
@@ -104,8 +105,8 @@ def transformer_sizes(config: MMDiTConfig, rank: int) -> TransformerSizes:
     adapted = []
 
     def build() -> MMDiT:
-        model = MMDiT(config, rngs=nnx.Rngs(0))
-        adapted.extend(add_lora(model, rank=rank, alpha=rank, targets=LORA_TARGETS, rngs=nnx.Rngs(1)))
+        model = MMDiT(config, rngs=InitKeys(0))
+        adapted.extend(add_lora(model, rank=rank, alpha=rank, targets=LORA_TARGETS, rngs=InitKeys(1)))
         return model
 
     _, lora, buffer, params = nnx.split(nnx.eval_shape(build), LoRAParam, Buffer, nnx.Param)

@@ -85,6 +85,7 @@ from danceopd_jax.core.rollout import rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.core.step import init_train_state, make_loss_fn, make_lr_schedule, make_optimizer, make_train_step
 from danceopd_jax.models import dit, layers, lora, mmdit
+from danceopd_jax.models.init_keys import InitKeys
 import kernel_profile
 import measure
 from measure import median_seconds, peak_bytes, step_flops
@@ -262,7 +263,7 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
 
     null = null_condition(choice)
     if choice.kind == "dit":
-        graphdef, abstract_state, shardings = parallel.abstract_model_state(lambda: dit.DiT(config, rngs=nnx.Rngs(0)), mesh, rules)
+        graphdef, abstract_state, shardings = parallel.abstract_model_state(lambda: dit.DiT(config, rngs=InitKeys(0)), mesh, rules)
         params, expert = (state(abstract_state, shardings, seed) for seed in (0, 1))
         with parallel.sharding_context(mesh, rules):
             expert = stored(graphdef, expert, shardings)  # as train.setup_run stores experts
@@ -271,8 +272,8 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
         return Models(student(graphdef), student_params, params, {"expert": expert}, {"expert": shardings}, fields)
 
     def make_lora():
-        model = mmdit.MMDiT(config, rngs=nnx.Rngs(0))
-        lora.add_lora(model, rank=choice.lora_rank, alpha=choice.lora_rank, targets=SD3_LORA_TARGETS.split(","), rngs=nnx.Rngs(1))
+        model = mmdit.MMDiT(config, rngs=InitKeys(0))
+        lora.add_lora(model, rank=choice.lora_rank, alpha=choice.lora_rank, targets=SD3_LORA_TARGETS.split(","), rngs=InitKeys(1))
         return model
 
     graphdef, abstract_state, _ = parallel.abstract_model_state(make_lora, mesh, rules)

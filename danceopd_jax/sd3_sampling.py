@@ -36,6 +36,7 @@ from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.models import lora, mmdit, sd3, sd3_folder, sd3_prompts, vae
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.weights import load_module, open_safetensors
 
 
@@ -129,7 +130,7 @@ def load_vae(model_dir: str) -> vae.AutoencoderKL:
     """The folder's ``vae/`` (float32), checked like every weights load."""
     config = vae.config_from_diffusers(sd3_folder.component_config(model_dir, "vae"))
     folder = sd3_folder.pipeline_components(model_dir)["vae"]
-    return load_module(lambda: vae.AutoencoderKL(config, rngs=nnx.Rngs(0)), open_safetensors(folder), vae.torch_names(config))
+    return load_module(lambda: vae.AutoencoderKL(config, rngs=InitKeys(0)), open_safetensors(folder), vae.torch_names(config))
 
 
 @functools.lru_cache(maxsize=4)

@@ -140,6 +140,8 @@ def test_grad_accumulation_benchmark_shows_less_memory_for_the_same_loss():
         ("grad_accumulation", ["--accum", "1,x"], "error: --accum: '1,x' is not a comma-separated list of integers"),
         ("grad_accumulation", ["--px", "100"], "error: --px: 100 is not divisible by 16 (latent / 8, patch 2)"),
         ("grad_accumulation", ["--steps", "-1"], "error: --steps: must be >= 0, got -1"),
+        ("model_init", ["--models", "DiT-B/2,DiT-H/2"], "error: --models: unknown ['DiT-H/2']; valid: DiT-B/2, DiT-XL/2, SD3.5-M"),
+        ("model_init", ["--repeats", "0"], "error: --repeats: must be >= 1, got 0"),
     ],
 )
 def test_benchmark_rejects_bad_arguments_in_one_line(script, argv, message, capsys):
@@ -147,6 +149,13 @@ def test_benchmark_rejects_bad_arguments_in_one_line(script, argv, message, caps
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
+
+
+def test_model_init_benchmark_builds_each_model_both_ways_with_both_key_sources(capsys):
+    load_benchmark("model_init").main(["--models", "DiT-B/2", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| DiT-B/2 |")]
+    assert [(row[2].strip(), row[1].strip()) for row in rows] == [("eval_shape", "130M"), ("jit trace", "130M")]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].strip().endswith("x") for row in rows)
 
 
 def test_step_throughput_compilation_cache_serves_a_second_call(tmp_path):

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.layers import NORMAL_INIT, ZEROS_INIT, partitioned
 from danceopd_jax.models.weights import param_shapes
 
@@ -229,7 +230,7 @@ class CLIPTextModelWithProjection(nnx.Module):
 
 def torch_names(config: CLIPTextConfig) -> dict[str, str]:
     """``{NNX param path: transformers state-dict key}`` of ``CLIPTextModelWithProjection``."""
-    abstract = nnx.split(nnx.eval_shape(lambda: CLIPTextModelWithProjection(config, rngs=nnx.Rngs(0))))[1]
+    abstract = nnx.split(nnx.eval_shape(lambda: CLIPTextModelWithProjection(config, rngs=InitKeys(0))))[1]
     names = {}
     for path in param_shapes(abstract):
         *module, leaf = path.split(".")

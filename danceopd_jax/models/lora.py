@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.layers import ZEROS_INIT, partitioned
 from danceopd_jax.models.weights import (
     TensorSource,
@@ -397,7 +398,7 @@ def load_lora_deltas(
 
     def adapted() -> nnx.Module:
         teacher = nnx.merge(graphdef, base_state)
-        _wrap(teacher, specs, nnx.Rngs(0))
+        _wrap(teacher, specs, InitKeys(0))
         return teacher
 
     graphdef, abstract_delta, _ = lora_split(nnx.eval_shape(adapted))

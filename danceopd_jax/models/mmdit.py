@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.core.conditioning import Condition
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.layers import (
     ACTIVATION_AXES,
     FREQUENCY_DIM,
@@ -534,7 +535,7 @@ _TORCH_SEGMENTS = {"to_out": "to_out.0", "fc1": "net.0.proj", "fc2": "net.2", "k
 
 
 def _abstract_model(config: MMDiTConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=InitKeys(0))))
 
 
 def torch_names_of(abstract: nnx.State) -> dict[str, str]:
@@ -582,7 +583,7 @@ def load_mmdit(folder: str, **overrides) -> MMDiT:
 
 def param_count(config: MMDiTConfig) -> int:
     """Number of parameters (``nnx.Param``, the positional buffer excluded), as diffusers' ``parameters()``."""
-    params = nnx.state(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))), nnx.Param)
+    params = nnx.state(nnx.eval_shape(lambda: MMDiT(config, rngs=InitKeys(0))), nnx.Param)
     return sum(int(np.prod(leaf.shape)) for _, leaf in nnx.to_flat_state(params))
 
 

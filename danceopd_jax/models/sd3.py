@@ -32,6 +32,7 @@ from flax import nnx
 
 from danceopd_jax.data.prompt_embeddings import Encoder, PromptEmbeddings, encode_table, load_table
 from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_original, sd3_prompts
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.weights import WeightsMismatch, load_state
 
 CLIP_TOKENS = 77  # SD3's CLIP token count; the text sequence is CLIP_TOKENS + T5's max_sequence_length
@@ -50,9 +51,9 @@ def lora_targets(targets: str) -> list[str]:
 
 def add_student_lora(model: nnx.Module, spec) -> nnx.Module:
     """``model`` with the student spec's fresh LoRA: ``lora_rank``, ``lora_alpha`` (0 = rank) on the
-    layers ``lora_targets`` selects, drawn from ``nnx.Rngs(seed + 1)``; in place, returned."""
+    layers ``lora_targets`` selects, drawn from the keys of seed + 1 (``InitKeys``); in place, returned."""
     alpha = spec.lora_alpha or spec.lora_rank
-    lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=nnx.Rngs(spec.seed + 1))
+    lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=InitKeys(spec.seed + 1))
     return model
 
 
@@ -64,7 +65,7 @@ def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
     config = transformer_config(model_dir, spec.dtype, spec.remat, spec.get("attention", "xla"))
 
     def make() -> nnx.Module:
-        model = mmdit.MMDiT(config, rngs=nnx.Rngs(spec.seed))
+        model = mmdit.MMDiT(config, rngs=InitKeys(spec.seed))
         return add_student_lora(model, spec) if spec.lora_rank else model
 
     return make

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.models import clip, t5
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.weights import TensorSource, load_module, open_safetensors
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
@@ -79,14 +80,14 @@ def _weights(folder: str) -> TensorSource:
 def load_clip_encoder(folder: str, dtype: str = "float32") -> clip.CLIPTextModelWithProjection:
     """A ``CLIPTextModelWithProjection`` from a transformers folder (config.json + safetensors)."""
     config = clip.config_from_hf(_read_config(folder), dtype=dtype)
-    make = lambda: clip.CLIPTextModelWithProjection(config, rngs=nnx.Rngs(0))
+    make = lambda: clip.CLIPTextModelWithProjection(config, rngs=InitKeys(0))
     return load_module(make, _weights(folder), clip.torch_names(config))
 
 
 def load_t5_encoder(folder: str, dtype: str = "float32") -> t5.T5EncoderModel:
     """A ``T5EncoderModel`` from a transformers folder (config.json + safetensors, possibly sharded)."""
     config = t5.config_from_hf(_read_config(folder), dtype=dtype)
-    make = lambda: t5.T5EncoderModel(config, rngs=nnx.Rngs(0))
+    make = lambda: t5.T5EncoderModel(config, rngs=InitKeys(0))
     return load_module(make, _weights(folder), t5.torch_names(config), ignore=t5.IGNORED_TORCH_KEYS)
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.layers import partitioned
 from danceopd_jax.models.weights import param_shapes
 
@@ -240,7 +241,7 @@ def torch_names(config: T5Config) -> dict[str, str]:
 
     Load with ``ignore=IGNORED_TORCH_KEYS``.
     """
-    abstract = nnx.split(nnx.eval_shape(lambda: T5EncoderModel(config, rngs=nnx.Rngs(0))))[1]
+    abstract = nnx.split(nnx.eval_shape(lambda: T5EncoderModel(config, rngs=InitKeys(0))))[1]
     names = {}
     for path in param_shapes(abstract):
         parts = path.split(".")

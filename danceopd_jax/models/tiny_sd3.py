@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.models import clip, lora, mmdit, t5, vae
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.tiny_tokenizers import write_clip_tokenizer, write_t5_tokenizer
 from danceopd_jax.models.weights import from_nnx_layout, param_path, write_safetensors
 
@@ -112,7 +113,7 @@ def _write_model(folder: str, module: nnx.Module, names: dict[str, str], config:
 def write_tiny_sd3(out: str, seed: int = 0) -> str:
     """Write the tiny SD3-family folder (module docstring) to ``out``; returns ``out``."""
     os.makedirs(out, exist_ok=True)
-    rngs = nnx.Rngs(seed)
+    rngs = InitKeys(seed)
 
     # transformer and vae (diffusers components)
     transformer_config = mmdit.config_from_diffusers(TRANSFORMER)
@@ -163,8 +164,8 @@ def write_tiny_sd3(out: str, seed: int = 0) -> str:
     # extras for configs/sd3_smoke.py: prompts and a random LoRA teacher over this transformer
     with open(os.path.join(out, "prompts.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(PROMPTS) + "\n")
-    teacher = mmdit.MMDiT(transformer_config, rngs=nnx.Rngs(seed))
-    lora.add_lora(teacher, rank=LORA_RANK, alpha=LORA_RANK, targets=LORA_TARGETS, rngs=nnx.Rngs(seed + 10))
+    teacher = mmdit.MMDiT(transformer_config, rngs=InitKeys(seed))
+    lora.add_lora(teacher, rank=LORA_RANK, alpha=LORA_RANK, targets=LORA_TARGETS, rngs=InitKeys(seed + 10))
     randomise_lora(teacher, seed + 11)
     lora.export_lora(teacher, mmdit.torch_names(transformer_config), os.path.join(out, "teacher_lora.safetensors"))
     return out

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.layers import partitioned
 from danceopd_jax.models.weights import param_shapes
 
@@ -432,7 +433,7 @@ _TORCH_MODULES = {"downsample": "downsamplers.0.conv", "upsample": "upsamplers.0
 
 def torch_names(config: VAEConfig) -> dict[str, str]:
     """``{NNX parameter path: diffusers state-dict key}`` for every parameter of ``AutoencoderKL(config)``."""
-    abstract = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))[1]
+    abstract = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=InitKeys(0))))[1]
     names = {}
     for path in param_shapes(abstract):
         *modules, leaf = path.split(".")
