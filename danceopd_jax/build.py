@@ -136,7 +136,7 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     expert's LoRA delta (an empty state for the plain base), both stored in their layers' compute
     dtype (the base read straight into it: ``core.compute_dtype``). The full transformer is traced
     abstractly once, as the plain base; the student is that abstract base plus a fresh LoRA, so
-    only the adapters are traced again (SD3.5-M's full trace: 0.7 s, ``benchmarks/model_init.py``).
+    only the adapters are traced again (SD3.5-M's full trace: under a second, ``benchmarks/model_init.py``).
     """
     student = config.student
     plain = sd3.model_factory(config.model_dir, ConfigDict({**student.to_dict(), "lora_rank": 0}))
