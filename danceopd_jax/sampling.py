@@ -55,14 +55,15 @@ def encode_conditions(config: ConfigDict, prompts: Sequence[str], sources: Seque
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: float, schedule: str, cfg_scale: float):
+def _sampler(graphdef: nnx.GraphDef, image_shape: tuple, steps: int, shift: float, schedule: str, guided: bool):
     """The jitted sampler of one architecture and setting, compiled once and shared by every model
-    of that architecture (evaluation samples many models of one DiT)."""
+    of that architecture (evaluation samples many models of one DiT); with ``guided``, by every CFG
+    scale too (the scale is an argument)."""
 
     @jax.jit
-    def run(params, cond, key):
+    def run(params, cond, key, cfg_scale):
         batch = jax.tree.leaves(cond)[0].shape[0]
-        field = cfg_field(inference_field(graphdef, params), cfg_scale)
+        field = cfg_field(inference_field(graphdef, params), cfg_scale if guided else 1.0)
         noise = jax.random.normal(key, (batch,) + image_shape, jnp.float32)
         return jnp.clip(sample(field, noise, sigma_grid(steps, shift, schedule), cond), -1.0, 1.0)
 
@@ -73,8 +74,8 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
              schedule: str = "uniform", cfg_scale: float = 1.0):  # fmt: skip
     """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` over ``sigma_grid(steps, shift,
     schedule)`` (CFG when ``cfg_scale != 1``)."""
-    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, float(cfg_scale))
-    images = run(params, cond, key)
+    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, float(cfg_scale) != 1.0)
+    images = run(params, cond, key, jnp.float32(cfg_scale))
     if not images.is_fully_addressable:  # parameters sharded over several processes: each gets every sample
         images = multihost_utils.process_allgather(images, tiled=True)
     return np.asarray(images)

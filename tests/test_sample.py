@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from danceopd_jax import checkpoints
+from danceopd_jax import checkpoints, sampling
 from danceopd_jax.config_validation import validate
 from danceopd_jax.sampling import encode_conditions, generate, load_trained_model, sample_task, task_conditions, to_uint8
 from danceopd_jax.tasks import TASKS
@@ -53,6 +53,17 @@ def test_api_samples_are_deterministic_and_conditioned(workdir):
     assert a.shape == (2, 8, 8, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
     assert a.min() >= -1 and a.max() <= 1
 
+
+
+def test_a_cfg_sweep_samples_every_scale_with_one_program(workdir):
+    """The scale is an argument of the guided sampler (a scale of 1 is the unguided one)."""
+    config, graphdef, params = load_trained_model(str(workdir))
+    cond = encode_conditions(config, ["a red disc", "a blue square"])
+    args = dict(image_shape=(8, 8, 3), steps=3)
+    images = [generate(graphdef, params, cond, jax.random.key(0), cfg_scale=scale, **args) for scale in (1.0, 2.0, 3.5, 6.0)]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1 :])
+    guided = sampling._sampler(graphdef, (8, 8, 3), 3, 1.0, "uniform", True)
+    assert guided._cache_size() == 1
 
 def test_command_writes_a_png(workdir, tmp_path):
     source = tmp_path / "src.png"

@@ -41,9 +41,10 @@ def inference_field(graphdef: nnx.GraphDef, *states: nnx.State) -> Field:
 def cfg_field(field: Field, scale: float, null: Callable[[Condition], Condition] = unconditional) -> Field:
     """Classifier-free guidance ``v_u + scale * (v_c - v_u)`` with ``v_u = field(x, t, null(cond))``.
 
-    Conditional and unconditional branches run as one batch of 2B. ``scale == 1`` is the plain field.
+    Conditional and unconditional branches run as one batch of 2B. A Python ``scale == 1`` is the plain
+    field; a traced ``scale`` (a jitted argument: one program for every scale of a sweep) always guides.
     """
-    if scale == 1.0:
+    if not isinstance(scale, jax.Array) and scale == 1.0:
         return field
 
     def guided(x, t, cond):

@@ -24,10 +24,11 @@ from danceopd_jax.core.rollout import rollout_trajectory
 from danceopd_jax.core.schedule import sigma_grid
 
 
-@functools.partial(jax.jit, static_argnames=("model_graph", "anchor_graph", "steps", "shift", "scale"))
-def _guidance_sums(model_graph: nnx.GraphDef, model_params, anchor_graph: nnx.GraphDef, anchor_params, cond, noise, *, steps, shift, scale):
+@functools.partial(jax.jit, static_argnames=("model_graph", "anchor_graph", "steps", "shift", "guided"))
+def _guidance_sums(model_graph: nnx.GraphDef, model_params, anchor_graph: nnx.GraphDef, anchor_params, cond, noise, scale, *, steps, shift, guided):
+    """``(numerator, denominator)`` of ``gamma``; ``scale`` is traced (one program for every scale but 1)."""
     anchor = inference_field(anchor_graph, anchor_params)
-    guided = cfg_field(inference_field(model_graph, model_params), scale)
+    model = cfg_field(inference_field(model_graph, model_params), scale if guided else 1.0)
     sigmas = sigma_grid(steps, shift)
     states, _ = rollout_trajectory(anchor, noise, sigmas, cond)  # [N, B, ...]
 
@@ -36,7 +37,7 @@ def _guidance_sums(model_graph: nnx.GraphDef, model_params, anchor_graph: nnx.Gr
         t = jnp.full((x.shape[0],), sigmas[i], jnp.float32)
         a_u = anchor(x, t, unconditional(cond))
         direction = anchor(x, t, cond) - a_u
-        u = guided(x, t, cond)
+        u = model(x, t, cond)
         return (carry[0] + jnp.vdot(u - a_u, direction), carry[1] + jnp.vdot(direction, direction)), None
 
     (numerator, denominator), _ = jax.lax.scan(sums, (jnp.float32(0.0), jnp.float32(0.0)), jnp.arange(steps))
@@ -49,6 +50,6 @@ def effective_guidance(model, anchor, cond: dict, key: jax.Array, *, image_shape
     batch = jax.tree.leaves(cond)[0].shape[0]
     noise = jax.random.normal(key, (batch,) + tuple(image_shape), jnp.float32)
     numerator, denominator = _guidance_sums(
-        model[0], model[1], anchor[0], anchor[1], cond, noise, steps=steps, shift=float(shift), scale=float(scale)
+        model[0], model[1], anchor[0], anchor[1], cond, noise, jnp.float32(scale), steps=steps, shift=float(shift), guided=float(scale) != 1.0
     )
     return float(numerator / denominator)
