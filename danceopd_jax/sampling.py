@@ -75,7 +75,7 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
     """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` over ``sigma_grid(steps, shift,
     schedule)`` (CFG when ``cfg_scale != 1``)."""
     run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, float(cfg_scale) != 1.0)
-    images = run(params, cond, key, jnp.float32(cfg_scale))
+    images = run(params, cond, key, np.float32(cfg_scale))
     if not images.is_fully_addressable:  # parameters sharded over several processes: each gets every sample
         images = multihost_utils.process_allgather(images, tiled=True)
     return np.asarray(images)
