@@ -59,6 +59,7 @@ from danceopd_jax.config_validation import ConfigError, validate
 from danceopd_jax.core.rollout import euler_step, rollout_query_states
 from danceopd_jax.core.schedule import sample_query_indices, sigma_grid
 from danceopd_jax.models.dit import PRESETS
+from danceopd_jax.step_numbers import BoundStep
 from danceopd_jax.train import setup_run
 from measure import median_seconds, pass_flops, peak_bytes, query_shapes, rollout_trips, step_flops
 
@@ -151,11 +152,11 @@ def draw_batches(run, count: int) -> list:
     return [run.global_batch(step) for step in range(count)]
 
 
-def compile_step(step, run, route, batch):
+def compile_step(step: BoundStep, run, route, batch) -> tuple[BoundStep, float]:
     """A jitted ``step`` lowered and compiled ahead of time for the run's state; returns ``(executable, seconds)``."""
     start = time.perf_counter()
     compiled = step.lower(run.state, run.experts, batch, jnp.int32(route)).compile()
-    return compiled, time.perf_counter() - start
+    return BoundStep(compiled, step.numbers), time.perf_counter() - start
 
 
 
@@ -242,7 +243,8 @@ def benchmark_preset(preset: str, args) -> dict:
         batches = draw_batches(run, 2 + args.steps)
         assert all(route == list(config.routes).index(ROUTE) for route, _ in batches)
         donated, compile_s = compile_step(run.train_step, run, *batches[0])
-        no_donation = jax.jit(run.step_fn, out_shardings=(run.state_shardings, parallel.replicated(run.mesh)))
+        no_donation = jax.jit(run.step_fn.step, out_shardings=(run.state_shardings, parallel.replicated(run.mesh)))
+        no_donation = BoundStep(no_donation, run.step_fn.numbers)  # the same program as run.train_step, but donation
         kept = compile_step(no_donation, run, *batches[0])[0]
         step_s, ran = time_steps(run, {"donated": donated, "kept": kept}, batches)
         tolerance = 1e-5 if args.dtype == "float32" else 1e-2
@@ -255,7 +257,7 @@ def benchmark_preset(preset: str, args) -> dict:
         compile_s=compile_s,
         step_s=step_s["donated"],
         kept_step_s=step_s["kept"],
-        donated_memory=peak_bytes(donated) / peak_bytes(kept),
+        donated_memory=peak_bytes(donated.step) / peak_bytes(kept.step),
         flops=timed_flops(run, batches[0][1], ran["donated"]),
         **rollouts,
     )

@@ -189,16 +189,20 @@ class StudentApply:
         return inference_field(*lora.fold_adapters(self.graphdef, *self.states(params)))
 
 
-def _field(config: ConfigDict, name: str, expert_fields: dict[str, Field], null) -> Field:
+def _field(config: ConfigDict, name: str, expert_fields: dict[str, Field], null, cfg_scales: dict) -> Field:
     spec = config.fields[name]
     if spec.kind == "expert":
-        return cfg_field(expert_fields[spec.expert], spec.cfg_scale, null)
+        return cfg_field(expert_fields[spec.expert], cfg_scales.get(name, spec.cfg_scale), null)
     terms = list(spec.terms.items())
-    return linear_combination([_field(config, term, expert_fields, null) for term, _ in terms], [w for _, w in terms])
+    fields = [_field(config, term, expert_fields, null, cfg_scales) for term, _ in terms]
+    return linear_combination(fields, [w for _, w in terms])
 
 
-def route_fields_builder(config: ConfigDict, graphdefs: dict[str, nnx.GraphDef]):
-    """``experts -> [field of route m]`` (route order of ``config.routes``), traced inside the step."""
+def route_fields_builder(config: ConfigDict, graphdefs: dict[str, nnx.GraphDef], cfg_scales: dict | None = None):
+    """``experts -> [field of route m]`` (route order of ``config.routes``), traced inside the step.
+
+    ``cfg_scales`` maps guided fields to their scale as step arguments (``step_numbers``); a
+    field it omits guides with its config's scale."""
 
     def build(experts: dict[str, Any]) -> Sequence[Field]:
         if SHARED_BASE in experts:  # SD3: base + each expert's LoRA delta; CFG against the empty prompt
@@ -207,7 +211,7 @@ def route_fields_builder(config: ConfigDict, graphdefs: dict[str, nnx.GraphDef])
         else:
             expert_fields = {name: model_field(graphdefs[name], experts[name]) for name in graphdefs}
             null = unconditional
-        return [_field(config, route.field, expert_fields, null) for route in config.routes.values()]
+        return [_field(config, route.field, expert_fields, null, cfg_scales or {}) for route in config.routes.values()]
 
     return build
 
@@ -241,31 +245,40 @@ def step_group_sizes(config: ConfigDict) -> list[int]:
     return [size // processes for size in sizes]
 
 
-def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
-    """The run's ``loss(params, experts, batch, route, key)``; an SD3 student adds the shared base to its LoRA params."""
-    loss = _make_loss(config, student_graphdef, expert_graphdefs, router_params)
+def rollout_sigmas(config: ConfigDict) -> jax.Array:
+    """The rollout's sigma grid, computed here, eagerly: traced with the step, XLA would compute it
+    inside the program and round it, and what the step derives from it, differently."""
+    return sigma_grid(config.rollout_steps, config.shift, config.sigma_schedule)
+
+
+def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, numbers: dict, sigmas: jax.Array) -> LossFn:
+    """The run's ``loss(params, experts, batch, route, key)`` with the step numbers ``numbers``
+    (``step_numbers.step_numbers``: host values, or the traced arguments of a step) and the rollout's
+    ``sigmas`` (``rollout_sigmas``); an SD3 student adds the shared base to its LoRA params."""
+    loss = _make_loss(config, student_graphdef, expert_graphdefs, numbers, sigmas)
     if not config.model_dir:
         return loss
     return lambda params, experts, *rest: loss({"lora": params, "base": experts[SHARED_BASE]}, experts, *rest)
 
 
-def _make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, router_params=None) -> LossFn:
+def _make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, numbers: dict, sigmas: jax.Array) -> LossFn:
+    query_beta = numbers["query_beta"]
     return make_loss_fn(
         config.method,
         StudentApply(student_graphdef),
-        route_fields_builder(config, expert_graphdefs),
+        route_fields_builder(config, expert_graphdefs, numbers["cfg_scales"]),
         routing_mode=config.routing,
         route_weights=route_weights(config),
         group_sizes=step_group_sizes(config),
         group_blocks=jax.process_count(),
-        sigmas=sigma_grid(config.rollout_steps, config.shift, config.sigma_schedule),
+        sigmas=sigmas,
         num_queries=config.queries_per_rollout,
-        sampler=config.query_sampler,
+        sampler=config.query_sampler if query_beta is None else query_beta,
         shift=config.shift,
-        condition_dropout=config.condition_dropout,
+        condition_dropout=numbers["condition_dropout"],
         fm_time_sampler=config.fm_time_sampler,
         flowopd_options=flowopd_options(config),
-        router_params=router_params,
+        router_params=numbers["router"],
         router_assign=config.router.assign,
     )
 

@@ -173,6 +173,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate(tree, mesh: Mesh):
+    """Host arrays, the same on every process, placed whole on every device of ``mesh``."""
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), replicated(mesh)), tree)
+
+
 def abstract_model_state(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules):
     """``(graphdef, abstract state, shardings)`` of a model, without allocating it."""
     with sharding_context(mesh, rules):

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from danceopd_jax import build, checkpoints, parallel, training_samples
+from danceopd_jax import build, checkpoints, parallel, step_numbers, training_samples
 from danceopd_jax.config_validation import ConfigError, validate, with_defaults
 from danceopd_jax.core.route_weights import RouteWeights
 from danceopd_jax.models import sd3
-from danceopd_jax.core.step import TrainState, init_train_state, make_lr_schedule, make_optimizer, make_train_step
+from danceopd_jax.core.step import TrainState, init_train_state
+from danceopd_jax.step_numbers import BoundStep
 
 
 LOSS_LOG = "losses.jsonl"
@@ -270,8 +271,8 @@ class Run:
     batches: Any
     batch_sharding: Any
     loss_fn: Callable  # (params, experts, batch, route, key) -> per-sample loss [B], unjitted
-    train_step: Callable  # step_fn jitted with the shardings, the train state donated
-    step_fn: Callable  # (state, experts, batch, route) -> (state, metrics), unjitted
+    train_step: BoundStep  # step_fn jitted with the shardings, the train state donated, the step numbers an argument
+    step_fn: BoundStep  # (state, experts, batch, route) -> (state, metrics), unjitted
     route_weights: RouteWeights  # the per-step route schedule (host state, checkpointed)
     router_report: dict | None  # a learned router's accuracy and label counts (``build.train_router``)
     student_graphdef: Any  # with ``state.params``, the student model (training samples)
@@ -317,7 +318,7 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
             config, mesh, rules, expert_rules
         )
         null = sd3.null_condition(prompt_table)
-        experts[build.NULL_CONDITION] = sd3.replicate(null, parallel.replicated(mesh))
+        experts[build.NULL_CONDITION] = parallel.replicate(null, mesh)
         expert_shardings[build.NULL_CONDITION] = jax.tree.map(lambda _: parallel.replicated(mesh), null)
     else:
         student_graphdef, student_params, _ = build.load_model(config, config.student, mesh, rules)
@@ -327,10 +328,9 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
             expert_graphdefs[name], experts[name], expert_shardings[name] = build.load_model(config, spec, mesh, expert_rules, frozen=True)
 
     # ---------------------------------------------------------------- optimizer, state
-    opt = config.optimizer
-    lr_schedule = make_lr_schedule(opt.learning_rate, opt.warmup_steps, config.num_train_steps, opt.decay)
-    optimizer = make_optimizer(lr_schedule, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip, b1=opt.b1, b2=opt.b2)
-    use_ema = opt.ema_decay > 0
+    numbers = step_numbers.step_numbers(config, router_params)
+    _, optimizer = step_numbers.make_lr_and_optimizer(config, numbers)
+    use_ema = config.optimizer.ema_decay > 0
 
     def init_state(params):
         return init_train_state(params, optimizer, config.seed, use_ema)
@@ -341,28 +341,20 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
         state = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=0)(student_params)
 
     # ---------------------------------------------------------------- the jitted step
-    loss_fn = build.make_loss(config, student_graphdef, expert_graphdefs, router_params)
-    step_fn = make_train_step(
-        loss_fn,
-        optimizer,
-        lr_schedule,
-        group_sizes=build.step_group_sizes(config),
-        group_blocks=jax.process_count(),
-        ema_decay=opt.ema_decay,
-        skip_nonfinite=config.skip_nonfinite_steps,
-        router_params=router_params,
-        grad_accum_steps=config.grad_accum_steps,
-    )
     replicated = parallel.replicated(mesh)
+    step_fn = step_numbers.make_step(config, student_graphdef, expert_graphdefs)
     train_step = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, expert_shardings, batch_sharding, replicated),
+        in_shardings=(state_shardings, expert_shardings, batch_sharding, replicated, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
+    device_numbers = parallel.replicate(numbers, mesh)
+    loss_fn = build.make_loss(config, student_graphdef, expert_graphdefs, device_numbers, build.rollout_sigmas(config))
     return Run(
-        config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn, train_step,
-        step_fn, build.make_route_weights(config), router_report, student_graphdef,
+        config, mesh, rules, state, abstract_state, state_shardings, experts, batches, batch_sharding, loss_fn,
+        BoundStep(train_step, device_numbers), BoundStep(step_fn, device_numbers), build.make_route_weights(config),
+        router_report, student_graphdef,
     )  # fmt: skip
 
 

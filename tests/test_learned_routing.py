@@ -142,7 +142,7 @@ def test_learned_routing_is_one_jitted_step_without_host_round_trips(learned_run
     for step in range(2):
         route, batch = run.global_batch(step)
         state, _ = run.train_step(state, run.experts, batch, jnp.int32(route))
-    assert run.train_step._cache_size() == 1  # every batch, whatever its routes, runs the same program
+    assert run.train_step.step._cache_size() == 1  # every batch, whatever its routes, runs the same program
     run.state = state
 
 

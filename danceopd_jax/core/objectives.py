@@ -28,7 +28,7 @@ from danceopd_jax.core.conditioning import drop_condition, repeat_condition
 from danceopd_jax.core.fields import Field
 from danceopd_jax.core.microbatches import BatchRows
 from danceopd_jax.core.rollout import rollout_query_states, rollout_trajectory
-from danceopd_jax.core.schedule import sample_query_indices, shift_sigma
+from danceopd_jax.core.schedule import QuerySampler, sample_query_indices, shift_sigma
 
 Student = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
 
@@ -65,13 +65,20 @@ def _distill_states(student, params, target, states, times, cond) -> jax.Array:
     return per_sample_mse(student_v, teacher_v).reshape(batch, k).mean(axis=1)
 
 
-def query_indices(key: jax.Array, batch_size: int, num_steps: int, num_queries: int, sampler: str, rows: BatchRows | None) -> jax.Array:
+def query_indices(
+    key: jax.Array, batch_size: int, num_steps: int, num_queries: int, sampler: QuerySampler, rows: BatchRows | None
+) -> jax.Array:
     """``sample_query_indices`` [B, K] of a batch, or of a microbatch's rows (``microbatches.draw``)."""
     return microbatches.draw(lambda k, s: sample_query_indices(k, s[0], num_queries, num_steps, sampler), key, (batch_size,), rows)
 
 
 def danceopd_query_indices(
-    key: jax.Array, batch_size: int, num_steps: int, num_queries: int = 1, sampler: str = "low_t", rows: BatchRows | None = None
+    key: jax.Array,
+    batch_size: int,
+    num_steps: int,
+    num_queries: int = 1,
+    sampler: QuerySampler = "low_t",
+    rows: BatchRows | None = None,
 ) -> jax.Array:
     """The query indices [B, K] that ``danceopd_loss`` draws from its ``key``: the truncated rollout
     runs ``max`` of them Euler steps (benchmarks count a step's forwards with it)."""

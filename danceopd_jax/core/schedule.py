@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 QUERY_SAMPLERS = ("low_t", "mid_t", "high_t", "uniform", "stratified")
+QuerySampler = str | jax.Array  # a name of QUERY_SAMPLERS, or the (a, b) of a Beta sampler as an array
 
 # Beta(a, b) parameters of the query-time samplers (docs/METHOD.md step 3). u near 1 = low noise.
 _BETA_PARAMS = {"low_t": (5.0, 2.0), "mid_t": (5.0, 5.0), "high_t": (2.0, 5.0)}
@@ -45,15 +46,23 @@ def sigma_grid(num_steps: int, shift: float = 1.0, schedule: str = "uniform") ->
     raise ValueError(f"unknown sigma schedule {schedule!r}; valid: {', '.join(SIGMA_SCHEDULES)}")
 
 
-def sample_query_fractions(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+def beta_parameters(kind: str) -> tuple[float, float] | None:
+    """The ``(a, b)`` of a Beta query sampler (``low_t``, ``mid_t``, ``high_t``); None for the others."""
+    return _BETA_PARAMS.get(kind)
+
+
+def sample_query_fractions(key: jax.Array, shape: tuple[int, ...], kind: QuerySampler) -> jax.Array:
     """Fractions ``u`` in [0, 1) of the trajectory to query; the last axis of ``shape`` holds K states.
 
-    ``low_t`` Beta(5,2) (default), ``mid_t`` Beta(5,5), ``high_t`` Beta(2,5), ``uniform`` U(0,1),
-    ``stratified`` one uniform draw in each of the K strata ``[j/K, (j+1)/K)``.
+    ``kind`` is a sampler name or the ``(a, b)`` of a Beta distribution (an array: a step argument,
+    so that Beta samplers share one program): ``low_t`` Beta(5,2) (default), ``mid_t`` Beta(5,5),
+    ``high_t`` Beta(2,5), ``uniform`` U(0,1), ``stratified`` one uniform draw in each of the K
+    strata ``[j/K, (j+1)/K)``.
     """
-    if kind in _BETA_PARAMS:
-        a, b = _BETA_PARAMS[kind]
-        return jax.random.beta(key, a, b, shape, dtype=jnp.float32)
+    if isinstance(kind, str) and kind in _BETA_PARAMS:
+        kind = _BETA_PARAMS[kind]
+    if not isinstance(kind, str):
+        return jax.random.beta(key, kind[0], kind[1], shape, dtype=jnp.float32)
     if kind == "uniform":
         return jax.random.uniform(key, shape, dtype=jnp.float32)
     if kind == "stratified":
@@ -63,10 +72,9 @@ def sample_query_fractions(key: jax.Array, shape: tuple[int, ...], kind: str) ->
     raise ValueError(f"unknown query sampler {kind!r}; valid: {', '.join(QUERY_SAMPLERS)}")
 
 
-def sample_query_indices(
-    key: jax.Array, batch_size: int, num_states: int, num_steps: int, kind: str = "low_t"
-) -> jax.Array:
-    """Indices int32 [B, K] into the pre-step states z_0..z_{N-1}: ``i = clamp(int(u * N), 0, N - 1)``.
+def sample_query_indices(key: jax.Array, batch_size: int, num_states: int, num_steps: int, kind: QuerySampler = "low_t") -> jax.Array:
+    """Indices int32 [B, K] into the pre-step states z_0..z_{N-1}: ``i = clamp(int(u * N), 0, N - 1)``
+    with ``u`` from ``sample_query_fractions(kind)``.
 
     z_0 is pure noise and z_{N-1} the last pre-step state; the final clean sample is never queried.
     """

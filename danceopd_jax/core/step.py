@@ -1,8 +1,9 @@
 """One optimizer step as a pure function: routed objective -> grads -> optax -> new state.
 
 ``make_train_step`` returns ``step(state, experts, batch, route) -> (state, metrics)``, ready for
-``jax.jit`` with shardings and a donated ``state`` (see ``parallel.jit_train_step``). Only the
-student's parameters are differentiated and updated; the expert states enter as frozen inputs.
+``jax.jit`` with shardings and a donated ``state`` (``train.setup_run``; a run builds it inside its
+jitted step from the step's numbers, ``step_numbers.make_step``). Only the student's parameters are
+differentiated and updated; the expert states enter as frozen inputs.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import optax
 from danceopd_jax.core import flowopd, microbatches, objectives, router, routing
 from danceopd_jax.core.fields import Field
 from danceopd_jax.core.microbatches import BatchRows
+from danceopd_jax.core.schedule import QuerySampler
 
 # (params, experts, batch, route, key[, rows=BatchRows]) -> per-sample float32 loss [B]; ``rows`` is
 # passed for the microbatches of gradient accumulation only (``core/microbatches.py``)
@@ -48,8 +50,8 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
     )
 
 
-def make_lr_schedule(peak: float, warmup_steps: int, total_steps: int, decay: str) -> optax.Schedule:
-    """Linear warmup to ``peak`` then ``constant`` or ``cosine`` decay to 0 at ``total_steps``."""
+def make_lr_schedule(peak, warmup_steps: int, total_steps: int, decay: str) -> optax.Schedule:
+    """Linear warmup to ``peak`` (a number or a traced scalar) then ``constant`` or ``cosine`` decay to 0 at ``total_steps``."""
     if decay == "constant":
         after = optax.constant_schedule(peak)
     elif decay == "cosine":
@@ -83,7 +85,7 @@ def make_loss_fn(
     group_blocks: int = 1,
     sigmas: jax.Array,
     num_queries: int = 1,
-    sampler: str = "low_t",
+    sampler: QuerySampler = "low_t",
     shift: float = 1.0,
     condition_dropout: float = 0.0,
     fm_time_sampler: str = "logit_normal",

@@ -25,7 +25,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -236,8 +235,3 @@ def check_condition(model_dir: str, text_len: int, text_dim: int, pooled_dim: in
             f"config.condition {got} (text_len {text_len}) does not fit {model_dir}/transformer: it needs {want} "
             f"and text_len = {CLIP_TOKENS} + T5 tokens"
         )
-
-
-def replicate(tree, sharding) -> dict:
-    """Host arrays placed on the mesh with ``sharding`` (the CFG null in the frozen pytree)."""
-    return jax.tree.map(lambda a: jax.device_put(np.asarray(a), sharding), tree)
