@@ -142,6 +142,12 @@ def test_grad_accumulation_benchmark_shows_less_memory_for_the_same_loss():
         ("grad_accumulation", ["--steps", "-1"], "error: --steps: must be >= 0, got -1"),
         ("model_init", ["--models", "DiT-B/2,DiT-H/2"], "error: --models: unknown ['DiT-H/2']; valid: DiT-B/2, DiT-XL/2, SD3.5-M"),
         ("model_init", ["--repeats", "0"], "error: --repeats: must be >= 1, got 0"),
+        ("sweep_compile", ["--key", "optimizer.nope"], "error: --key: the config has no key 'optimizer.nope'"),
+        ("sweep_compile", ["--values", "1e-3"], "error: --values: a sweep needs at least 2 values, got [0.001]"),
+        ("sweep_compile", ["--values", "1e-3,abc"], "error: --values: optimizer.learning_rate='abc': expected a float"),
+        ("sweep_compile", ["--key", "rollout_steps", "--values", "4,0"], "error: --values: rollout_steps=0: config.rollout_steps: must be an integer >= 1, got 0"),
+        ("sweep_compile", ["--preset", "Q"], "error: --preset: unknown preset 'Q'; valid: tiny, mini, S, B, L, XL"),
+        ("sweep_compile", ["--ways", "arguments,baked"], "error: --ways: unknown ['baked']; valid: arguments, constants"),
     ],
 )
 def test_benchmark_rejects_bad_arguments_in_one_line(script, argv, message, capsys):
@@ -156,6 +162,15 @@ def test_model_init_benchmark_builds_each_model_both_ways_with_both_key_sources(
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| DiT-B/2 |")]
     assert [(row[2].strip(), row[1].strip()) for row in rows] == [("eval_shape", "130M"), ("jit trace", "130M")]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5].strip().endswith("x") for row in rows)
+
+
+def test_sweep_benchmark_compiles_a_learning_rate_sweep_once(capsys):
+    """Each point in a new process: with the step numbers as arguments (as a run takes them) the second
+    learning rate loads the first one's program from the cache."""
+    load_benchmark("sweep_compile").main(["--values", "1e-3,3e-4", "--ways", "arguments"])
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()[4:]]
+    assert [(row[0], row[1], row[4]) for row in rows] == [("0.001", "arguments", "yes"), ("0.0003", "arguments", "no")]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
 
 
 def test_step_throughput_compilation_cache_serves_a_second_call(tmp_path):

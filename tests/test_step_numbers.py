@@ -17,6 +17,7 @@ from conftest import load_config
 LEARNED = {"routing": "learned", "router.heldout": 32, "batch_size": 8}
 FLOW_MATCHING = {"method": "flow_matching", "student.zero_init": False}
 GUIDED = {"fields.t2i.cfg_scale": 2.0}
+RUN_COMPILER = {"xla_cpu_use_fusion_emitters": True}  # as a run compiles (conftest.TEST_XLA_FLAGS turns them off)
 NUMBERS = {  # every step number of a DanceOPD run changed at once
     "optimizer.learning_rate": 3e-4,
     "optimizer.weight_decay": 0.01,
@@ -60,11 +61,6 @@ def test_what_changes_the_computation_changes_the_program(other):
     assert _program(**GUIDED) != _program(**other)
 
 
-def _constants(numbers):
-    """The numbers as the step saw them when they were constants: Python floats and jnp arrays."""
-    return jax.tree.map(lambda a: float(a) if np.ndim(a) == 0 else jnp.asarray(a), numbers)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -75,15 +71,18 @@ def _constants(numbers):
     ids=["danceopd", "learned routing", "flow matching"],
 )
 def test_a_step_computes_the_same_bits_with_its_numbers_as_arguments_or_as_constants(overrides):
+    """Both compiled with XLA's CPU fusion emitters, as a run is (``conftest.TEST_XLA_FLAGS`` turns them
+    off to compile faster; without them the two programs may differ in the last bit)."""
     run = setup_run(load_config(**overrides))
-    host = step_numbers.step_numbers(run.config)
-    host["router"] = run.train_step.numbers["router"]
-    baked = jax.jit(lambda state, experts, batch, route: run.step_fn.step(state, experts, batch, route, _constants(host)))
+    route, batch = run.global_batch(0)
+    args = (run.state, run.experts, batch, jnp.int32(route))
+    as_run = run.train_step.step.lower(*args, run.train_step.numbers).compile(compiler_options=RUN_COMPILER)
+    baked = jax.jit(step_numbers.with_constants(run.step_fn.step, run.step_fn.numbers))
+    baked = baked.lower(*args).compile(compiler_options=RUN_COMPILER)
     as_arguments, as_constants = run.state, jax.tree.map(jnp.copy, run.state)
     for step in range(2):
         route, batch = run.global_batch(step)
-        as_arguments, metrics = run.train_step(as_arguments, run.experts, batch, jnp.int32(route))
+        as_arguments, metrics = as_run(as_arguments, run.experts, batch, jnp.int32(route), run.train_step.numbers)
         as_constants, expected = baked(as_constants, run.experts, batch, jnp.int32(route))
         for got, want in zip(jax.tree.leaves((as_arguments, metrics)), jax.tree.leaves((as_constants, expected))):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
