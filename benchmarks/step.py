@@ -34,7 +34,8 @@ add up to the whole train step's traced count with its rollout loop run that man
 median time; utilisation divides it by ``--peak-tflops`` (per device) times the device count.
 
 Donation: ``run.train_step`` donates the train state (its buffers are reused for the new state);
-the comparison jits the same ``run.step_fn`` with the same output shardings and no donation, and
+the comparison jits the same step (``run.step_fn.step``, the step numbers an argument as in
+``run.train_step``) with the same output shardings and no donation, and
 times it on the same batches, the two steps taking turns (donate/keep < 1: donation faster);
 ``mem`` is the ratio of their compiled peak memory (arguments + outputs - aliased + temporaries,
 from XLA's memory analysis).
