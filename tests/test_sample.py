@@ -54,7 +54,6 @@ def test_api_samples_are_deterministic_and_conditioned(workdir):
     assert a.min() >= -1 and a.max() <= 1
 
 
-
 def test_a_cfg_sweep_samples_every_scale_with_one_program(workdir):
     """The scale is an argument of the guided sampler (a scale of 1 is the unguided one)."""
     config, graphdef, params = load_trained_model(str(workdir))
@@ -64,6 +63,7 @@ def test_a_cfg_sweep_samples_every_scale_with_one_program(workdir):
     assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1 :])
     guided = sampling._sampler(graphdef, (8, 8, 3), 3, 1.0, "uniform", True)
     assert guided._cache_size() == 1
+
 
 def test_command_writes_a_png(workdir, tmp_path):
     source = tmp_path / "src.png"
