@@ -22,7 +22,7 @@ from PIL import Image
 from danceopd_jax import build, parallel, sd3_sampling
 from danceopd_jax.config_lib import run_sigma_schedule
 from danceopd_jax.config_validation import read_run_config
-from danceopd_jax.core.fields import cfg_field, inference_field
+from danceopd_jax.core.fields import cfg_field, inference_field, is_guided
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.pipeline import RecordEncoder, stack_records
@@ -74,7 +74,7 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
              schedule: str = "uniform", cfg_scale: float = 1.0):  # fmt: skip
     """Euler samples ``[B, H, W, C]`` in [-1, 1] from noise under ``cond`` over ``sigma_grid(steps, shift,
     schedule)`` (CFG when ``cfg_scale != 1``)."""
-    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, float(cfg_scale) != 1.0)
+    run = _sampler(graphdef, tuple(image_shape), int(steps), float(shift), schedule, is_guided(cfg_scale))
     images = run(params, cond, key, np.float32(cfg_scale))
     if not images.is_fully_addressable:  # parameters sharded over several processes: each gets every sample
         images = multihost_utils.process_allgather(images, tiled=True)

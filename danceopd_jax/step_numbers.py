@@ -38,6 +38,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from danceopd_jax import build
+from danceopd_jax.core.fields import is_guided
 from danceopd_jax.core.schedule import beta_parameters
 from danceopd_jax.core.step import make_lr_schedule, make_optimizer, make_train_step
 
@@ -55,7 +56,7 @@ def step_numbers(config: ConfigDict, router_params=None) -> dict:
         "cfg_scales": {
             name: np.float32(spec.cfg_scale)
             for name, spec in config.fields.items()
-            if spec.kind == "expert" and spec.cfg_scale != 1.0
+            if spec.kind == "expert" and is_guided(spec.cfg_scale)
         },
         "router": None if router_params is None else jax.tree.map(np.asarray, router_params),
     }

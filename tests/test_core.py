@@ -8,7 +8,7 @@ import scipy.stats
 
 from danceopd_jax.core import objectives, routing
 from danceopd_jax.core.conditioning import NULL_LABEL, drop_condition, unconditional
-from danceopd_jax.core.fields import cfg_field, linear_combination
+from danceopd_jax.core.fields import cfg_field, is_guided, linear_combination
 from danceopd_jax.core.rollout import rollout_query_states, rollout_trajectory, sample
 from danceopd_jax.core.schedule import sample_query_indices, shift_sigma, sigma_grid
 
@@ -138,6 +138,12 @@ def test_cfg_identities():
     np.testing.assert_allclose(cfg_field(_label_field, 1.0)(x, t, cond), v_c, atol=1e-6)
     np.testing.assert_allclose(cfg_field(_label_field, 3.0)(x, t, cond), v_u + 3.0 * (v_c - v_u), atol=1e-5)
     assert np.all(np.asarray(v_u - x)[:, 0, 0, 0] == NULL_LABEL)  # empty prompt, null label
+
+
+def test_only_a_scale_of_one_is_the_plain_field():
+    assert cfg_field(_label_field, 1.0) is _label_field and cfg_field(_label_field, np.float32(1.0)) is _label_field
+    assert cfg_field(_label_field, jnp.float32(1.0)) is not _label_field  # a traced scale always guides
+    assert [is_guided(s) for s in (1, 1.0, np.float32(1.0), 0.0, 1.5, np.float32(4.5))] == [False] * 3 + [True] * 3
 
 
 def test_unconditional_keeps_source_and_drop_is_per_sample():

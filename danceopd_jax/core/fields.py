@@ -38,13 +38,18 @@ def inference_field(graphdef: nnx.GraphDef, *states: nnx.State) -> Field:
     return model_field(graphdef, *cast_to_compute_dtype(graphdef, *states))
 
 
+def is_guided(scale: float) -> bool:
+    """Whether classifier-free guidance at ``scale`` changes the field: every scale but 1 (``cfg_field``)."""
+    return float(scale) != 1.0
+
+
 def cfg_field(field: Field, scale: float, null: Callable[[Condition], Condition] = unconditional) -> Field:
     """Classifier-free guidance ``v_u + scale * (v_c - v_u)`` with ``v_u = field(x, t, null(cond))``.
 
     Conditional and unconditional branches run as one batch of 2B. A Python ``scale == 1`` is the plain
     field; a traced ``scale`` (a jitted argument: one program for every scale of a sweep) always guides.
     """
-    if not isinstance(scale, jax.Array) and scale == 1.0:
+    if not isinstance(scale, jax.Array) and not is_guided(scale):
         return field
 
     def guided(x, t, cond):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from danceopd_jax.core.conditioning import unconditional
-from danceopd_jax.core.fields import cfg_field, inference_field
+from danceopd_jax.core.fields import cfg_field, inference_field, is_guided
 from danceopd_jax.core.rollout import rollout_trajectory
 from danceopd_jax.core.schedule import sigma_grid
 
@@ -50,6 +50,6 @@ def effective_guidance(model, anchor, cond: dict, key: jax.Array, *, image_shape
     batch = jax.tree.leaves(cond)[0].shape[0]
     noise = jax.random.normal(key, (batch,) + tuple(image_shape), jnp.float32)
     numerator, denominator = _guidance_sums(
-        model[0], model[1], anchor[0], anchor[1], cond, noise, jnp.float32(scale), steps=steps, shift=float(shift), guided=float(scale) != 1.0
+        model[0], model[1], anchor[0], anchor[1], cond, noise, jnp.float32(scale), steps=steps, shift=float(shift), guided=is_guided(scale)
     )
     return float(numerator / denominator)
