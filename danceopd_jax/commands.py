@@ -3,6 +3,7 @@ for bad flags and arguments, probes of output folders, and a quiet start."""
 
 import argparse
 import contextlib
+import difflib
 import os
 import re
 import sys
@@ -35,6 +36,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         problem = config_file_problem(error, path) if path else None
         if problem:
             fail(problem)
+        problem = override_path_problem(argv)
+        if problem:
+            fail(problem)
         if isinstance(error, flags.Error):
             fail(error)
         if not isinstance(error, (AttributeError, KeyError, TypeError, ValueError)):  # raised by ml_collections overrides
@@ -45,14 +49,48 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"bad config override: {text}")
 
 
-def config_file_flag(argv: list[str]) -> str | None:
-    """The file named by ``--config FILE[:ARG]`` (or ``--config=...``) in ``argv``, or None."""
+def override_path_problem(argv: list[str]) -> str | None:
+    """``--config.PATH=VALUE: config.PARENT has no key 'KEY' (...)`` for the first override in ``argv``
+    whose path is not in the ``--config`` file's config (a missing key, with the closest key or the keys
+    there; or a key under a value that is not a config), or None: no config flag, or every path exists.
+    The config is loaded again: ml_collections raises before it stores the flag's value."""
+    argument = config_flag_argument(argv)
+    if argument is None or "config" not in flags.FLAGS:
+        return None
+    try:
+        config = flags.FLAGS["config"].parser.parse(argument)
+    except Exception:  # the file's own errors are config_file_problem's
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, where = config, "config"
+        for key in arg.removeprefix("--config.").split("=", 1)[0].split("."):
+            if not hasattr(node, "keys"):
+                return f"{arg}: {where} is a {type(node).__name__}, not a config, so it has no key {key!r}"
+            if key not in node:
+                keys = sorted(node.keys())
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"its keys: {', '.join(keys)}"
+                return f"{arg}: {where} has no key {key!r} ({hint})"
+            node, where = node[key], f"{where}.{key}"
+    return None
+
+
+def config_flag_argument(argv: list[str]) -> str | None:
+    """The argument ``FILE[:ARG]`` of ``--config FILE[:ARG]`` (or ``--config=...``) in ``argv``, or None."""
     for index, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":")[0]
+            return arg.split("=", 1)[1]
         if arg == "--config" and index + 1 < len(argv):
-            return argv[index + 1].split(":")[0]
+            return argv[index + 1]
     return None
+
+
+def config_file_flag(argv: list[str]) -> str | None:
+    """The file named by ``--config FILE[:ARG]`` (or ``--config=...``) in ``argv``, or None."""
+    argument = config_flag_argument(argv)
+    return None if argument is None else argument.split(":")[0]
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')

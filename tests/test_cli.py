@@ -54,10 +54,13 @@ def test_a_second_run_loads_its_compiled_programs_from_the_cache(tmp_path):
     [
         (["--config.method=distill"], "error: config.method: unknown value 'distill'"),
         (["--config.rollout_steps=0"], "error: config.rollout_steps: must be an integer >= 1"),
-        (["--config.metod=danceopd"], "error: bad config override: 'metod' Did you mean \"method\""),
+        (["--config.metod=danceopd"], "error: --config.metod=danceopd: config has no key 'metod' (did you mean 'method'?)"),
         (["--config.rollout_steps=many"], "error: flag --config.rollout_steps=many"),
         (["--config.routes.edit.bucket=t2i"], "error: config.routes.edit.bucket: field 'edit' needs source images"),
-        (["--config.optimizer.learnig_rate=0.1"], "error: bad config override: 'learnig_rate' Did you mean \"learning_rate\""),
+        (["--config.optimizer.learnig_rate=0.1"],
+         "error: --config.optimizer.learnig_rate=0.1: config.optimizer has no key 'learnig_rate' (did you mean 'learning_rate'?)"),
+        (["--config.routes.nowhere.field=t2i"], "error: --config.routes.nowhere.field=t2i: config.routes has no key 'nowhere' (its keys: edit, t2i)"),
+        (["--config.method.name=x"], "error: --config.method.name=x: config.method is a str, not a config, so it has no key 'name'"),
         (["--config.data.buckets.t2i.size=0"], "error: config.data.buckets.t2i.size: must be >= 1"),
     ],
 )
