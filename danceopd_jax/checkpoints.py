@@ -41,9 +41,19 @@ def save_run_config(config: ConfigDict, workdir: str) -> None:
 def load_run_config(workdir: str) -> ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
+        runs = sorted(name for name in _subfolders(workdir) if os.path.isfile(os.path.join(workdir, name, CONFIG_FILE)))
+        if runs:  # a pipeline's workdir: one run per stage
+            raise FileNotFoundError(
+                f"{path} not found: {workdir!r} holds the runs of a pipeline, pass one of them: "
+                + ", ".join(os.path.join(workdir, name) for name in runs)
+            )
         raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
     with open(path, encoding="utf-8") as f:
         return ConfigDict(json.load(f))
+
+
+def _subfolders(folder: str) -> list[str]:
+    return [entry.name for entry in os.scandir(folder) if entry.is_dir()] if os.path.isdir(folder) else []
 
 
 class CheckpointError(RuntimeError):

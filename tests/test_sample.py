@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -138,6 +139,16 @@ def test_command_writes_the_format_of_the_extension(workdir, tmp_path):
 def test_command_missing_workdir(tmp_path):
     result = _sample("--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "config.json not found" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_pipeline_workdir_names_its_runs(tmp_path):
+    for name in ("student", "anchor", "grids"):
+        (tmp_path / name).mkdir()
+    for name in ("student", "anchor"):
+        (tmp_path / name / checkpoints.CONFIG_FILE).write_text("{}")
+    runs = f"{tmp_path / 'anchor'}, {tmp_path / 'student'}"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"'{tmp_path}' holds the runs of a pipeline, pass one of them: {runs}") + "$"):
+        checkpoints.load_run_config(str(tmp_path))
 
 
 # --- task flags ------------------------------------------------------------------------------
