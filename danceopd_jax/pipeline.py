@@ -9,6 +9,7 @@ writes ``WORKDIR/metrics.json``, ``WORKDIR/metrics.md`` and ``WORKDIR/grids/CAPA
 
 import copy
 import json
+import math
 import os
 import time
 
@@ -165,17 +166,25 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:
-    """A Markdown table (models x metrics) followed by one line per metric saying what it measures."""
+    """A Markdown table (models x metrics) followed by one line per metric saying what it measures.
+    A NaN score (no evaluated example of the metric's kind) shows as ``n/a``, explained below it."""
     columns = sorted({key for values in results.values() for key in values})
+    scores = [values.get(c) for values in results.values() for c in columns]
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model, values in results.items():
-        lines.append(f"| {model} | " + " | ".join(f"{values[c]:.3f}" if c in values else "" for c in columns) + " |")
+        lines.append(f"| {model} | " + " | ".join(_score_cell(values.get(c)) for c in columns) + " |")
     lines.append("")
     for column in columns:
         capability, name = column.split("/", 1)
         doc = metrics.METRIC_DOCS.get(name.removeprefix("t2i_"), "")
         lines.append(f"- `{column}`: {doc}")
+    if any(score is not None and math.isnan(score) for score in scores):
+        lines.append("- `n/a`: none of the evaluated examples is of the metric's kind")
     return "\n".join(lines) + "\n"
+
+
+def _score_cell(score: float | None) -> str:
+    return "" if score is None else "n/a" if math.isnan(score) else f"{score:.3f}"
 
 
 def check_stage_configs(config: ConfigDict, workdir: str, order: list[str] | None = None) -> None:

@@ -86,6 +86,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert out.count("finished earlier") == 3 and "compiled and ran" not in out
 
 
+def test_metrics_table_shows_a_score_without_examples_as_na_and_says_why():
+    table = pipeline.metrics_table({"anchor": {"t2i/overall": 0.2, "t2i/single_object": float("nan")}, "student": {"t2i/overall": 0.25}})
+    assert "| anchor | 0.200 | n/a |" in table and "| student | 0.250 |  |" in table
+    assert table.rstrip().endswith("- `n/a`: none of the evaluated examples is of the metric's kind")
+    assert "n/a" not in pipeline.metrics_table({"anchor": {"t2i/overall": 0.2}})
+
+
 def test_composition_config_is_valid_and_compares_like_with_like():
     config = load_config("shapes_composition", "quick")
     order = pipeline.validate_pipeline(config)

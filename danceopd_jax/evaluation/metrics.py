@@ -24,7 +24,7 @@ METRIC_DOCS = {  # one line per metric name, as the score dicts name them (local
     "position": "T2I: per image, fraction of requested objects whose matched parsed object is in the requested cell",
     "count": "T2I: as many objects parsed as requested",
     "background": "T2I: the parsed background colour is the requested one",
-    "overall": "T2I: mean of single_object, two_objects, colour, position and count (as GenEval's overall)",
+    "overall": "T2I: mean of single_object, two_objects, colour, position and count (as GenEval's overall), over those with examples",
     "success": "edit visible. Local: the recoloured/reshaped object has the new colour/shape in its cell, the added "
     "object is present, the removed one gone. Global: night / sketch style detected, or the new background colour",
     "preservation": "rest kept. Local: plain style, target background and every unedited object (all attributes). "
