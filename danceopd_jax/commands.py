@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
 import tempfile
 import traceback
@@ -22,6 +23,18 @@ def fail(message: str, code: int = 2) -> None:
 def _print_error(message) -> None:
     """``error: MESSAGE`` on stderr, its whitespace (newlines included) folded into one line."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def interrupt_quietly_while_starting() -> None:
+    """Until ``parse_flags`` has parsed the flags, Ctrl-C (while the command imports JAX, flax and its
+    models: seconds) is one line and exit code 130, not a traceback of the import it broke into. Call
+    it before those imports. A SIGINT the parent ignores (a background job) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    exit_at_once("interrupted (Ctrl-C) while starting, before anything ran", 130)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -47,6 +60,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         if len(text) > 1 and text[0] == text[-1] == "'":  # ml_collections wraps a repr in quotes
             text = text[1:-1]
         fail(f"bad config override: {text}")
+    finally:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is the command's from here on
 
 
 def override_path_problem(argv: list[str]) -> str | None:

@@ -22,13 +22,17 @@ be written) is one line
 import os
 import time
 
-from absl import app, flags
-from absl.flags import FLAGS
+from danceopd_jax.commands import fail, folder_problem, interrupt_quietly_while_starting, parse_flags, start
 
-from danceopd_jax.commands import fail, folder_problem, parse_flags, start
-from danceopd_jax.data.prompt_embeddings import Encoder, encode_table, table_prompts
-from danceopd_jax.data.prompt_files import read_prompts
-from danceopd_jax.models import sd3, sd3_folder
+if __name__ == "__main__":  # run as the command, not imported for its functions
+    interrupt_quietly_while_starting()
+
+from absl import app, flags  # noqa: E402
+from absl.flags import FLAGS  # noqa: E402
+
+from danceopd_jax.data.prompt_embeddings import Encoder, encode_table, table_prompts  # noqa: E402
+from danceopd_jax.data.prompt_files import read_prompts  # noqa: E402
+from danceopd_jax.models import sd3, sd3_folder  # noqa: E402
 
 
 def with_progress(encode: Encoder, total: int) -> Encoder:

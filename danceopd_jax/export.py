@@ -23,15 +23,19 @@ leaves nothing.
 import os
 import shutil
 
-from absl import app, flags
-from absl.flags import FLAGS
-from flax import nnx
+from danceopd_jax.commands import fail, folder_problem, interrupt_quietly_while_starting, parse_flags, start
 
-from danceopd_jax import checkpoints, sd3_sampling
-from danceopd_jax.commands import fail, folder_problem, parse_flags, start
-from danceopd_jax.models import lora, sd3_folder
-from danceopd_jax.models.sd3_folder import ModelFolderError
-from danceopd_jax.models.weights import WeightsError, WeightsMismatch
+if __name__ == "__main__":  # run as the command, not imported for its functions
+    interrupt_quietly_while_starting()
+
+from absl import app, flags  # noqa: E402
+from absl.flags import FLAGS  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from danceopd_jax import checkpoints, sd3_sampling  # noqa: E402
+from danceopd_jax.models import lora, sd3_folder  # noqa: E402
+from danceopd_jax.models.sd3_folder import ModelFolderError  # noqa: E402
+from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 MERGED_FILE = os.path.join("transformer", "diffusion_pytorch_model.safetensors")

@@ -8,7 +8,7 @@ waiting ``--distributed_timeout`` seconds for every process (then one line and e
 check that every process has the same config and sees the same workdir (``distributed.check_same_run``).
 A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
 SIGTERM saves a checkpoint and exits 0, Ctrl-C saves one and exits 130 (the same command resumes;
-a second Ctrl-C stops at once, without saving); a non-finite loss, a set of checkpoints none of
+a second Ctrl-C stops at once, without saving; one while starting exits 130 at once, with one line); a non-finite loss, a set of checkpoints none of
 which can be read, or in a multi-process run an XLA runtime error (another process died) is one
 line on stderr and exit code 1.
 """
@@ -16,6 +16,10 @@ line on stderr and exit code 1.
 import os
 import sys
 
+from danceopd_jax.commands import exit_at_once, exit_interrupted, fail, folder_problem, interrupt_quietly_while_starting, parse_flags
+
+if __name__ == "__main__":  # run as the command, not imported for its functions
+    interrupt_quietly_while_starting()
 # clu's TensorBoard writer imports TensorFlow; keep its start-up chatter off the terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -25,10 +29,9 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
-from danceopd_jax.commands import exit_at_once, exit_interrupted, fail, folder_problem, parse_flags  # noqa: E402
-from danceopd_jax.config_validation import ConfigError
-from danceopd_jax.models.lora import UnknownLoRATarget
-from danceopd_jax.models.sd3_folder import ModelFolderError
+from danceopd_jax.config_validation import ConfigError  # noqa: E402
+from danceopd_jax.models.lora import UnknownLoRATarget  # noqa: E402
+from danceopd_jax.models.sd3_folder import ModelFolderError  # noqa: E402
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)

@@ -21,18 +21,22 @@ latents through its VAE (a 64 x 64 latent is a 512 x 512 image); it runs the pro
 
 import os
 
-import numpy as np
-from absl import app, flags
-from absl.flags import FLAGS
-from PIL import Image
+from danceopd_jax.commands import fail, folder_problem, interrupt_quietly_while_starting, parse_flags, start
 
-from danceopd_jax import sd3_sampling
-from danceopd_jax.commands import fail, folder_problem, parse_flags, start
-from danceopd_jax.config_validation import read_run_config
-from danceopd_jax.models.sd3_folder import ModelFolderError
-from danceopd_jax.models.weights import WeightsError, WeightsMismatch
-from danceopd_jax.sampling import check_run_task, check_sampling, read_image, sample_task
-from danceopd_jax.tasks import TASKS, get_task
+if __name__ == "__main__":  # run as the command, not imported for its functions
+    interrupt_quietly_while_starting()
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl.flags import FLAGS  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from danceopd_jax import sd3_sampling  # noqa: E402
+from danceopd_jax.config_validation import read_run_config  # noqa: E402
+from danceopd_jax.models.sd3_folder import ModelFolderError  # noqa: E402
+from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
+from danceopd_jax.sampling import check_run_task, check_sampling, read_image, sample_task  # noqa: E402
+from danceopd_jax.tasks import TASKS, get_task  # noqa: E402
 
 _TASK_HELP = "; ".join(f"{name}: {task.description}" for name, task in TASKS.items())
 # The --out extensions (those of them this PIL can write; the format follows the extension).

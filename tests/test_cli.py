@@ -2,12 +2,14 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import load_benchmark, main_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -189,3 +191,33 @@ def test_the_commands_start_without_tensorflow():
     code = f"import importlib, sys; [importlib.import_module(m) for m in {modules}]; print('tensorflow' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-3000:]
+
+
+def _wait_until_mapped(process: subprocess.Popen, library: str, timeout: float = 120) -> None:
+    """Until ``process`` has mapped a shared library whose path contains ``library`` (mid-import)."""
+    maps, deadline = pathlib.Path(f"/proc/{process.pid}/maps"), time.monotonic() + timeout
+    while library not in maps.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, f"{library} never loaded"
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc/PID/maps")
+def test_ctrl_c_while_importing_is_one_line_and_exit_code_130(tmp_path):
+    """Ctrl-C while the command imports JAX (before: a traceback of the interrupted import)."""
+    command = main_command("--config", str(ROOT / "configs" / "smoke.py"), "--workdir", str(tmp_path / "w"), ctrl_c=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_until_mapped(process, "jaxlib")
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines() == ["error: interrupted (Ctrl-C) while starting, before anything ran"], stderr[-3000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_importing_a_command_leaves_ctrl_c_alone():
+    """The quiet start-up handler is the command's: importing its module for its functions installs none."""
+    code = ("import signal, danceopd_jax.main, danceopd_jax.sample, danceopd_jax.export, danceopd_jax.encode_prompts; "
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {code}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
