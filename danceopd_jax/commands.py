@@ -1,5 +1,5 @@
-"""What the commands (``main``, ``sample``, ``export``, ``encode_prompts``) share: one-line errors
-for bad flags and arguments, probes of output folders, and a quiet start."""
+"""What the commands (``main``, ``sample``, ``export``, ``encode_prompts``, ``experiments.reproduce``)
+share: one-line errors for bad flags and arguments, probes of output folders, and a quiet start."""
 
 import argparse
 import contextlib
@@ -26,15 +26,22 @@ def _print_error(message) -> None:
 
 
 def interrupt_quietly_while_starting() -> None:
-    """Until ``parse_flags`` has parsed the flags, Ctrl-C (while the command imports JAX, flax and its
-    models: seconds) is one line and exit code 130, not a traceback of the import it broke into. Call
-    it before those imports. A SIGINT the parent ignores (a background job) stays ignored."""
+    """Until ``started`` (which ``parse_flags`` calls once the flags are parsed), Ctrl-C while the command
+    imports JAX, flax and its models (seconds) is one line and exit code 130, not a traceback of the
+    import it broke into. Call it before those imports. A SIGINT the parent ignores (a background job)
+    stays ignored."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
 def _interrupted_while_starting(signum, frame) -> None:
     exit_at_once("interrupted (Ctrl-C) while starting, before anything ran", 130)
+
+
+def started() -> None:
+    """Ctrl-C is the command's own from here on: undoes ``interrupt_quietly_while_starting``."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -61,8 +68,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             text = text[1:-1]
         fail(f"bad config override: {text}")
     finally:
-        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is the command's from here on
+        started()
 
 
 def override_path_problem(argv: list[str]) -> str | None:

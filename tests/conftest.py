@@ -54,16 +54,21 @@ def cpu_devices_env(devices: int) -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
-# ``python -m danceopd_jax.main ARGS`` with Ctrl-C acting as in a terminal: a test runner started in the
+# ``python -m MODULE ARGS`` with Ctrl-C acting as in a terminal: a test runner started in the
 # background ignores SIGINT and its children inherit that (a run keeps an ignored SIGINT ignored).
-_MAIN_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                     "sys.argv[0] = 'danceopd_jax.main'; runpy.run_module('danceopd_jax.main', run_name='__main__', alter_sys=True)")  # fmt: skip
+_RUN_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "sys.argv[0] = {module!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")  # fmt: skip
+
+
+def module_command(module: str, *args: str, ctrl_c: bool = False) -> list[str]:
+    """The command line of ``python -m MODULE ARGS``; with ``ctrl_c``, SIGINT raises
+    ``KeyboardInterrupt`` in it as in a terminal."""
+    return [sys.executable, *(("-c", _RUN_WITH_CTRL_C.format(module=module)) if ctrl_c else ("-m", module)), *args]
 
 
 def main_command(*args: str, ctrl_c: bool = False) -> list[str]:
-    """The command line of ``python -m danceopd_jax.main ARGS``; with ``ctrl_c``, SIGINT raises
-    ``KeyboardInterrupt`` in it as in a terminal."""
-    return [sys.executable, *(("-c", _MAIN_WITH_CTRL_C) if ctrl_c else ("-m", "danceopd_jax.main")), *args]
+    """``module_command`` of ``danceopd_jax.main``."""
+    return module_command("danceopd_jax.main", *args, ctrl_c=ctrl_c)
 
 
 def load_config(name: str = "smoke", config_arg: str | None = None, **overrides):

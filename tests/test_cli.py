@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import load_benchmark, main_command
+from conftest import load_benchmark, module_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -202,10 +202,12 @@ def _wait_until_mapped(process: subprocess.Popen, library: str, timeout: float =
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc/PID/maps")
-def test_ctrl_c_while_importing_is_one_line_and_exit_code_130(tmp_path):
+@pytest.mark.parametrize("module", ["danceopd_jax.main", "danceopd_jax.experiments.reproduce"])
+def test_ctrl_c_while_importing_is_one_line_and_exit_code_130(tmp_path, module):
     """Ctrl-C while the command imports JAX (before: a traceback of the interrupted import)."""
-    command = main_command("--config", str(ROOT / "configs" / "smoke.py"), "--workdir", str(tmp_path / "w"), ctrl_c=True)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["--config", str(ROOT / "configs" / "smoke.py")] if module.endswith("main") else ["--quick"]
+    process = subprocess.Popen(module_command(module, *args, "--workdir", str(tmp_path / "w"), ctrl_c=True), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _wait_until_mapped(process, "jaxlib")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -216,8 +218,8 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_code_130(tmp_path):
 
 def test_importing_a_command_leaves_ctrl_c_alone():
     """The quiet start-up handler is the command's: importing its module for its functions installs none."""
-    code = ("import signal, danceopd_jax.main, danceopd_jax.sample, danceopd_jax.export, danceopd_jax.encode_prompts; "
+    modules = "danceopd_jax.main, danceopd_jax.sample, danceopd_jax.export, danceopd_jax.encode_prompts, danceopd_jax.experiments.reproduce"
+    code = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); import {modules}; "
             "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); {code}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,6 +17,10 @@ import os
 import sys
 import time
 
+from danceopd_jax.commands import ArgumentParser, exit_interrupted, fail, interrupt_quietly_while_starting, started
+
+if __name__ == "__main__":  # run as the command, not imported for its functions
+    interrupt_quietly_while_starting()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -27,7 +31,6 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from danceopd_jax.averaging import average_weights  # noqa: E402
 from danceopd_jax.checkpoints import load_run_config  # noqa: E402
-from danceopd_jax.commands import ArgumentParser, exit_interrupted, fail  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 from danceopd_jax.evaluation import accuracy, heldout  # noqa: E402
 from danceopd_jax.evaluation.guidance import effective_guidance  # noqa: E402
@@ -224,6 +227,7 @@ def merge_previous(output: dict, path: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    started()
     logging.set_verbosity(logging.WARNING)
     try:
         run(args, "python -m danceopd_jax.experiments.reproduce " + " ".join(argv))
