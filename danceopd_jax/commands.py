@@ -25,12 +25,13 @@ def _print_error(message) -> None:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
-def interrupt_quietly_while_starting() -> None:
+def interrupt_quietly_while_starting(module_name: str) -> None:
     """Until ``started`` (which ``parse_flags`` calls once the flags are parsed), Ctrl-C while the command
     imports JAX, flax and its models (seconds) is one line and exit code 130, not a traceback of the
-    import it broke into. Call it before those imports. A SIGINT the parent ignores (a background job)
-    stays ignored."""
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    import it broke into. Call it with the command module's ``__name__`` before those imports: it acts
+    only when the module runs as the command (``__main__``), not when it is imported for its functions.
+    A SIGINT the parent ignores (a background job) stays ignored."""
+    if module_name == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 

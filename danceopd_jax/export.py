@@ -25,8 +25,7 @@ import shutil
 
 from danceopd_jax.commands import fail, folder_problem, interrupt_quietly_while_starting, parse_flags, start
 
-if __name__ == "__main__":  # run as the command, not imported for its functions
-    interrupt_quietly_while_starting()
+interrupt_quietly_while_starting(__name__)
 
 from absl import app, flags  # noqa: E402
 from absl.flags import FLAGS  # noqa: E402

@@ -8,9 +8,9 @@ waiting ``--distributed_timeout`` seconds for every process (then one line and e
 check that every process has the same config and sees the same workdir (``distributed.check_same_run``).
 A bad flag or config value stops with one line on stderr and exit code 2, before anything is built.
 SIGTERM saves a checkpoint and exits 0, Ctrl-C saves one and exits 130 (the same command resumes;
-a second Ctrl-C stops at once, without saving; one while starting exits 130 at once, with one line); a non-finite loss, a set of checkpoints none of
-which can be read, or in a multi-process run an XLA runtime error (another process died) is one
-line on stderr and exit code 1.
+a second Ctrl-C stops at once, without saving; one while starting exits 130 at once, with one line);
+a non-finite loss, a set of checkpoints none of which can be read, or in a multi-process run an XLA
+runtime error (another process died) is one line on stderr and exit code 1.
 """
 
 import os
@@ -18,8 +18,7 @@ import sys
 
 from danceopd_jax.commands import exit_at_once, exit_interrupted, fail, folder_problem, interrupt_quietly_while_starting, parse_flags
 
-if __name__ == "__main__":  # run as the command, not imported for its functions
-    interrupt_quietly_while_starting()
+interrupt_quietly_while_starting(__name__)
 # clu's TensorBoard writer imports TensorFlow; keep its start-up chatter off the terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

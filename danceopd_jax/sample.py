@@ -23,8 +23,7 @@ import os
 
 from danceopd_jax.commands import fail, folder_problem, interrupt_quietly_while_starting, parse_flags, start
 
-if __name__ == "__main__":  # run as the command, not imported for its functions
-    interrupt_quietly_while_starting()
+interrupt_quietly_while_starting(__name__)
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

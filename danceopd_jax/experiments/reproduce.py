@@ -19,8 +19,7 @@ import time
 
 from danceopd_jax.commands import ArgumentParser, exit_interrupted, fail, interrupt_quietly_while_starting, started
 
-if __name__ == "__main__":  # run as the command, not imported for its functions
-    interrupt_quietly_while_starting()
+interrupt_quietly_while_starting(__name__)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
