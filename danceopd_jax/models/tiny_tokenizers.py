@@ -1,7 +1,8 @@
-"""Tiny tokenizer folders in the real on-disk formats of SD3's three tokenizers, written offline.
+"""Tiny tokenizer folders in the real on-disk formats of SD3's three tokenizers and of Z-Image's
+Qwen3 tokenizer, written offline.
 
-The folders load with ``transformers`` exactly like the tokenizers of a Stable Diffusion 3
-diffusers folder, so tests and tiny random pipelines need no download:
+The folders load with ``transformers`` exactly like the tokenizers of a Stable Diffusion 3 or
+Z-Image diffusers folder, so tests and tiny random pipelines need no download:
 
   * ``write_clip_tokenizer``: ``vocab.json`` + ``merges.txt`` of CLIP's byte-level BPE with the
     ``</w>`` end-of-word suffix (``tokenizer/`` and ``tokenizer_2/`` of SD3), ``model_max_length``
@@ -11,6 +12,9 @@ diffusers folder, so tests and tiny random pipelines need no download:
   * ``write_t5_tokenizer``: a SentencePiece-style Unigram ``tokenizer.json`` laid out like T5's
     (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, pieces ``"▁word"``), without sentinel ``<extra_id_*>``
     tokens (``tokenizer_3/`` of SD3).
+  * ``write_qwen_tokenizer``: Qwen3's byte-level BPE ``tokenizer.json`` (the 256 byte symbols, so
+    any text tokenizes) with Qwen's chat special tokens and a chat template (``tokenizer/`` of
+    Z-Image).
 
 Vocabulary words are lowercase ASCII letters; every letter of them is also a token, so any text
 of those letters tokenizes (unknown characters map to the unknown token).
@@ -21,8 +25,8 @@ import os
 import re
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import Unigram
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, Unigram
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_MAX_LENGTH = 77  # CLIP's context length; SD3 pads its CLIP prompts to it
@@ -134,4 +138,124 @@ def write_t5_tokenizer(folder: str, vocab_words: Sequence[str]) -> str:
     special = {"eos_token": T5_EOS, "unk_token": T5_UNK, "pad_token": T5_PAD}
     _write_json(folder, "special_tokens_map.json", special)
     _write_json(folder, "tokenizer_config.json", {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512, **special})
+    return folder
+
+
+# ------------------------------------------------------------------------------------------
+# Qwen3 (Z-Image's tokenizer/)
+# ------------------------------------------------------------------------------------------
+
+QWEN_PAD = "<|endoftext|>"
+QWEN_IM_START, QWEN_IM_END = "<|im_start|>", "<|im_end|>"
+QWEN_VISION_START, QWEN_VISION_END = "<|vision_start|>", "<|vision_end|>"
+QWEN_SPECIAL_TOKENS = (QWEN_PAD, QWEN_IM_START, QWEN_IM_END, QWEN_VISION_START, QWEN_VISION_END)  # in Qwen's id order
+QWEN_MAX_LENGTH = 131072  # Qwen3's tokenizer_config.json model_max_length
+
+# Qwen2/Qwen3's pre-tokenisation regex (transformers ``models/qwen2/tokenization_qwen2.py``).
+QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# The part of Qwen3's chat template that system, user and plain assistant messages go through
+# (the real template, in Qwen3's tokenizer_config.json, also renders tools, tool calls and
+# ``<think>`` reasoning of earlier assistant turns; no copy of it ships with the installed
+# packages). The generation prompt is Qwen3's: ``<|im_start|>assistant\n``, followed by an empty
+# ``<think>\n\n</think>\n\n`` block only when ``enable_thinking`` is false.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role in ['system', 'user', 'assistant'] %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-level alphabet ``{byte: symbol}`` in its vocabulary order (Qwen's first 256 ids):
+    the printable bytes stand for themselves, the others, in byte order, for the characters from
+    U+0100 on (GPT-2's ``bytes_to_unicode``; the space is ``"Ġ"``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def qwen_bpe(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE ``(vocab, merges)`` spelling each of ``words`` as one token, bare and with its
+    leading space (``Ġword``, as the pre-tokeniser splits ``" word"``).
+
+    Built left to right like ``clip_bpe`` (longer words' merges rank first); ids: the 256 byte
+    symbols, then the merged pieces.
+    """
+    words = _checked_words(words)
+    symbols = byte_symbols()
+    tokens, space = list(symbols.values()), symbols[ord(" ")]
+    merges = []
+    for word in sorted(words, key=len, reverse=True):
+        for spelled in (space + word, word):
+            pieces = list(spelled)
+            for piece in pieces[1:]:
+                merge = (pieces[0], piece)
+                pieces[0] = pieces[0] + piece
+                if merge not in merges:
+                    merges.append(merge)
+                if pieces[0] not in tokens:
+                    tokens.append(pieces[0])
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_qwen_tokenizer(folder: str, vocab_words: Sequence[str]) -> str:
+    """Write a Qwen3 tokenizer folder (``AutoTokenizer.from_pretrained(folder)`` loads a
+    ``Qwen2Tokenizer``); returns ``folder``.
+
+    ``tokenizer.json`` is laid out as Qwen3's: NFC normalisation, the Qwen regex split then
+    byte-level mapping, a BPE over the byte symbols (``qwen_bpe``), the special tokens
+    ``QWEN_SPECIAL_TOKENS`` after the vocabulary, no BOS/EOS added to sequences.
+    ``tokenizer_config.json`` names ``<|endoftext|>`` the pad token and ``<|im_end|>`` the EOS, as
+    Qwen3's does, and holds ``QWEN_CHAT_TEMPLATE``; padding is on the right (the default).
+    """
+    vocab, merges = qwen_bpe(vocab_words)
+    bpe = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    tokenizer = Tokenizer(bpe)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    _write_json(folder, "vocab.json", vocab)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    added = {
+        str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                        "single_word": False, "special": True}
+        for t in QWEN_SPECIAL_TOKENS
+    }
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": QWEN_IM_END,
+        "pad_token": QWEN_PAD,
+        "unk_token": None,
+        "errors": "replace",
+        "model_max_length": QWEN_MAX_LENGTH,
+        "split_special_tokens": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": QWEN_CHAT_TEMPLATE,
+    }
+    _write_json(folder, "tokenizer_config.json", config)
     return folder
