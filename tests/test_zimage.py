@@ -176,12 +176,14 @@ def test_position_ids_match_diffusers(saved):
     reference, _ = saved
     x, source, text = inputs()
     gh, gw = H // 2, W // 2
+    caption_layout = jax.jit(zimage.caption_layout, static_argnums=(2, 3))
     for i in range(B):
         ends = np.cumsum(SEGMENTS[i])
         segments = [torch.from_numpy(text[i, e - n : e]) for n, e in zip(SEGMENTS[i], ends)]
-        out = reference.patchify_and_embed_omni([[channels_first(source[i]), channels_first(x[i])]], [segments], [None], 2, 1, [[0, 1]])
+        images = [[channels_first(source[i]), channels_first(x[i])]]
+        out = reference.patchify_and_embed_omni(images, [segments], [None], 2, 1, [[0, 1]])
         cap_ids, image_ids = out[5][0].numpy(), out[4][0].numpy()
-        layout = zimage.caption_layout(jnp.asarray(SEGMENTS[i : i + 1]), jnp.array([True]), L, zimage.caption_capacity(L, True))
+        layout = caption_layout(jnp.asarray(SEGMENTS[i : i + 1]), jnp.array([True]), L, zimage.caption_capacity(L, True))
         n_cap = len(out[1][0])
         assert int(layout.valid.sum()) == n_cap and not layout.valid[0, n_cap:].any()
         np.testing.assert_array_equal(np.asarray(layout.position[0, :n_cap]), cap_ids[:n_cap, 0])
@@ -192,7 +194,7 @@ def test_position_ids_match_diffusers(saved):
         assert layout.position[0, 32] == 0  # segment 1's first slot: a pad id left over from segment 0
 
         out = reference.patchify_and_embed([channels_first(x[i])], [torch.from_numpy(text[i, : BASIC_LENGTHS[i]])], 2, 1)
-        layout = zimage.caption_layout(jnp.array([[BASIC_LENGTHS[i], 0, 0]]), jnp.array([False]), L, zimage.caption_capacity(L, False))
+        layout = caption_layout(jnp.array([[BASIC_LENGTHS[i], 0, 0]]), jnp.array([False]), L, zimage.caption_capacity(L, False))
         n_cap = len(out[1][0])
         np.testing.assert_array_equal(np.asarray(layout.position[0, :n_cap]), out[4][0].numpy()[:n_cap, 0])
         np.testing.assert_array_equal(zimage.image_positions(layout.target_start, gh, gw, 32)[0], out[3][0].numpy())
@@ -200,7 +202,7 @@ def test_position_ids_match_diffusers(saved):
 
 def test_bfloat16_compute_close_to_float32_reference(saved):
     """bf16 token projections (float32 params, streams, norms, RoPE, softmax, modulation): the
-    output is float32 and within 3% of the reference's largest value (measured ~1%)."""
+    output is float32 and within 3% of the reference's largest value (measured 0.75%)."""
     reference, folder = saved
     model = zimage.load_zimage(folder, use_source=True, dtype="bfloat16")
     x, source, text = inputs()
@@ -236,6 +238,7 @@ def test_misshaped_or_missing_tensor_raises_weights_mismatch(saved, tmp_path):
     [
         ({"siglip_feat_dim": 32}, "siglip_feat_dim 32 is not supported"),
         ({"all_patch_size": [2, 4], "all_f_patch_size": [1, 1]}, r"all_patch_size \[2, 4\] is not supported"),
+        ({"all_patch_size": 2}, "all_patch_size 2 is not supported"),
         ({"all_f_patch_size": [2]}, r"all_f_patch_size \[2\] is not supported"),
         ({"use_fancy_thing": True}, "unsupported ZImageTransformer2DModel config keys: use_fancy_thing"),
         ({"axes_dims": [8, 8, 8]}, r"head_dim = dim / n_heads = 32 must equal sum\(axes_dims\) = 24"),
@@ -252,7 +255,8 @@ def test_bad_config_raises_value_error(change, match):
 
 
 def test_config_overrides_and_validation():
-    config = zimage.config_from_diffusers({**TINY, "n_kv_heads": 1}, dtype="bfloat16", use_source=True)  # n_kv_heads: ignored as in diffusers
+    # n_kv_heads is dropped: diffusers ignores it too
+    config = zimage.config_from_diffusers({**TINY, "n_kv_heads": 1}, dtype="bfloat16", use_source=True)
     assert config.dtype == "bfloat16" and config.use_source and config.axes_dims == (8, 12, 12)
     with pytest.raises(ValueError, match="remat must be one of none, dots, full"):
         dataclasses.replace(config, remat="some")
@@ -317,19 +321,13 @@ def test_every_variable_has_logical_axis_names_and_a_torch_name(saved):
 
 def test_remat_changes_memory_not_math(saved):
     _, folder = saved
-    x, source, text = inputs()
-    cond = {
-        "text": text,
-        "text_mask": prefix_mask(SEGMENTS.sum(1)),
-        "source": source,
-        "source_mask": np.array([True, False]),
-        "text_segments": SEGMENTS,
-    }
+    x, _, text = inputs()
+    cond = {"text": text, "text_mask": prefix_mask(BASIC_LENGTHS)}
 
     def loss_and_grads(remat):
-        graphdef, state = nnx.split(zimage.load_zimage(folder, use_source=True, remat=remat))
+        graphdef, state = nnx.split(zimage.load_zimage(folder, remat=remat))
         loss = lambda s: jnp.mean(jnp.square(nnx.merge(graphdef, s)(x, SIGMA, cond)))  # noqa: E731
-        return jax.jit(jax.value_and_grad(loss))(state), str(jax.make_jaxpr(jax.grad(loss))(state))
+        return jax.jit(jax.value_and_grad(loss))(state), str(jax.make_jaxpr(loss)(state))
 
     (plain_loss, plain_grads), plain_jaxpr = loss_and_grads("none")
     (loss, grads), jaxpr = loss_and_grads("full")
@@ -342,7 +340,7 @@ def test_remat_changes_memory_not_math(saved):
 
 @pytest.mark.parametrize("use_source", [False, True])
 def test_forward_flops_matches_xla(use_source):
-    config = zimage.config_from_diffusers({**TINY, "dim": 128, "n_heads": 4, "n_layers": 2}, use_source=use_source)
+    config = zimage.config_from_diffusers({**TINY, "dim": 128, "n_heads": 4, "n_layers": 1}, use_source=use_source)
     size, text_len = 16, 24
     graphdef, state = nnx.split(nnx.eval_shape(lambda: zimage.ZImageTransformer(config, rngs=nnx.Rngs(0))))
     x = jnp.zeros((B, size, size, C))
@@ -351,7 +349,7 @@ def test_forward_flops_matches_xla(use_source):
         cond |= {"source": x, "source_mask": jnp.ones(B, bool), "text_segments": jnp.zeros((B, 3), jnp.int32)}
     xla = xla_flops(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c), state, x, jnp.zeros(B), cond)
     ours = zimage.forward_flops(config, B, (size // 2) ** 2, text_len)
-    assert abs(ours - xla) / xla < 0.15, (ours, xla)
+    assert abs(ours - xla) / xla < 0.05, (ours, xla)  # measured 2.0% (basic) and 2.4% (use_source) under
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "w1", "w2", "w3"]
@@ -390,7 +388,8 @@ def test_lora_targets_and_peft_adapter_parity(saved, tmp_path):
     graphdef, delta = lora.load_lora_deltas(base, names, *lora.read_lora(str(tmp_path / "adapter")))
     teacher = nnx.merge(graphdef, nnx.state(base), delta)
     attention, ff = teacher.layers[0].attention, teacher.layers[0].feed_forward
-    assert (attention.to_q.rank, attention.to_q.scale, attention.to_v.rank, attention.to_v.scale, ff.w2.scale) == (4, 2.0, 2, 4.0, 0.5)
+    scales = (attention.to_q.rank, attention.to_q.scale, attention.to_v.rank, attention.to_v.scale, ff.w2.scale)
+    assert scales == (4, 2.0, 2, 4.0, 0.5)
     cond = {"text": text, "text_mask": prefix_mask(BASIC_LENGTHS)}
     assert max_diff(expected, velocity(base, x, SIGMA, cond)) > 1e-2  # the adapter matters
     assert max_diff(velocity(teacher, x, SIGMA, cond), expected) <= 1e-4

@@ -40,9 +40,11 @@ them (``patchify_and_embed``, ``patchify_and_embed_omni``, ``_pad_with_ids``):
     ``(e_0, h, w)``, the target at ``(e_1, h, w)``. Quirk reproduced: ``_pad_with_ids`` gives a
     caption segment ``P_j`` grid ids ``s_j .. s_j + P_j - 1`` (the grid already spans the pad)
     and then appends ``P_j - l_j`` more ids ``(0, 0, 0)`` for the pad, so the id list of a
-    segment is longer than the segment. The segments' lists are concatenated and the first
-    ``sum P_j`` ids are used: segment 1's first ``P_0 - l_0`` tokens get the zero ids left over
-    from segment 0, and its ids (and segment 2's) are shifted later by the leftover counts.
+    segment is longer than the segment. The segments' lists are concatenated and caption token
+    n takes entry n: later segments' ids are shifted by the leftover zeros of the segments
+    before them (segment 1's first ``P_0 - l_0`` tokens get segment 0's zeros, its token k >=
+    ``P_0 - l_0`` gets ``s_1 + k - (P_0 - l_0)``; likewise for segment 2). In the real template
+    segment 0 is a few tokens, so most of the instruction's first 32 tokens sit at (0, 0, 0).
     In basic mode the leftover zeros fall after the caption and are never used.
 
 Which timestep modulates which token (``image_noise_mask``, ``select_per_token``): basic mode
@@ -142,7 +144,7 @@ SEGMENTS = 3  # caption segments of the omni template with one condition image
 
 # Configs of the released transformers (the ``config.json`` of each diffusers folder).
 ZIMAGE_PRESETS = {
-    # Tongyi-MAI/Z-Image(-Turbo) transformer: diffusers' defaults
+    # the released 6B Z-Image transformer: diffusers' default config
     "z_image": dict(
         all_patch_size=[2],
         all_f_patch_size=[1],
@@ -218,7 +220,8 @@ class ZImageConfig:
                 raise ValueError(f"ZImageConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("axes_dims", "axes_lens"):
             value = getattr(self, name)
-            if not (isinstance(value, tuple) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+            positive = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            if not positive or len(value) != 3:
                 raise ValueError(f"ZImageConfig.{name} must be 3 positive integers (one per position axis), got {value!r}")
         if any(d % 2 for d in self.axes_dims):
             raise ValueError(f"ZImageConfig.axes_dims must be even (RoPE rotates channel pairs), got {self.axes_dims}")
@@ -226,7 +229,8 @@ class ZImageConfig:
             raise ValueError(f"ZImageConfig.dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if self.head_dim != sum(self.axes_dims):
             raise ValueError(
-                f"ZImageConfig: head_dim = dim / n_heads = {self.head_dim} must equal sum(axes_dims) = {sum(self.axes_dims)} (RoPE covers every channel)"
+                f"ZImageConfig: head_dim = dim / n_heads = {self.head_dim} must equal "
+                f"sum(axes_dims) = {sum(self.axes_dims)} (RoPE covers every channel)"
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ZImageConfig.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
@@ -253,8 +257,8 @@ class ZImageConfig:
 
 _OUR_FIELDS = ("use_source", "dtype", "remat", "attention")
 _DIFFUSERS_KEYS = tuple(f.name for f in dataclasses.fields(ZImageConfig) if f.name not in _OUR_FIELDS)
-# diffusers keys that are not fields: the value we require (None: any, dropped)
-_FIXED_KEYS = {"all_patch_size": [PATCH_SIZE], "all_f_patch_size": [1], "siglip_feat_dim": None, "n_kv_heads": None}
+_PATCH_KEYS = {"all_patch_size": [PATCH_SIZE], "all_f_patch_size": [1]}  # the only values supported
+_DROPPED_KEYS = (*_PATCH_KEYS, "siglip_feat_dim", "n_kv_heads")  # diffusers keys checked, then dropped
 
 
 def config_from_diffusers(d: dict, **overrides) -> ZImageConfig:
@@ -267,15 +271,15 @@ def config_from_diffusers(d: dict, **overrides) -> ZImageConfig:
     ``ValueError`` naming it.
     """
     d = {k: v for k, v in d.items() if not k.startswith("_")}
-    unknown = sorted(set(d) - set(_DIFFUSERS_KEYS) - set(_FIXED_KEYS))
+    unknown = sorted(set(d) - set(_DIFFUSERS_KEYS) - set(_DROPPED_KEYS))
     if unknown:
         raise ValueError(f"unsupported ZImageTransformer2DModel config keys: {', '.join(unknown)}")
-    for key in ("all_patch_size", "all_f_patch_size"):
-        if key in d and list(d[key]) != _FIXED_KEYS[key]:
-            raise ValueError(f"{key} {list(d[key])} is not supported (only {_FIXED_KEYS[key]}: patch 2, one frame)")
+    for key, supported in _PATCH_KEYS.items():
+        if key in d and (not isinstance(d[key], (list, tuple)) or list(d[key]) != supported):
+            raise ValueError(f"{key} {d[key]!r} is not supported (only {supported}: patch 2, one frame)")
     if d.get("siglip_feat_dim") is not None:
         raise ValueError(f"siglip_feat_dim {d['siglip_feat_dim']} is not supported (SigLIP image features are out of scope)")
-    d = {k: v for k, v in d.items() if k not in _FIXED_KEYS}
+    d = {k: v for k, v in d.items() if k not in _DROPPED_KEYS}
     for key in ("axes_dims", "axes_lens"):
         if isinstance(d.get(key), list):
             d[key] = tuple(d[key])
@@ -369,7 +373,7 @@ def image_positions(start: jax.Array, height: int, width: int, padded: int) -> j
 
 
 @functools.lru_cache(maxsize=8)
-def _rope_tables(theta: float, axes_dims: tuple[int, ...], axes_lens: tuple[int, ...]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def _rope_tables(theta: float, axes_dims: tuple[int, ...], axes_lens: tuple[int, ...]) -> tuple[tuple[np.ndarray, ...], ...]:
     """diffusers' ``RopeEmbedder.precompute_freqs_cis``: per axis, cos and sin float32
     [axes_lens[a], axes_dims[a] / 2] of ``float32(n * theta^(-2k/d))`` (the product in float64)."""
     tables = []
@@ -550,7 +554,9 @@ class ZImageTransformer(nnx.Module):
         pad_token = partitioned(ZEROS_INIT, (None, "embed"))
         self.x_pad_token = nnx.Param(pad_token(rngs.params(), (1, d), jnp.float32))
         self.cap_pad_token = nnx.Param(pad_token(rngs.params(), (1, d), jnp.float32))
-        blocks = lambda n, modulation: nnx.List([TransformerBlock(config, modulation=modulation, rngs=rngs) for _ in range(n)])  # noqa: E731
+        def blocks(count: int, modulation: bool) -> nnx.List:
+            return nnx.List([TransformerBlock(config, modulation=modulation, rngs=rngs) for _ in range(count)])
+
         self.noise_refiner = blocks(config.n_refiner_layers, True)
         self.context_refiner = blocks(config.n_refiner_layers, False)
         self.layers = blocks(config.n_layers, True)
@@ -584,7 +590,8 @@ class ZImageTransformer(nnx.Module):
         n = gh * gw
         text_len = cond["text"].shape[1]
         has_source = cond["source_mask"].astype(bool) if cfg.use_source else jnp.zeros((b,), bool)
-        layout = caption_layout(self._caption_lengths(cond, has_source), has_source, text_len, caption_capacity(text_len, cfg.use_source))
+        lengths = self._caption_lengths(cond, has_source)
+        layout = caption_layout(lengths, has_source, text_len, caption_capacity(text_len, cfg.use_source))
 
         # Timestep embeddings: Z-Image time 1 - t (noisy) and 1 (clean, the source's).
         t = t.astype(jnp.float32)
@@ -603,8 +610,9 @@ class ZImageTransformer(nnx.Module):
         image_mask = image_noisy = None
         if cfg.use_source:
             ones = jnp.ones((b, image.shape[1]), bool)
+            source_position = image_positions(layout.source_start, gh, gw, image.shape[1])
             image = jnp.concatenate([image, self._image_tokens(cond["source"])], axis=1)
-            image_position = jnp.concatenate([image_position, image_positions(layout.source_start, gh, gw, ones.shape[1])], axis=1)
+            image_position = jnp.concatenate([image_position, source_position], axis=1)
             image_mask = jnp.concatenate([ones, ones & has_source[:, None]], axis=1)
             image_noisy = jnp.concatenate([ones, ~ones], axis=1)
         image_rotation = rope(cfg, image_position)
