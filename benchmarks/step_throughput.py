@@ -282,7 +282,7 @@ def build_models(choice: ModelChoice, config, mesh, rules, cfg_scale: float, cas
     params, delta = (state(abstract_lora, lora_shardings, seed) for seed in (0, 2))  # delta: the expert's LoRA
     base = state(abstract_base, base_shardings, 1)
     with parallel.sharding_context(mesh, rules):
-        base = stored(graphdef, base, base_shardings, params)  # as build.load_sd3_models
+        base = stored(graphdef, base, base_shardings, params)  # as build.load_folder_models
         delta = stored(graphdef, delta, lora_shardings, base)
     fields = lambda e: [cfg_field(model_field(graphdef, e["delta"], e["base"]), cfg_scale, null)]  # noqa: E731
     student_params = lambda p, e: {"lora": p, "base": e["base"]}  # noqa: E731

@@ -24,22 +24,20 @@ from danceopd_jax.core.step import LossFn, make_loss_fn
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder, stack_records
 from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import MixedSource, make_bucket_source
-from danceopd_jax.models import lora, mmdit, sd3
+from danceopd_jax.models import backbones, lora
 from danceopd_jax.models.dit import LOGICAL_AXES as DIT_AXES
 from danceopd_jax.models.dit import DiT, dit_config
 from danceopd_jax.models.init_keys import InitKeys
 
-# Reserved entries of the frozen pytree (``experts``) of an SD3 run (``models.sd3``): the shared
-# transformer base and the CFG null condition (the empty prompt's embeddings).
+# Reserved entries of the frozen pytree (``experts``) of a run on a model folder (``models.backbones``):
+# the shared transformer base and the CFG null condition (e.g. the empty prompt's embeddings).
 SHARED_BASE = "shared_base"
 NULL_CONDITION = "null_condition"
 
 
 def logical_axes(config: ConfigDict) -> tuple[str, ...]:
     """The logical axis names of the run's models (rules must map each; ``parallel.axis_rules``)."""
-    if not config.model_dir:
-        return DIT_AXES
-    return mmdit.LOGICAL_AXES + lora.LORA_AXES  # both models name the shared layers.ACTIVATION_AXES
+    return backbones.of(config).LOGICAL_AXES if config.model_dir else DIT_AXES
 
 
 def axis_rules(config: ConfigDict) -> parallel.Rules:
@@ -65,8 +63,8 @@ def model_config(config: ConfigDict, spec: ConfigDict):
 
 
 def model_factory(config: ConfigDict, spec: ConfigDict) -> Callable[[], nnx.Module]:
-    if spec.get("kind", "dit") == "mmdit":  # run configs saved before SD3 support have no kind
-        return sd3.model_factory(config.model_dir, spec)
+    if spec.get("kind", "dit") != "dit":  # the folder's transformer; run configs saved before SD3 support have no kind
+        return backbones.of(config).model_factory(config.model_dir, spec)
     dit = model_config(config, spec)
     return lambda: DiT(dit, rngs=InitKeys(spec.seed))
 
@@ -127,9 +125,9 @@ def frozen_in_compute_dtype(graphdef: nnx.GraphDef, frozen: nnx.State, shardings
     return cast(frozen, *context)
 
 
-def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
-    """The models of an SD3 run (``models.sd3``) over one shared base read from ``config.model_dir``
-    (or ``config.transformer_path``).
+def load_folder_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
+    """The models of a run on a model folder (``models.backbones``) over one shared base read from
+    ``config.model_dir`` (or ``config.transformer_path``).
 
     Returns ``(student graphdef, student params, experts, expert shardings, expert graphdefs)``:
     the student's params are its LoRA; ``experts`` holds the base (``SHARED_BASE``) and each
@@ -139,11 +137,12 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     only the adapters are traced again (SD3.5-M's full trace: under a second, ``benchmarks/model_init.py``).
     """
     student = config.student
-    plain = sd3.model_factory(config.model_dir, ConfigDict({**student.to_dict(), "lora_rank": 0}))
+    backbone = backbones.of(config)
+    plain = backbone.model_factory(config.model_dir, ConfigDict({**student.to_dict(), "lora_rank": 0}))
     base_graphdef, abstract_base, base_shardings = parallel.abstract_model_state(plain, mesh, rules)
 
     def make_student() -> nnx.Module:
-        return sd3.add_student_lora(nnx.merge(base_graphdef, abstract_base), student)
+        return backbones.add_student_lora(nnx.merge(base_graphdef, abstract_base), student)
 
     with parallel.sharding_context(mesh, rules):
         student_graphdef, abstract_lora, _ = nnx.split(nnx.eval_shape(make_student), lora.LoRAParam, ...)
@@ -151,12 +150,12 @@ def load_sd3_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     with parallel.sharding_context(mesh, rules):
         params = jax.jit(lambda: nnx.split(make_student(), lora.LoRAParam, ...)[1], out_shardings=lora_shardings)()
     stored_base = abstract_in_compute_dtype(base_graphdef, abstract_base)  # read straight into the compute dtype
-    experts = {SHARED_BASE: sd3.load_base(config.model_dir, stored_base, base_shardings, config.transformer_path)}
+    experts = {SHARED_BASE: backbone.load_base(config.model_dir, stored_base, base_shardings, config.transformer_path)}
     shardings = {SHARED_BASE: base_shardings}
     graphdefs = {}
     for name, spec in config.experts.items():
         if spec.lora_path:
-            graphdefs[name], delta = sd3.expert_delta(spec.lora_path, base_graphdef, abstract_base)
+            graphdefs[name], delta = backbone.expert_delta(spec.lora_path, base_graphdef, abstract_base)
             delta_shardings = parallel.shardings_of(delta, mesh, expert_rules)
             experts[name] = frozen_in_compute_dtype(graphdefs[name], delta, delta_shardings, experts[SHARED_BASE])
             shardings[name] = delta_shardings
@@ -203,11 +202,12 @@ def route_fields_builder(config: ConfigDict, graphdefs: dict[str, nnx.GraphDef],
 
     ``cfg_scales`` maps guided fields to their scale as step arguments (``step_numbers``); a
     field it omits guides with its config's scale."""
+    with_null = backbones.of(config).with_null if config.model_dir else None
 
     def build(experts: dict[str, Any]) -> Sequence[Field]:
-        if SHARED_BASE in experts:  # SD3: base + each expert's LoRA delta; CFG against the empty prompt
+        if SHARED_BASE in experts:  # a model folder: base + each expert's LoRA delta; CFG against the backbone's null
             expert_fields = {name: model_field(graphdefs[name], experts[SHARED_BASE], experts[name]) for name in graphdefs}
-            null = sd3.with_null(experts[NULL_CONDITION])
+            null = with_null(experts[NULL_CONDITION])
         else:
             expert_fields = {name: model_field(graphdefs[name], experts[name]) for name in graphdefs}
             null = unconditional
@@ -254,7 +254,7 @@ def rollout_sigmas(config: ConfigDict) -> jax.Array:
 def make_loss(config: ConfigDict, student_graphdef: nnx.GraphDef, expert_graphdefs, numbers: dict, sigmas: jax.Array) -> LossFn:
     """The run's ``loss(params, experts, batch, route, key)`` with the step numbers ``numbers``
     (``step_numbers.step_numbers``: host values, or the traced arguments of a step) and the rollout's
-    ``sigmas`` (``rollout_sigmas``); an SD3 student adds the shared base to its LoRA params."""
+    ``sigmas`` (``rollout_sigmas``); a model folder's student adds the shared base to its LoRA params."""
     loss = _make_loss(config, student_graphdef, expert_graphdefs, numbers, sigmas)
     if not config.model_dir:
         return loss
@@ -321,13 +321,13 @@ def make_batches(config: ConfigDict, sources: dict, text_embedder=None) -> Bucke
     return BucketBatches(sources, condition_spec(config), image_shape, seed=config.seed, text_embedder=text_embedder)
 
 
-PROMPT_TABLE = "prompt_embeddings.safetensors"  # an SD3 run's encoded prompts, in its workdir
+PROMPT_TABLE = "prompt_embeddings.safetensors"  # a model folder run's encoded prompts, in its workdir
 
 
-def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
+def folder_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
     """The embeddings of every prompt of the run's buckets: the table ``config.prompt_embeddings``
     (checked to hold them by ``config_validation``), or encoded by the folder's text encoders and
-    cached in ``workdir`` (``models.sd3.prompt_table``).
+    cached in ``workdir`` (the backbone's ``prompt_table``).
 
     The condition shape was checked against the folder by ``config_validation``. In a multi-process
     run (one workdir all hosts see) process 0 encodes and writes the table, the others read it
@@ -335,10 +335,10 @@ def sd3_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
     if config.prompt_embeddings:
         return load_table(config.prompt_embeddings)
     if workdir is None:
-        raise ValueError("an SD3 run (config.model_dir) without config.prompt_embeddings needs a workdir to encode its prompts into")
+        raise ValueError("a run on config.model_dir without config.prompt_embeddings needs a workdir to encode its prompts into")
     path = os.path.join(workdir, PROMPT_TABLE)
     if jax.process_index() == 0:
-        table = sd3.prompt_table(config.model_dir, source_prompts(sources.values()), path, config.condition.text_len)
+        table = backbones.of(config).prompt_table(config.model_dir, source_prompts(sources.values()), path, config.condition.text_len)
     if jax.process_count() == 1:
         return table
     multihost_utils.sync_global_devices("danceopd_jax: prompt embeddings written")

@@ -7,8 +7,9 @@ type): unknown keys (with the nearest valid name), missing keys and value types.
 (``experts``, ``fields``, ``routes``, ``data.buckets``, a field's ``terms``) hold entries of one
 known shape each; ``logical_axis_rules`` is free-form (its names are checked against the model's
 logical axes by ``parallel.axis_rules``). Then values: ranges, choices, and the references
-between models, fields, routes and buckets. An SD3 run's folder is checked from its JSON files
-and file headers alone, no weights read: its components, the condition shape, the student's LoRA
+between models, fields, routes and buckets. A run's model folder (``config.model_dir``, of a
+family ``models.backbones`` knows, e.g. SD3) is checked from its JSON files and file headers alone,
+no weights read: its components, the condition shape, the student's LoRA
 target patterns and the experts' LoRA modules against the transformer's module names, a single
 transformer file's naming (``transformer_path``), and a precomputed prompt table's shape and
 prompts (``prompt_embeddings``; the folder then needs no text encoders).
@@ -37,14 +38,15 @@ from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import BUCKET_KINDS, make_bucket_source
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
-from danceopd_jax.models import sd3, sd3_folder, sd3_original
+from danceopd_jax.models import backbones
 from danceopd_jax.models.lora import UnknownLoRATarget
-from danceopd_jax.models.weights import WeightsError, open_safetensors
+from danceopd_jax.models.weights import WeightsError
 from danceopd_jax.models.dit import PRESETS
 from danceopd_jax.models.layers import check_attention
 
 FIELD_KINDS = ("expert", "combination")
-INIT_KINDS = {"dit": ("random", "checkpoint"), "mmdit": ("pretrained",)}
+# a DiT's inits; each backbone family's transformer (``models.backbones``) is loaded from config.model_dir
+INIT_KINDS = {"dit": ("random", "checkpoint"), **{backbones.family(name).MODEL_KIND: ("pretrained",) for name in backbones.FAMILIES}}
 LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_SHARDINGS = ("like_student", "replicated")
@@ -266,22 +268,27 @@ def _check_compute(key: str, model: ConfigDict) -> None:
         _fail(f"{key}.attention", str(e).split(" ", 1)[1])  # drop the "model.attention" owner
 
 
-def _check_sd3_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool) -> None:
-    """An SD3 model spec: the folder is set, a student trains a LoRA, an expert's LoRA file exists."""
+def _check_folder_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool) -> None:
+    """A model spec of the transformer of ``config.model_dir`` (``models.backbones``): the folder is set and
+    of the spec's family, a student trains a LoRA, an expert's LoRA file exists and fits the transformer."""
     if not config.model_dir:
-        _fail(f"{key}.kind", "kind 'mmdit' is the transformer of config.model_dir, which is not set")
+        _fail(f"{key}.kind", f"kind {model.kind!r} is the transformer of config.model_dir, which is not set")
+    backbone = backbones.of(config)  # the folder was checked by _check_condition
+    if model.kind != backbone.MODEL_KIND:
+        _fail(f"{key}.kind", f"config.model_dir is a {backbone.NAME} folder, whose transformer is kind {backbone.MODEL_KIND!r}; "
+                             f"got {model.kind!r}")  # fmt: skip
     if model.init != "pretrained":
-        _fail(f"{key}.init", f"kind 'mmdit' loads config.model_dir: must be 'pretrained', got {model.init!r}")
+        _fail(f"{key}.init", f"kind {model.kind!r} loads config.model_dir: must be 'pretrained', got {model.init!r}")
     _check_compute(key, model)
     if is_student:
         if model.lora_rank < 1:
-            _fail(f"{key}.lora_rank", f"an SD3 student trains a LoRA over the shared base: must be >= 1, got {model.lora_rank}")
+            _fail(f"{key}.lora_rank", f"an {backbone.NAME} student trains a LoRA over the shared base: must be >= 1, got {model.lora_rank}")
         if not model.lora_targets.strip():
             _fail(f"{key}.lora_targets", "name the layers to adapt, e.g. 'to_q,to_k,to_v,to_out,fc1,fc2'")
         if model.lora_path:
             _fail(f"{key}.lora_path", "a student's LoRA is trained from scratch; lora_path is for experts")
         try:
-            sd3.check_lora_targets(config.model_dir, model.lora_targets)
+            backbones.check_lora_targets(backbone, config.model_dir, model.lora_targets)
         except UnknownLoRATarget as e:
             raise LoRATargetError(f"config.{key}.lora_targets: {e}") from None
     else:
@@ -291,7 +298,7 @@ def _check_sd3_model(config: ConfigDict, key: str, model: ConfigDict, is_student
             _fail(f"{key}.lora_path", f"no such LoRA file or folder: {model.lora_path}")
         if model.lora_path:
             try:
-                sd3.check_lora_file(config.model_dir, model.lora_path)
+                backbones.check_lora_file(backbone, config.model_dir, model.lora_path)
             except ValueError as e:  # unreadable, not LoRA factors, or modules the transformer lacks
                 _fail(f"{key}.lora_path", str(e))
     _in_range(config, f"{key}.lora_alpha", 0.0)
@@ -299,12 +306,12 @@ def _check_sd3_model(config: ConfigDict, key: str, model: ConfigDict, is_student
 
 def _check_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool = False) -> None:
     _choice(config, f"{key}.kind", INIT_KINDS)
-    if model.kind == "mmdit":
-        return _check_sd3_model(config, key, model, is_student)
+    if model.kind != "dit":
+        return _check_folder_model(config, key, model, is_student)
     if config.model_dir:
-        _fail(f"{key}.kind", "with config.model_dir set, every model is that folder's transformer: use kind 'mmdit'")
+        _fail(f"{key}.kind", f"with config.model_dir set, every model is that folder's transformer: use kind {backbones.of(config).MODEL_KIND!r}")
     if model.lora_rank or model.lora_path or model.lora_targets:
-        _fail(f"{key}.lora_rank", "LoRA is for kind 'mmdit' (SD3) models")
+        _fail(f"{key}.lora_rank", "LoRA is for the transformers of config.model_dir (e.g. kind 'mmdit'), not a DiT")
     if model.preset not in PRESETS:
         _fail(f"{key}.preset", f"unknown preset {model.preset!r}; valid: {', '.join(PRESETS)}")
     _check_compute(key, model)
@@ -460,25 +467,23 @@ def _check_condition(config: ConfigDict) -> None:
         _fail("condition.pooled_dim", "a pooled prompt embedding needs text (text_dim > 0)")
     if config.model_dir:
         try:
-            sd3_folder.pipeline_components(config.model_dir, text_encoders=False)
-            sd3.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
-            transformer = sd3_folder.component_config(config.model_dir, "transformer")
+            backbone = backbones.of(config)
+            backbone.pipeline_components(config.model_dir, text_encoders=False)
+            backbone.check_condition(config.model_dir, c.text_len, c.text_dim, c.pooled_dim)
+            channels = backbone.latent_channels(config.model_dir)
         except ValueError as e:
             _fail("model_dir", str(e))
-        _check_latent_channels(config, transformer)
+        _check_latent_channels(config, *channels)
         if not config.prompt_embeddings:  # the run encodes its prompts with the folder's text encoders
             try:
-                sd3_folder.pipeline_components(config.model_dir)
+                backbone.pipeline_components(config.model_dir)
             except ValueError as e:
                 _fail("model_dir", f"{e}; or give prompts encoded beforehand as config.prompt_embeddings")
 
 
-def _check_latent_channels(config: ConfigDict, transformer: dict) -> None:
-    """An SD3 run's ``channels`` are its latent channels: the folder transformer's in and out channels
-    (diffusers' defaults 16; out = in when null), else the first step fails to compile with a shape error."""
-    channels_in = transformer.get("in_channels", 16)
-    channels_out = transformer.get("out_channels", 16)
-    channels_out = channels_in if channels_out is None else channels_out
+def _check_latent_channels(config: ConfigDict, channels_in: int, channels_out: int) -> None:
+    """A model folder run's ``channels`` are its latent channels: the folder transformer's in and out
+    channels, else the first step fails to compile with a shape error."""
     for name, value in (("in_channels", channels_in), ("out_channels", channels_out)):
         if value != config.channels:
             _fail("channels", f"{config.channels} latent channels, but {config.model_dir}/transformer/config.json has "
@@ -495,19 +500,19 @@ def _check_transformer_path(config: ConfigDict) -> None:
     if not os.path.isfile(path):
         _fail("transformer_path", f"no such file: {path}")
     try:
-        sd3_original.naming(open_safetensors(path))
+        backbones.of(config).check_transformer_file(path)
     except ValueError as e:
         _fail("transformer_path", str(e))
 
 
 def _check_prompt_embeddings(config: ConfigDict) -> None:
-    """A precomputed table: an SD3 run's, readable, at the condition's shape, with every prompt of the
+    """A precomputed table: a model folder run's, readable, at the condition's shape, with every prompt of the
     buckets (``data.prompt_embeddings.source_prompts``) and the empty prompt (the CFG null)."""
     path = config.prompt_embeddings
     if not path:
         return
     if not config.model_dir:
-        _fail("prompt_embeddings", "precomputed prompt embeddings are the text condition of an SD3 run; config.model_dir is not set")
+        _fail("prompt_embeddings", "precomputed prompt embeddings are the text condition of a run on a model folder; config.model_dir is not set")
     if not os.path.isfile(path):
         _fail("prompt_embeddings", f"no such file: {path}")
     try:
@@ -537,26 +542,27 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
 
 def _check_training_samples(config: ConfigDict) -> None:
     """``sample_every`` >= 0 and ``samples_per_route`` >= 1; samples are images of a DiT run in RGB or
-    grey pixels (an SD3 run's are latents: sample it with ``python -m danceopd_jax.sample``)."""
+    grey pixels (a model folder run's are latents: sample it with ``python -m danceopd_jax.sample``)."""
     _positive_int(config, "sample_every", minimum=0)
     _positive_int(config, "samples_per_route")
     if config.sample_every and config.model_dir:
-        _fail("sample_every", "training samples are drawn for DiT runs; an SD3 run's student makes latents: "
+        _fail("sample_every", "training samples are drawn for DiT runs; a run on config.model_dir makes latents: "
                               "sample its checkpoints with python -m danceopd_jax.sample")  # fmt: skip
     if config.sample_every and config.channels not in (1, 3):
         _fail("sample_every", f"training samples are shown as images, which need 1 or 3 channels; config.channels is {config.channels}")
 
 
 def _check_table_encoders(config: ConfigDict, table) -> None:
-    """A table ``encode_prompts`` wrote records which text encoders encoded it (``sd3.TEXT_ENCODERS``);
-    where the run's folder has text encoders too, they must be those (``sd3.text_encoders_digest``:
-    file names, sizes and sampled contents).
+    """A table ``encode_prompts`` wrote records which text encoders encoded it (the backbone's
+    ``TEXT_ENCODERS``); where the run's folder has text encoders too, they must be those (its
+    ``text_encoders_digest``: e.g. file names, sizes and sampled contents).
     A folder without them, or a table that records nothing, cannot be checked."""
-    recorded = table.metadata.get(sd3.TEXT_ENCODERS)
+    backbone = backbones.of(config)
+    recorded = table.metadata.get(backbone.TEXT_ENCODERS)
     if not recorded:
         return
     try:
-        here = sd3.text_encoders_digest(config.model_dir)
+        here = backbone.text_encoders_digest(config.model_dir)
     except ValueError:  # the folder lacks its text encoders: nothing to compare with
         return
     if here != recorded:

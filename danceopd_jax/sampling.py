@@ -26,6 +26,7 @@ from danceopd_jax.core.fields import cfg_field, inference_field, is_guided
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.pipeline import RecordEncoder, stack_records
+from danceopd_jax.models import backbones
 from danceopd_jax.models.dit import LOGICAL_AXES
 from danceopd_jax.tasks import TASKS, Task, check_task, get_task
 
@@ -82,13 +83,14 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
 
 
 def check_run_task(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence | None = None) -> Task:
-    """``tasks.check_task`` for the run of ``config``; an SD3 run (``config.model_dir``) runs prompt
-    tasks only, its student reading no source image. Raises a one-line ``ValueError``."""
+    """``tasks.check_task`` for the run of ``config``; a run on a model folder whose family reads no
+    source image (``models.backbones``: ``READS_SOURCE``, e.g. SD3) runs prompt tasks only. Raises a
+    one-line ``ValueError``."""
     task = get_task(task)
-    if task.needs_source and config.get("model_dir"):
+    if task.needs_source and config.get("model_dir") and not (backbone := backbones.of(config)).READS_SOURCE:
         prompt_tasks = ", ".join(name for name, t in TASKS.items() if not t.needs_source)
         raise ValueError(
-            f"task {task.name!r} edits a source image, but an SD3 run's student (config.model_dir) reads no source "
+            f"task {task.name!r} edits a source image, but an {backbone.NAME} run's student (config.model_dir) reads no source "
             f"image; it can only run: {prompt_tasks}"
         )
     return check_task(config, task, prompts, sources)

@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 from danceopd_jax import build, checkpoints, parallel, step_numbers, training_samples
 from danceopd_jax.config_validation import ConfigError, validate, with_defaults
 from danceopd_jax.core.route_weights import RouteWeights
-from danceopd_jax.models import sd3
+from danceopd_jax.models import backbones
 from danceopd_jax.core.step import TrainState, init_train_state
 from danceopd_jax.step_numbers import BoundStep
 
@@ -290,7 +290,7 @@ class Run:
 def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> Run:
     """Check the config, then build mesh, data, models, sharded train state and the jitted step.
 
-    ``workdir`` holds what a run derives once (an SD3 run's prompt embeddings)."""
+    ``workdir`` holds what a run derives once (a model folder run's prompt embeddings)."""
     # ---------------------------------------------------------------- config, mesh
     validate(config)
     mesh = parallel.make_mesh(config.mesh, devices, config.get("dcn_mesh"))  # run configs saved before dcn_mesh have none
@@ -300,8 +300,8 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
     # ---------------------------------------------------------------- input, router
     sources = build.make_sources(config)
     prompt_table = None
-    if config.model_dir:  # SD3: every prompt encoded once by the folder's text encoders, or a given table
-        prompt_table = build.sd3_prompt_table(config, sources, workdir)
+    if config.model_dir:  # every prompt encoded once by the folder's text encoders, or a given table
+        prompt_table = build.folder_prompt_table(config, sources, workdir)
         _log(f"prompt embeddings: {len(prompt_table.prompts)} prompts in {prompt_table.where}")
     batches = build.make_batches(config, sources, prompt_table)
     batch_sharding = parallel.batch_sharding(mesh)
@@ -313,11 +313,11 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
 
     # ---------------------------------------------------------------- models
     expert_rules = rules if config.expert_sharding == "like_student" else parallel.replicated_rules(rules)
-    if config.model_dir:  # SD3: a LoRA student and LoRA/plain experts over one shared base
-        student_graphdef, student_params, experts, expert_shardings, expert_graphdefs = build.load_sd3_models(
+    if config.model_dir:  # a LoRA student and LoRA/plain experts over one shared base
+        student_graphdef, student_params, experts, expert_shardings, expert_graphdefs = build.load_folder_models(
             config, mesh, rules, expert_rules
         )
-        null = sd3.null_condition(prompt_table)
+        null = backbones.of(config).null_condition(prompt_table)
         experts[build.NULL_CONDITION] = parallel.replicate(null, mesh)
         expert_shardings[build.NULL_CONDITION] = jax.tree.map(lambda _: parallel.replicated(mesh), null)
     else:

@@ -66,7 +66,7 @@ def test_the_command_writes_the_table_a_run_encodes_itself(folder, encoded, tmp_
     assert f"wrote {path}: 9 prompts, text [{TEXT_LEN}, 32], pooled [32]" in stdout
     assert not list(pathlib.Path(path).parent.glob("*.tmp"))  # written atomically
     config = smoke_config(folder)
-    own = build.sd3_prompt_table(config, build.make_sources(config), str(tmp_path))
+    own = build.folder_prompt_table(config, build.make_sources(config), str(tmp_path))
     table = load_table(path)
     assert sorted(table.prompts) == sorted(own.prompts) == sorted(["", *read_prompts(f"{folder}/prompts.txt")])
     for prompt in own.prompts:
@@ -178,7 +178,7 @@ def test_the_workdir_table_is_reused_only_for_the_folder_that_encoded_it(folder,
 
     def run_table(model_dir: str, workdir: pathlib.Path):
         config = smoke_config(model_dir)
-        table = build.sd3_prompt_table(config, build.make_sources(config), str(workdir))
+        table = build.folder_prompt_table(config, build.make_sources(config), str(workdir))
         return {p: table(p)[0] for p in table.prompts}  # read now: the file may be replaced later
 
     first = run_table(folder, tmp_path / "run")

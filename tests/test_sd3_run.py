@@ -212,7 +212,7 @@ def test_the_sampler_folds_the_lora_before_its_euler_loop(trained, student):
     null = {key: value[0] for key, value in cond.items()}
     in_loop = []
     for s in (student, base):
-        run = sd3_sampling._sampler(s.graphdef, x.shape[1:], 2, float(s.config.shift), "flow_match_euler", 2.0)
+        run = sd3_sampling._sampler(s.graphdef, sd3.with_null, x.shape[1:], 2, float(s.config.shift), "flow_match_euler", 2.0)
         jaxpr = jax.make_jaxpr(run)(s.adapters, s.base, cond, null, jax.random.key(0)).jaxpr
         in_loop.append(sum(eqn.primitive.name == "dot_general" for eqn, looped in jaxpr_equations(jaxpr) if looped))
     assert len(jax.tree.leaves(student.adapters)) == 2 * 25 and in_loop[0] == in_loop[1] > 0, in_loop
@@ -323,14 +323,14 @@ def test_sample_and_export_bad_input_is_one_clear_line(trained, tmp_path):
 
 
 def test_a_bf16_run_reads_its_frozen_base_straight_into_the_compute_dtype(folder):
-    """``build.load_sd3_models`` reads the bf16 layers' weights as bfloat16 (no float32 copy on the
+    """``build.load_folder_models`` reads the bf16 layers' weights as bfloat16 (no float32 copy on the
     device), equal to the float32 read cast, and leaves the float32 layers (adaLN, embedders) alone."""
 
     def base_of(dtype: str):
         config = smoke_config(folder, **{"student.dtype": dtype})
         mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
         rules = build.axis_rules(config)
-        return dict(nnx.to_flat_state(build.load_sd3_models(config, mesh, rules, rules)[2][build.SHARED_BASE]))
+        return dict(nnx.to_flat_state(build.load_folder_models(config, mesh, rules, rules)[2][build.SHARED_BASE]))
 
     stored, full = base_of("bfloat16"), base_of("float32")
     assert stored.keys() == full.keys()

@@ -31,29 +31,46 @@ from flax import nnx
 
 from danceopd_jax.data.prompt_embeddings import Encoder, PromptEmbeddings, encode_table, load_table
 from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_original, sd3_prompts
+from danceopd_jax.models.backbones import add_student_lora
 from danceopd_jax.models.init_keys import InitKeys
-from danceopd_jax.models.weights import WeightsMismatch, load_state
+from danceopd_jax.models.weights import load_state, open_safetensors
+
+# ---------------------------------------------------------------- the family (``models.backbones``)
+
+NAME = "SD3"
+MODEL_KIND = "mmdit"
+PIPELINE_CLASSES = sd3_folder.PIPELINE_CLASSES
+READS_SOURCE = False  # SD3's transformer has no source-image input: edit tasks cannot run on it
+LOGICAL_AXES = mmdit.LOGICAL_AXES + lora.LORA_AXES  # both name the shared layers.ACTIVATION_AXES
+LORA_PREFIX = "transformer."  # diffusers' SD3 LoRA files: transformer.<module>.lora_A.weight
+pipeline_components = sd3_folder.pipeline_components
+torch_names_of = mmdit.torch_names_of
 
 CLIP_TOKENS = 77  # SD3's CLIP token count; the text sequence is CLIP_TOKENS + T5's max_sequence_length
+
+
+def latent_channels(model_dir: str) -> tuple[int, int]:
+    """``(in_channels, out_channels)`` of the folder's transformer (diffusers' defaults 16; out = in when null)."""
+    transformer = sd3_folder.component_config(model_dir, "transformer")
+    channels_in = transformer.get("in_channels", 16)
+    channels_out = transformer.get("out_channels", 16)
+    return channels_in, channels_in if channels_out is None else channels_out
+
+
+def text_len_problem(text_len: int) -> str | None:
+    """Why ``text_len`` text tokens cannot be SD3's condition (77 CLIP tokens + at least one T5 token), or None."""
+    return None if text_len > CLIP_TOKENS else f"must be {CLIP_TOKENS} CLIP tokens + at least one T5 token"
+
+
+def check_transformer_file(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a transformer file in diffusers or Stability AI naming."""
+    sd3_original.naming(open_safetensors(path))
 
 
 def transformer_config(model_dir: str, dtype: str, remat: str, attention: str = "xla") -> mmdit.MMDiTConfig:
     """The ``MMDiTConfig`` of the folder's transformer with a compute dtype, remat policy and attention."""
     transformer = sd3_folder.component_config(model_dir, "transformer")
     return mmdit.config_from_diffusers(transformer, dtype=dtype, remat=remat, attention=attention)
-
-
-def lora_targets(targets: str) -> list[str]:
-    """``"to_q,to_k"`` -> ``["to_q", "to_k"]`` (a config string of ``models.lora`` target patterns)."""
-    return [t.strip() for t in targets.split(",") if t.strip()]
-
-
-def add_student_lora(model: nnx.Module, spec) -> nnx.Module:
-    """``model`` with the student spec's fresh LoRA: ``lora_rank``, ``lora_alpha`` (0 = rank) on the
-    layers ``lora_targets`` selects, drawn from the keys of seed + 1 (``InitKeys``); in place, returned."""
-    alpha = spec.lora_alpha or spec.lora_rank
-    lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=InitKeys(spec.seed + 1))
-    return model
 
 
 def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
@@ -92,30 +109,6 @@ def weight_modules(model_dir: str) -> dict[str, str]:
     can adapt (not the patch conv), from its ``config.json`` alone: no weights are read, the model is
     traced abstractly once per config (``mmdit.linear_torch_names``)."""
     return lora.module_names(mmdit.linear_torch_names(transformer_config(model_dir, "float32", "none")))
-
-
-def check_lora_targets(model_dir: str, targets: str) -> None:
-    """Raise ``lora.UnknownLoRATarget`` for the first pattern of ``targets`` that selects no layer of
-    the folder's transformer (``lora.target_matches``, the rule ``lora.add_lora`` applies)."""
-    layers = weight_modules(model_dir)
-    for target in lora_targets(targets):
-        if not any(lora.target_matches(target, path) for path in layers):
-            names = sorted({path.rsplit(".", 1)[-1] for path in layers})
-            raise lora.UnknownLoRATarget(
-                f"unknown LoRA target {target!r}: it matches no linear layer of {model_dir}/transformer; layers are named "
-                f"{', '.join(names)} (e.g. {next(iter(layers))})"
-            )
-
-
-def check_lora_file(model_dir: str, lora_path: str) -> None:
-    """Raise ``WeightsMismatch`` when the LoRA file adapts modules the folder's transformer does not have
-    (names only: ranks and shapes are checked when the file is loaded, ``lora.load_lora_deltas``)."""
-    tensors, _ = lora.read_lora(lora_path)
-    known = set(weight_modules(model_dir).values())
-    unknown = sorted({k.rsplit(".lora_", 1)[0] for k in tensors} - known)
-    if unknown:
-        shown = ", ".join(unknown[:6]) + (f", ... ({len(unknown) - 6} more)" if len(unknown) > 6 else "")
-        raise WeightsMismatch(f"{lora_path}: adapts {len(unknown)} modules {model_dir}/transformer does not have: {shown}")
 
 
 # ---------------------------------------------------------------- prompts
