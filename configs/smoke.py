@@ -9,7 +9,7 @@ The experts are random, so the figures say nothing about quality: this checks th
 
 from ml_collections import ConfigDict
 
-from danceopd_jax.config_lib import base_config, expert_field, model_spec
+from danceopd_jax.config_lib import base_config, random_smoke_models
 
 
 def get_config() -> ConfigDict:
@@ -21,14 +21,7 @@ def get_config() -> ConfigDict:
     config.image_size = 8
     config.condition.update(dict(text_len=8, text_dim=16, use_source=True))
 
-    config.student = model_spec(use_source=True, seed=0)
-    config.experts = ConfigDict(
-        {
-            "t2i_expert": model_spec(seed=1, zero_init=False),
-            "edit_expert": model_spec(use_source=True, seed=2, zero_init=False),
-        }
-    )
-    config.fields = ConfigDict({"t2i": expert_field("t2i_expert"), "edit": expert_field("edit_expert", needs_source=True)})
+    random_smoke_models(config)
     config.routes = ConfigDict(
         {"t2i": dict(field="t2i", bucket="t2i", weight=1.0), "edit": dict(field="edit", bucket="edit", weight=1.0)}
     )

@@ -304,9 +304,7 @@ POOL = "pool"  # the one bucket of a learned-router run: every route's bucket, u
 def make_sources(config: ConfigDict) -> dict:
     """``{bucket: source}``; with a learned router the routes' buckets pooled as ``{POOL: MixedSource}``."""
     sources = {
-        name: make_bucket_source(
-            bucket.kind, bucket.size, bucket.seed, config.image_size, config.channels, config.condition.num_classes, bucket.path
-        )
+        name: make_bucket_source(bucket, config.image_size, config.channels, config.condition.num_classes)
         for name, bucket in config.data.buckets.items()
     }
     if config.routing != "learned":

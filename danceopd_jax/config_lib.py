@@ -40,6 +40,19 @@ def expert_field(expert: str, cfg_scale: float = 1.0, needs_source: bool = False
     return dict(kind="expert", expert=expert, cfg_scale=cfg_scale, needs_source=needs_source, terms={})
 
 
+def random_smoke_models(config: ConfigDict) -> None:
+    """The smoke configs' models (``configs/smoke.py``, ``configs/files_smoke.py``): a tiny random student that
+    reads source images, a random T2I expert (field ``t2i``) and a random edit expert (field ``edit``, needs sources)."""
+    config.student = model_spec(use_source=True, seed=0)
+    config.experts = ConfigDict(
+        {
+            "t2i_expert": model_spec(seed=1, zero_init=False),
+            "edit_expert": model_spec(use_source=True, seed=2, zero_init=False),
+        }
+    )
+    config.fields = ConfigDict({"t2i": expert_field("t2i_expert"), "edit": expert_field("edit_expert", needs_source=True)})
+
+
 def base_config() -> ConfigDict:
     """Every key a run reads, with defaults; configs fill in models, fields, routes and data."""
     config = ConfigDict()

@@ -36,6 +36,10 @@ from danceopd_jax.core.schedule import QUERY_SAMPLERS, SIGMA_SCHEDULES
 from danceopd_jax.data.scene_buckets import BUCKET_KINDS as SCENE_KINDS
 from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import BUCKET_KINDS, make_bucket_source
+from danceopd_jax.data.file_buckets import BUCKET_KINDS as IMAGE_FILE_KINDS
+from danceopd_jax.data.file_buckets import manifest_options
+from danceopd_jax.data.image_files import RESIZE_MODES
+from danceopd_jax.data.manifests import ManifestError, checked
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
 from danceopd_jax.models import backbones
@@ -51,7 +55,9 @@ LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_SHARDINGS = ("like_student", "replicated")
 ROUTE_TEMPLATE = dict(field="", bucket="", weight=1.0)
-BUCKET_TEMPLATE = dict(kind="", size=1, seed=0, path="")
+# resize, allow_upscale, allow_outside_paths, tasks: image-file buckets only (data/file_buckets.py)
+BUCKET_TEMPLATE = dict(kind="", size=1, seed=0, path="", resize="center_crop", allow_upscale=False, allow_outside_paths=False, tasks="")
+IMAGE_FILE_KEYS = ("resize", "allow_upscale", "allow_outside_paths", "tasks")
 
 
 class ConfigError(ValueError):
@@ -82,7 +88,7 @@ FREE_FORM = object()  # a map whose keys are checked elsewhere
 # configs, bucket entries and saved run configs written before it stay valid.
 DEFAULTED_KEYS = frozenset(
     {"model_dir", "transformer_path", "prompt_embeddings", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha",
-     "lora_targets", "lora_path", "attention"}
+     "lora_targets", "lora_path", "attention", *IMAGE_FILE_KEYS}
 )
 
 
@@ -381,8 +387,11 @@ def _check_routes(config: ConfigDict) -> None:
                                 f"{sizes}: route(s) {', '.join(starved)} get no sample; raise batch_size")  # fmt: skip
 
 
-def _bucket_records(bucket: ConfigDict) -> int:
-    """The records a (checked) bucket holds: its size, or a whole prompt file's prompt count for size 0."""
+def _bucket_records(config: ConfigDict, name: str) -> int:
+    """The records a (checked) bucket holds: its size, or for size 0 a whole prompt file's prompts or manifest's examples."""
+    bucket = config.data.buckets[name]
+    if bucket.kind in IMAGE_FILE_KINDS:
+        return len(_checked_examples(config, name))
     return len(PromptFileSource(bucket.path, bucket.size)) if bucket.kind in PROMPT_FILE_KINDS else bucket.size
 
 
@@ -398,7 +407,7 @@ def _check_router(config: ConfigDict) -> None:
         _positive_int(config, f"router.{key}")
     _in_range(config, "router.learning_rate", 0.0, open_low=True)
     _in_range(config, "router.weight_decay", 0.0)
-    pool = sum(_bucket_records(config.data.buckets[route.bucket]) for route in config.routes.values())
+    pool = sum(_bucket_records(config, route.bucket) for route in config.routes.values())
     labelled = labelled_count(pool, config.router.label_fraction, config.router.heldout)
     if labelled < 1:
         _fail("router.label_fraction", f"leaves {labelled} labelled records of a pool of {pool} ({config.router.heldout} held out)")
@@ -438,23 +447,55 @@ def _check_buckets(config: ConfigDict) -> None:
         key = f"data.buckets.{name}"
         if bucket.kind not in BUCKET_KINDS:
             _fail(f"{key}.kind", f"unknown value {bucket.kind!r}; valid: {', '.join(BUCKET_KINDS)}")
-        whole_file = bucket.kind in PROMPT_FILE_KINDS and bucket.size == 0  # a prompt file's every prompt
-        if bucket.size < 1 and not whole_file:
-            minimum = "0 (the whole file)" if bucket.kind in PROMPT_FILE_KINDS else "1 (an empty bucket has nothing to draw)"
+        reads_file = bucket.kind in PROMPT_FILE_KINDS or bucket.kind in IMAGE_FILE_KINDS
+        if bucket.size < 1 and not (reads_file and bucket.size == 0):  # size 0: a file's every prompt or example
+            minimum = "0 (the whole file)" if reads_file else "1 (an empty bucket has nothing to draw)"
             _fail(f"{key}.size", f"must be >= {minimum}, got {bucket.size}")
         _positive_int(config, f"{key}.seed", minimum=0)
         unread = sorted(f for f in BUCKET_KINDS[bucket.kind] if f != "image" and not readers[f][1])
         if unread:
             _fail(f"{key}.kind", f"{bucket.kind!r} records carry {unread[0]!r}, which config.{readers[unread[0]][0]} turns off")
-        if (bucket.kind in PROMPT_FILE_KINDS) != bool(bucket.path):
-            _fail(f"{key}.path", f"kind {bucket.kind!r} " + ("reads a prompt file: set path" if bucket.path == "" else "reads no file"))
-        if bucket.path:
+        if reads_file != bool(bucket.path):
+            _fail(f"{key}.path", f"kind {bucket.kind!r} " + ("reads a file: set path" if bucket.path == "" else "reads no file"))
+        _check_image_file_keys(config, name)
+        if bucket.kind in PROMPT_FILE_KINDS:
             try:
                 PromptFileSource(bucket.path, bucket.size)
             except PromptFileError as e:
                 _fail(f"{key}.path", str(e))
         if bucket.kind in SCENE_KINDS and config.channels != 3:
             _fail("channels", f"the shapes world (bucket {name!r}) renders RGB: must be 3, got {config.channels}")
+
+
+def _check_image_file_keys(config: ConfigDict, name: str) -> None:
+    """The keys of image-file buckets: set only on them; pixels of 3 channels for a DiT (no latent cache yet)."""
+    bucket, key = config.data.buckets[name], f"data.buckets.{name}"
+    if bucket.kind not in IMAGE_FILE_KINDS:
+        for option in IMAGE_FILE_KEYS:
+            if bucket[option] != BUCKET_TEMPLATE[option]:
+                _fail(f"{key}.{option}", f"kind {bucket.kind!r} reads no image files; {option} is for kinds {', '.join(IMAGE_FILE_KINDS)}")
+        return
+    _choice(config, f"{key}.resize", RESIZE_MODES)
+    if config.channels != 3:
+        _fail("channels", f"image files (bucket {name!r}) are read as RGB: must be 3, got {config.channels}")
+    if config.model_dir:
+        _fail(f"{key}.kind", f"image files are read as pixels; a run on config.model_dir trains on latents, "
+                             "and image buckets are not yet encoded into them")  # fmt: skip
+
+
+def _checked_examples(config: ConfigDict, name: str):
+    """The checked examples of the image-file bucket ``name`` (``data.manifests``: every file decoded once per process)."""
+    try:
+        return checked(manifest_options(config.data.buckets[name], config.image_size))
+    except ManifestError as e:
+        _fail(f"data.buckets.{name}.path", str(e))
+
+
+def _check_image_files(config: ConfigDict) -> None:
+    """Every image-file bucket's manifest and images; last, as it decodes every image."""
+    for name, bucket in config.data.buckets.items():
+        if bucket.kind in IMAGE_FILE_KINDS:
+            _checked_examples(config, name)
 
 
 def _check_condition(config: ConfigDict) -> None:
@@ -526,7 +567,7 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
         _fail("prompt_embeddings", f"{path} holds {got} embeddings; config.condition needs {want} (text_len = 77 + T5 tokens)")
     _check_table_encoders(config, table)
     sources = [
-        make_bucket_source(b.kind, b.size, b.seed, config.image_size, config.channels, c.num_classes, b.path)
+        make_bucket_source(b, config.image_size, config.channels, c.num_classes)
         for b in config.data.buckets.values()
         if "prompt" in BUCKET_KINDS[b.kind]
     ]
@@ -626,3 +667,4 @@ def validate(config: ConfigDict) -> None:
         for name, route in config.routes.items():
             if "image" not in BUCKET_KINDS[config.data.buckets[route.bucket].kind]:
                 _fail(f"routes.{name}.bucket", f"method {config.method!r} needs dataset images; bucket {route.bucket!r} has none")
+    _check_image_files(config)

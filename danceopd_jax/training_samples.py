@@ -28,8 +28,7 @@ def route_examples(config: ConfigDict) -> dict[str, tuple[dict, np.ndarray | Non
     encode = RecordEncoder(build.condition_spec(config), image_shape)
     examples = {}
     for name, route in config.routes.items():
-        b = config.data.buckets[route.bucket]
-        bucket = make_bucket_source(b.kind, b.size, b.seed, config.image_size, config.channels, config.condition.num_classes, b.path)
+        bucket = make_bucket_source(config.data.buckets[route.bucket], config.image_size, config.channels, config.condition.num_classes)
         records = [bucket[index] for index in range(min(config.samples_per_route, len(bucket)))]
         cond = stack_records([encode(record)["cond"] for record in records])
         sources = np.stack([np.asarray(record["source"], np.float32) for record in records]) if "source" in records[0] else None

@@ -1,24 +1,26 @@
-"""The registry of bucket kinds (toy synthetic buckets of ``synthetic.py`` and the shapes world),
-and the unlabelled pool a learned router routes (``MixedSource``)."""
+"""The registry of bucket kinds (toy synthetic buckets of ``synthetic.py``, the shapes world, prompt
+files and the user's image files), and the unlabelled pool a learned router routes (``MixedSource``)."""
 
 from typing import Sequence
 
 import numpy as np
+from ml_collections import ConfigDict
 
 from danceopd_jax.core.routing import normalized_weights
-from danceopd_jax.data import prompt_files, scene_buckets, synthetic
+from danceopd_jax.data import file_buckets, prompt_files, scene_buckets, synthetic
 
 BUCKET_KINDS: dict[str, frozenset[str]] = {
-    **synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS, **prompt_files.BUCKET_KINDS
+    **synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS, **prompt_files.BUCKET_KINDS, **file_buckets.BUCKET_KINDS
 }  # fmt: skip
 
 
-def make_bucket_source(
-    kind: str, size: int, seed: int, image_size: int, channels: int, num_classes: int = 0, path: str = ""
-):
-    """The random-access source of one bucket (fields per kind in ``BUCKET_KINDS``); ``path`` for file kinds."""
+def make_bucket_source(bucket: ConfigDict, image_size: int, channels: int, num_classes: int = 0):
+    """The random-access source of the bucket ``data.buckets.NAME`` (record fields per kind in ``BUCKET_KINDS``)."""
+    kind, size, seed = bucket.kind, bucket.size, bucket.seed
+    if kind in file_buckets.BUCKET_KINDS:
+        return file_buckets.make_source(bucket, image_size)
     if kind in prompt_files.BUCKET_KINDS:
-        return prompt_files.PromptFileSource(path, size)
+        return prompt_files.PromptFileSource(bucket.path, size)
     if kind in scene_buckets.BUCKET_KINDS:
         return scene_buckets.SceneSource(kind, size, seed, image_size, channels)
     if kind in synthetic.BUCKET_KINDS:
