@@ -155,7 +155,7 @@ def load_folder_models(config: ConfigDict, mesh: Mesh, rules, expert_rules):
     graphdefs = {}
     for name, spec in config.experts.items():
         if spec.lora_path:
-            graphdefs[name], delta = backbone.expert_delta(spec.lora_path, base_graphdef, abstract_base)
+            graphdefs[name], delta = backbones.expert_delta(backbone, spec.lora_path, base_graphdef, abstract_base)
             delta_shardings = parallel.shardings_of(delta, mesh, expert_rules)
             experts[name] = frozen_in_compute_dtype(graphdefs[name], delta, delta_shardings, experts[SHARED_BASE])
             shardings[name] = delta_shardings
@@ -293,8 +293,10 @@ def flowopd_options(config: ConfigDict) -> FlowOPDOptions:
 
 def condition_spec(config: ConfigDict) -> ConditionSpec:
     c = config.condition
+    segments = backbones.of(config).TEXT_SEGMENTS_LEN if config.model_dir else 0
     return ConditionSpec(
-        text_len=c.text_len, text_dim=c.text_dim, num_classes=c.num_classes, use_source=c.use_source, pooled_dim=c.pooled_dim
+        text_len=c.text_len, text_dim=c.text_dim, num_classes=c.num_classes, use_source=c.use_source, pooled_dim=c.pooled_dim,
+        text_segments_len=segments,
     )  # fmt: skip
 
 
@@ -336,7 +338,8 @@ def folder_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
         raise ValueError("a run on config.model_dir without config.prompt_embeddings needs a workdir to encode its prompts into")
     path = os.path.join(workdir, PROMPT_TABLE)
     if jax.process_index() == 0:
-        table = backbones.of(config).prompt_table(config.model_dir, source_prompts(sources.values()), path, config.condition.text_len)
+        prompts, edit_prompts = (source_prompts(sources.values(), template) for template in ("t2i", "edit"))
+        table = backbones.of(config).prompt_table(config.model_dir, prompts, path, config.condition.text_len, edit_prompts=edit_prompts)
     if jax.process_count() == 1:
         return table
     multihost_utils.sync_global_devices("danceopd_jax: prompt embeddings written")

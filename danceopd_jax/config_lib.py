@@ -24,11 +24,23 @@ def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
     return ConfigDict(spec)
 
 
-def sd3_spec(**overrides) -> ConfigDict:
-    """The transformer of ``config.model_dir`` (``models/sd3.py``): a student with a fresh LoRA
+def folder_spec(kind: str, **overrides) -> ConfigDict:
+    """The transformer of ``config.model_dir``, a folder of the family whose models are ``kind``
+    (``models.backbones``: ``mmdit`` SD3, ``zimage`` Z-Image): a student with a fresh LoRA
     (``lora_rank`` > 0, ``lora_alpha`` 0 = rank, ``lora_targets`` comma-separated ``models.lora``
-    patterns), or an expert that is the base plus the LoRA file ``lora_path`` (or the plain base)."""
-    return model_spec(**{"kind": "mmdit", "init": "pretrained", "preset": "", "patch_size": 0, **overrides})
+    patterns), or an expert that is the base plus the LoRA file ``lora_path`` (or the plain base).
+    ``use_source``: the model reads the clean source image of edit samples (Z-Image's in-context editing)."""
+    return model_spec(**{"kind": kind, "init": "pretrained", "preset": "", "patch_size": 0, **overrides})
+
+
+def sd3_spec(**overrides) -> ConfigDict:
+    """The transformer of an SD3 folder ``config.model_dir`` (``models/sd3.py``; ``folder_spec``)."""
+    return folder_spec("mmdit", **overrides)
+
+
+def zimage_spec(**overrides) -> ConfigDict:
+    """The transformer of a Z-Image folder ``config.model_dir`` (``models/zimage_backbone.py``; ``folder_spec``)."""
+    return folder_spec("zimage", **overrides)
 
 
 def expert_field(expert: str, cfg_scale: float = 1.0, needs_source: bool = False) -> dict:
@@ -96,18 +108,20 @@ def base_config() -> ConfigDict:
     config.image_size = 32
     config.channels = 3
     # pooled_dim > 0: a pooled prompt embedding too (SD3: text_len = 77 + T5 tokens, text_dim and
-    # pooled_dim those of the folder's transformer).
+    # pooled_dim those of the folder's transformer; Z-Image: text_len = the caption's token capacity,
+    # up to 512 in its pipelines, text_dim = Qwen3's width, 2560, pooled_dim 0).
     config.condition = ConfigDict(dict(text_len=0, text_dim=0, num_classes=0, use_source=False, pooled_dim=0))
-    # An SD3 / SD3.5 diffusers pipeline folder (models/sd3.py): its transformer is the shared frozen base
-    # of every kind="mmdit" model, and its text encoders encode the prompts; image_size and channels are
-    # then the latent size and channels.
+    # A diffusers pipeline folder of a known family (models/backbones.py: SD3 / SD3.5, kind="mmdit";
+    # Z-Image, kind="zimage"), read from its model_index.json: its transformer is the shared frozen base
+    # of every model, and its text encoders encode the prompts; image_size and channels are then the
+    # latent size and channels.
     config.model_dir = ""
-    # One .safetensors file holding the SD3 transformer's weights in place of model_dir/transformer/'s
-    # (the folder still gives the configs, text encoders and VAE): diffusers' names, or Stability AI's
-    # original ones (model.diffusion_model.joint_blocks.N..., fused qkv; an all-in-one file's VAE and
-    # text-encoder tensors are ignored), models/sd3_original.py. "" = the folder's weights.
+    # One .safetensors file holding the transformer's weights in place of model_dir/transformer/'s
+    # (the folder still gives the configs, text encoders and VAE): diffusers' names, or for SD3 also
+    # Stability AI's original ones (model.diffusion_model.joint_blocks.N..., fused qkv; an all-in-one
+    # file's VAE and text-encoder tensors are ignored), models/sd3_original.py. "" = the folder's weights.
     config.transformer_path = ""
-    # An SD3 run's prompts encoded beforehand (python -m danceopd_jax.encode_prompts --model_dir D
+    # A model folder run's prompts encoded beforehand (python -m danceopd_jax.encode_prompts --model_dir D
     # --prompts FILE --out TABLE.safetensors): the run reads this table instead of loading the text
     # encoders, so model_dir may lack them. It must hold every prompt of the buckets and the empty
     # prompt (the CFG null), at config.condition's shape. "" = encode into WORKDIR/prompt_embeddings.safetensors.
@@ -158,6 +172,9 @@ def base_config() -> ConfigDict:
 # diffusers' ``net.0.proj`` / ``net.2``): the joint attention's projections of both streams (``to_*``
 # for image tokens, also SD3.5's ``attn2``; ``add_*_proj`` / ``to_add_out`` for text) and both MLPs.
 SD3_LORA_TARGETS = "to_q,to_k,to_v,to_out,add_q_proj,add_k_proj,add_v_proj,to_add_out,fc1,fc2"
+# The authors' Z-Image student targets: the single-stream blocks' attention q, k, v, out and the SwiGLU
+# w1, w2, w3 (diffusers' module names of ``ZImageTransformer2DModel``, also its refiner blocks').
+ZIMAGE_LORA_TARGETS = "to_q,to_k,to_v,to_out,w1,w2,w3"
 
 
 def run_sigma_schedule(run_config: ConfigDict) -> str:

@@ -285,6 +285,10 @@ def _check_folder_model(config: ConfigDict, key: str, model: ConfigDict, is_stud
                              f"got {model.kind!r}")  # fmt: skip
     if model.init != "pretrained":
         _fail(f"{key}.init", f"kind {model.kind!r} loads config.model_dir: must be 'pretrained', got {model.init!r}")
+    if model.use_source and not backbone.READS_SOURCE:
+        _fail(f"{key}.use_source", f"a {backbone.NAME} transformer reads no source image")
+    if model.use_source and not config.condition.use_source:
+        _fail(f"{key}.use_source", "the model reads source images but config.condition.use_source is False")
     _check_compute(key, model)
     if is_student:
         if model.lora_rank < 1:
@@ -561,24 +565,48 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
     except WeightsError as e:
         _fail("prompt_embeddings", str(e))
     c = config.condition
-    got = f"text {list(table.text_shape)}, pooled [{table.pooled_dim}]"
-    want = f"text [{c.text_len}, {c.text_dim}], pooled [{c.pooled_dim}]"
+    segments = backbones.of(config).TEXT_SEGMENTS_LEN
+    show_segments = segments or table.text_segments_len  # a family whose text has segments (Z-Image's edit template)
+    got = f"text {list(table.text_shape)}, pooled [{table.pooled_dim}]" + (f", text_segments [{table.text_segments_len}]" if show_segments else "")
+    want = f"text [{c.text_len}, {c.text_dim}], pooled [{c.pooled_dim}]" + (f", text_segments [{segments}]" if show_segments else "")
     if got != want:
-        _fail("prompt_embeddings", f"{path} holds {got} embeddings; config.condition needs {want} (text_len = 77 + T5 tokens)")
+        _fail("prompt_embeddings", f"{path} holds {got} embeddings; config.condition needs {want} (and the model folder's encoding)")
     _check_table_encoders(config, table)
-    sources = [
+    sources = _prompt_sources(config)
+    for template, what in (("t2i", "prompts"), ("edit", "edit instructions")):
+        prompts = source_prompts(sources, template)
+        missing = table.missing(["", *prompts], template) if template == "t2i" or prompts else []
+        if missing:
+            first = "the empty prompt (the CFG null)" if missing[0] == "" else repr(missing[0])
+            _fail(
+                "prompt_embeddings",
+                f"{path} lacks {len(missing)} of the run's {what}, first {first}; "
+                "encode them with python -m danceopd_jax.encode_prompts",
+            )
+
+
+def _prompt_sources(config: ConfigDict) -> list:
+    """The sources of the buckets whose records carry prompts (records read here: a prompt file's lines)."""
+    c = config.condition
+    return [
         make_bucket_source(b, config.image_size, config.channels, c.num_classes)
         for b in config.data.buckets.values()
         if "prompt" in BUCKET_KINDS[b.kind]
     ]
-    missing = table.missing(["", *source_prompts(sources)])
-    if missing:
-        first = "the empty prompt (the CFG null)" if missing[0] == "" else repr(missing[0])
-        _fail(
-            "prompt_embeddings",
-            f"{path} lacks {len(missing)} of the run's prompts, first {first}; "
-            "encode them with python -m danceopd_jax.encode_prompts",
-        )
+
+
+def _check_prompt_lengths(config: ConfigDict) -> None:
+    """A run that encodes its prompts with the folder's text encoders: every prompt and edit instruction
+    fits ``condition.text_len`` as the family encodes it (the backbone's ``check_prompts``, e.g. Z-Image's
+    tokenizer only; a prompt too long is refused, not cut)."""
+    if not config.model_dir or config.prompt_embeddings:
+        return
+    sources = _prompt_sources(config)
+    prompts, edit_prompts = (source_prompts(sources, template) for template in ("t2i", "edit"))
+    try:
+        backbones.of(config).check_prompts(config.model_dir, prompts, config.condition.text_len, edit_prompts)
+    except ValueError as e:
+        _fail("condition.text_len", str(e))
 
 
 def _check_training_samples(config: ConfigDict) -> None:
@@ -655,6 +683,7 @@ def validate(config: ConfigDict) -> None:
     _check_flowopd(config)
     _check_buckets(config)
     _check_prompt_embeddings(config)
+    _check_prompt_lengths(config)
     _check_model(config, "student", config.student, is_student=True)
     for name, expert in config.experts.items():
         _check_model(config, f"experts.{name}", expert)

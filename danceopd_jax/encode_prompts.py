@@ -69,6 +69,7 @@ def main(argv) -> None:
     try:
         check_arguments(FLAGS.model_dir, FLAGS.out, FLAGS.text_len, FLAGS.batch_size)
         prompts = read_prompts(FLAGS.prompts)
+        backbones.for_folder(FLAGS.model_dir).check_prompts(FLAGS.model_dir, prompts, FLAGS.text_len)  # before any weights are read
     except ValueError as error:  # PromptFileError and ModelFolderError are ValueErrors
         fail(error)
     total = len(table_prompts(prompts))

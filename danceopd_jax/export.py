@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 
 from danceopd_jax import checkpoints, sd3_sampling  # noqa: E402
 from danceopd_jax.models import backbones, lora  # noqa: E402
-from danceopd_jax.models.sd3_folder import ModelFolderError  # noqa: E402
+from danceopd_jax.models.pipeline_folder import ModelFolderError  # noqa: E402
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for

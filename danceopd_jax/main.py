@@ -30,7 +30,7 @@ from ml_collections import ConfigDict, config_flags  # noqa: E402
 from danceopd_jax import checkpoints, distributed, pipeline, train  # noqa: E402
 from danceopd_jax.config_validation import ConfigError  # noqa: E402
 from danceopd_jax.models.lora import UnknownLoRATarget  # noqa: E402
-from danceopd_jax.models.sd3_folder import ModelFolderError  # noqa: E402
+from danceopd_jax.models.pipeline_folder import ModelFolderError  # noqa: E402
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).", lock_config=True)

@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 from danceopd_jax import sd3_sampling  # noqa: E402
 from danceopd_jax.config_validation import read_run_config  # noqa: E402
-from danceopd_jax.models.sd3_folder import ModelFolderError  # noqa: E402
+from danceopd_jax.models.pipeline_folder import ModelFolderError  # noqa: E402
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 from danceopd_jax.sampling import check_run_task, check_sampling, read_image, sample_task  # noqa: E402
 from danceopd_jax.tasks import TASKS, get_task  # noqa: E402

@@ -83,16 +83,21 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
 
 
 def check_run_task(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence | None = None) -> Task:
-    """``tasks.check_task`` for the run of ``config``; a run on a model folder whose family reads no
-    source image (``models.backbones``: ``READS_SOURCE``, e.g. SD3) runs prompt tasks only. Raises a
+    """``tasks.check_task`` for the run of ``config``; a run on a model folder runs prompt tasks only
+    (a family that reads no source image, ``models.backbones``' ``READS_SOURCE``, e.g. SD3, never
+    can; edits of one that does, Z-Image, need its source VAE-encoded, not done yet). Raises a
     one-line ``ValueError``."""
     task = get_task(task)
-    if task.needs_source and config.get("model_dir") and not (backbone := backbones.of(config)).READS_SOURCE:
+    if task.needs_source and config.get("model_dir"):
+        backbone = backbones.of(config)
         prompt_tasks = ", ".join(name for name, t in TASKS.items() if not t.needs_source)
-        raise ValueError(
-            f"task {task.name!r} edits a source image, but an {backbone.NAME} run's student (config.model_dir) reads no source "
-            f"image; it can only run: {prompt_tasks}"
-        )
+        if not backbone.READS_SOURCE:
+            raise ValueError(
+                f"task {task.name!r} edits a source image, but an {backbone.NAME} run's student (config.model_dir) reads no source "
+                f"image; it can only run: {prompt_tasks}"
+            )
+        raise ValueError(f"task {task.name!r}: sampling edits of a {backbone.NAME} run is not supported yet (the source image "
+                         f"must be VAE-encoded first); it can run: {prompt_tasks}")  # fmt: skip
     return check_task(config, task, prompts, sources)
 
 

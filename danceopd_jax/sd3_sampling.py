@@ -39,9 +39,10 @@ from danceopd_jax.config_validation import read_run_config
 from danceopd_jax.core.fields import cfg_field, inference_field
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
+from danceopd_jax.data.prompt_embeddings import in_memory_table
 from danceopd_jax.models import backbones, lora, vae
 from danceopd_jax.models.init_keys import InitKeys
-from danceopd_jax.models.sd3_folder import read_json
+from danceopd_jax.models.pipeline_folder import read_json
 from danceopd_jax.models.weights import load_module, open_safetensors
 
 
@@ -98,15 +99,16 @@ def load_student(workdir: str, *, trained: bool = True) -> SD3Student:
 
 
 def encode_prompts(config: ConfigDict, prompts: Sequence[str]) -> tuple[dict, dict]:
-    """``(cond, null)``: ``prompts`` encoded by the run folder's text encoders as training did.
+    """``(cond, null)``: ``prompts`` encoded by the run folder's text encoders as training did (T2I).
 
-    ``cond`` is the batch's condition (SD3: ``{"text": [B, L, D], "pooled": [B, P]}`` with L =
-    ``condition.text_len``); ``null`` the empty prompt's, without the batch axis (the backbone's
-    ``null_condition``). The encoders are freed on return.
+    ``cond`` is the batch's condition (SD3: ``{"text": [B, L, D], "pooled": [B, P]}``; Z-Image:
+    ``text``, ``text_mask``, ``text_segments``; L = ``condition.text_len``); ``null`` the CFG null the
+    backbone makes of the empty prompt's encoding (its ``null_condition``). The encoders are freed on return.
     """
-    out = backbones.of(config).prompt_encoder(config.model_dir, config.condition.text_len)([*prompts, ""])
+    backbone = backbones.of(config)
+    out = backbone.prompt_encoder(config.model_dir, config.condition.text_len)([*prompts, ""])
     cond = {key: value[:-1] for key, value in out.items()}
-    return cond, {key: value[-1] for key, value in out.items()}
+    return cond, backbone.null_condition(in_memory_table([""], {key: value[-1:] for key, value in out.items()}))
 
 
 @functools.lru_cache(maxsize=8)

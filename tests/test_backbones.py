@@ -7,7 +7,7 @@ import json
 import pytest
 
 from danceopd_jax.models import backbones
-from danceopd_jax.models.sd3_folder import ModelFolderError
+from danceopd_jax.models.pipeline_folder import ModelFolderError
 
 # The signatures callers rely on (``models.backbones`` module docstring), by parameter names.
 SIGNATURES = {
@@ -18,11 +18,11 @@ SIGNATURES = {
     "check_transformer_file": ["path"],
     "model_factory": ["model_dir", "spec"],
     "load_base": ["model_dir", "abstract_base", "shardings", "transformer_path"],
-    "expert_delta": ["lora_path", "base_graphdef", "abstract_base"],
     "torch_names_of": ["abstract"],
     "weight_modules": ["model_dir"],
+    "check_prompts": ["model_dir", "prompts", "text_len", "edit_prompts"],
     "prompt_encoder": ["model_dir", "text_len", "dtype"],
-    "prompt_table": ["model_dir", "prompts", "path", "text_len", "dtype"],
+    "prompt_table": ["model_dir", "prompts", "path", "text_len", "dtype", "edit_prompts"],
     "text_encoders_digest": ["model_dir"],
     "null_condition": ["table"],
     "with_null": ["null"],

@@ -26,8 +26,10 @@ import numpy as np
 from danceopd_jax.core.conditioning import NULL_LABEL
 from danceopd_jax.data.text import HashedTextEmbedder
 
-# prompt -> (text [L, D], text_mask [L]), plus pooled [P] when the spec has ``pooled_dim``
-TextEmbedder = Callable[[str], tuple[np.ndarray, ...]]
+# (prompt, template) -> (text [L, D], text_mask [L]), then pooled [P] when the spec has ``pooled_dim``
+# and text_segments [S] when it has ``text_segments_len``; the template is ``edit`` for a record with a
+# source image, else ``t2i`` (``data.prompt_embeddings.TEMPLATES``)
+TextEmbedder = Callable[[str, str], tuple[np.ndarray, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +37,9 @@ class ConditionSpec:
     """Which condition keys a run emits (the ``core.conditioning`` convention).
 
     ``text_len``/``text_dim`` > 0 emit ``text`` [L, D] and ``text_mask`` [L]; ``pooled_dim`` > 0
-    also a pooled prompt embedding ``pooled`` [P] (SD3); ``num_classes`` > 0 emits ``label``;
-    ``use_source`` emits ``source`` and ``source_mask``.
+    also a pooled prompt embedding ``pooled`` [P] (SD3); ``text_segments_len`` > 0 the lengths of
+    the text's segments ``text_segments`` [S] (Z-Image's edit template); ``num_classes`` > 0 emits
+    ``label``; ``use_source`` emits ``source`` and ``source_mask``.
     """
 
     text_len: int = 0
@@ -44,12 +47,14 @@ class ConditionSpec:
     num_classes: int = 0
     use_source: bool = False
     pooled_dim: int = 0
+    text_segments_len: int = 0
 
     def __post_init__(self):
         if (self.text_len > 0) != (self.text_dim > 0) or min(self.text_len, self.text_dim) < 0:
             raise ValueError(f"text_len and text_dim must both be 0 or both positive: {self}")
-        if self.pooled_dim < 0 or (self.pooled_dim and not self.text_dim):
-            raise ValueError(f"pooled_dim must be >= 0 and needs text_dim > 0: {self}")
+        for extra in ("pooled_dim", "text_segments_len"):
+            if getattr(self, extra) < 0 or (getattr(self, extra) and not self.text_dim):
+                raise ValueError(f"{extra} must be >= 0 and needs text_dim > 0: {self}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0: {self}")
 
@@ -89,8 +94,9 @@ class RecordEncoder:
         self.embed_text = None
         if spec.use_text:
             self.embed_text = text_embedder or HashedTextEmbedder(spec.text_dim, spec.text_len)
-            got = tuple(a.shape for a in self.embed_text(""))
-            want = ((spec.text_len, spec.text_dim), (spec.text_len,)) + (((spec.pooled_dim,),) if spec.pooled_dim else ())
+            got = tuple(a.shape for a in self.embed_text("", "t2i"))
+            extras = [(spec.pooled_dim,), (spec.text_segments_len,)]
+            want = ((spec.text_len, spec.text_dim), (spec.text_len,), *(shape for shape in extras if shape[0]))
             if got != want:
                 raise ValueError(f"text embedder gives shapes {got}, spec wants {want}")
 
@@ -109,9 +115,10 @@ class RecordEncoder:
             raise ValueError(f"record fields {sorted(unused)} are not read by {self.spec}")
         cond = {}
         if self.spec.use_text:
-            cond["text"], cond["text_mask"], *pooled = self.embed_text(record.get("prompt", ""))
-            if pooled:
-                cond["pooled"] = pooled[0]
+            template = "edit" if "source" in record else "t2i"
+            cond["text"], cond["text_mask"], *extras = self.embed_text(record.get("prompt", ""), template)
+            names = [name for name, size in (("pooled", self.spec.pooled_dim), ("text_segments", self.spec.text_segments_len)) if size]
+            cond.update(zip(names, extras))
         if self.spec.num_classes:
             label = int(record.get("label", NULL_LABEL))
             if label != NULL_LABEL and not 0 <= label < self.spec.num_classes:

@@ -33,7 +33,7 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
 
 
 class HashedTextEmbedder:
-    """``prompt -> (emb float32[max_len, dim], mask bool[max_len])``, zero where masked.
+    """``(prompt, template) -> (emb float32[max_len, dim], mask bool[max_len])``, zero where masked.
 
     Prompts longer than ``max_len`` words are truncated; the empty prompt gives zeros and an
     all-False mask (the CFG null prompt of ``core.conditioning``).
@@ -47,7 +47,8 @@ class HashedTextEmbedder:
         self.seed = seed
         self._positions = sinusoidal_positions(max_len, dim)
 
-    def __call__(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, prompt: str, template: str = "t2i") -> tuple[np.ndarray, np.ndarray]:
+        """The words' embeddings; a bag of words has no template: ``t2i`` and ``edit`` embed alike."""
         words = prompt.lower().split()[: self.max_len]
         emb = np.zeros((self.max_len, self.dim), dtype=np.float32)
         mask = np.zeros(self.max_len, dtype=bool)

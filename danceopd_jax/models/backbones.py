@@ -14,6 +14,7 @@ functions. A family's module defines:
   ``LOGICAL_AXES``              the logical axis names of its models (LoRA adapters included)
   ``LORA_PREFIX``               the module-name prefix of a diffusers LoRA file of the transformer
   ``TEXT_ENCODERS``             a prompt table's metadata key recording which text encoders encoded it
+  ``TEXT_SEGMENTS_LEN``         the length of the ``text_segments`` its prompt encoding gives (0: none)
   ``pipeline_components(model_dir, text_encoders=True)``   ``{component: folder}``, checked
   ``latent_channels(model_dir)``                            ``(in, out)`` channels of the transformer
   ``check_condition(model_dir, text_len, text_dim, pooled_dim)``   the run's condition fits the transformer
@@ -21,11 +22,12 @@ functions. A family's module defines:
   ``check_transformer_file(path)``                          a single-file transformer we can read
   ``model_factory(model_dir, spec)``                        ``() -> nnx.Module``: the folder's transformer (+ a fresh LoRA)
   ``load_base(model_dir, abstract_base, shardings, transformer_path="")``   the frozen base state, checked
-  ``expert_delta(lora_path, base_graphdef, abstract_base)``  ``(graphdef, delta)`` of a teacher LoRA file
   ``torch_names_of(abstract)``                              ``{NNX path: diffusers tensor name}``
   ``weight_modules(model_dir)``                             ``{NNX layer path: diffusers module}`` LoRA can adapt
-  ``prompt_encoder(model_dir, text_len, dtype)``            ``prompts -> {"text", ...}`` (numpy)
-  ``prompt_table(model_dir, prompts, path, text_len)``      the run's cached prompt embeddings
+  ``check_prompts(model_dir, prompts, text_len, edit_prompts)``   refuse prompts the encoding would cut
+  ``prompt_encoder(model_dir, text_len, dtype)``            ``(prompts, template) -> {"text", ...}`` (numpy)
+  ``prompt_table(model_dir, prompts, path, text_len, dtype, edit_prompts)``   the run's cached prompt
+                                                            embeddings (``models.prompt_cache``)
   ``text_encoders_digest(model_dir)``                       identity of the folder's text encoders
   ``null_condition(table)``, ``with_null(null)``            the CFG null and ``cond -> null cond``
 
@@ -41,16 +43,16 @@ from ml_collections import ConfigDict
 
 from danceopd_jax.models import lora
 from danceopd_jax.models.init_keys import InitKeys
-from danceopd_jax.models.sd3_folder import ModelFolderError, read_json
+from danceopd_jax.models.pipeline_folder import ModelFolderError, read_json
 from danceopd_jax.models.weights import WeightsMismatch
 
 # family -> the module that implements it (imported when first asked for)
-FAMILIES = {"sd3": "danceopd_jax.models.sd3"}
+FAMILIES = {"sd3": "danceopd_jax.models.sd3", "zimage": "danceopd_jax.models.zimage_backbone"}
 
 INTERFACE = (
-    "NAME", "MODEL_KIND", "PIPELINE_CLASSES", "READS_SOURCE", "LOGICAL_AXES", "LORA_PREFIX", "TEXT_ENCODERS",
+    "NAME", "MODEL_KIND", "PIPELINE_CLASSES", "READS_SOURCE", "LOGICAL_AXES", "LORA_PREFIX", "TEXT_ENCODERS", "TEXT_SEGMENTS_LEN",
     "pipeline_components", "latent_channels", "check_condition", "text_len_problem", "check_transformer_file", "model_factory", "load_base",
-    "expert_delta", "torch_names_of", "weight_modules", "prompt_encoder", "prompt_table", "text_encoders_digest",
+    "torch_names_of", "weight_modules", "check_prompts", "prompt_encoder", "prompt_table", "text_encoders_digest",
     "null_condition", "with_null",
 )  # fmt: skip
 
@@ -99,6 +101,12 @@ def add_student_lora(model: nnx.Module, spec) -> nnx.Module:
     alpha = spec.lora_alpha or spec.lora_rank
     lora.add_lora(model, rank=spec.lora_rank, alpha=alpha, targets=lora_targets(spec.lora_targets), rngs=InitKeys(spec.seed + 1))
     return model
+
+
+def expert_delta(backbone: ModuleType, lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx.State):
+    """``(graphdef, delta)`` of a teacher that is the base plus the LoRA file ``lora_path``."""
+    base = nnx.merge(base_graphdef, abstract_base)
+    return lora.load_lora_deltas(base, backbone.torch_names_of(abstract_base), *lora.read_lora(lora_path))
 
 
 def check_lora_targets(backbone: ModuleType, model_dir: str, targets: str) -> None:

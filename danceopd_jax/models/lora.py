@@ -61,9 +61,12 @@ from danceopd_jax.models.weights import (
 LORA_AXES = ("lora_rank",)
 
 # Prefixes of the transformer's adapters in LoRA files: diffusers' pipeline ``save_lora_weights``
-# ("transformer."; keys of other components, e.g. "text_encoder.", are then left out) and PEFT's
-# ``save_pretrained`` ("base_model.model."). diffusers' model-level ``save_lora_adapter`` has none.
-LORA_FILE_PREFIXES = ("transformer.", "base_model.model.")
+# ("transformer."; keys of other components, e.g. "text_encoder.", are then left out), PEFT's
+# ``save_pretrained`` ("base_model.model.") and DiffSynth-Studio's Z-Image LoRAs ("pipe.dit.",
+# "dit.", "diffusion_model."; its Z-Image DiT loads the release's transformer state dict as it is, so
+# the module names behind the prefix are diffusers').
+# diffusers' model-level ``save_lora_adapter`` has none.
+LORA_FILE_PREFIXES = ("transformer.", "base_model.model.", "pipe.dit.", "dit.", "diffusion_model.")
 
 # "<module>.lora_A.weight", or with PEFT's adapter name as in a live model's state dict:
 # "<module>.lora_A.default.weight"; kohya-style per-module alphas: "<module>.alpha".

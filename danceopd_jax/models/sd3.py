@@ -20,17 +20,14 @@ The classifier-free-guidance null of SD3 is the encoding of the empty prompt (no
 fields here use ``null_condition``.
 """
 
-import hashlib
-import json
-import os
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.data.prompt_embeddings import Encoder, PromptEmbeddings, encode_table, load_table
-from danceopd_jax.models import lora, mmdit, sd3_folder, sd3_original, sd3_prompts
+from danceopd_jax.data.prompt_embeddings import Encoder, PromptEmbeddings
+from danceopd_jax.models import lora, mmdit, prompt_cache, sd3_folder, sd3_original, sd3_prompts
 from danceopd_jax.models.backbones import add_student_lora
 from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.weights import load_state, open_safetensors
@@ -43,6 +40,7 @@ PIPELINE_CLASSES = sd3_folder.PIPELINE_CLASSES
 READS_SOURCE = False  # SD3's transformer has no source-image input: edit tasks cannot run on it
 LOGICAL_AXES = mmdit.LOGICAL_AXES + lora.LORA_AXES  # both name the shared layers.ACTIVATION_AXES
 LORA_PREFIX = "transformer."  # diffusers' SD3 LoRA files: transformer.<module>.lora_A.weight
+TEXT_SEGMENTS_LEN = 0  # SD3's text is one sequence
 pipeline_components = sd3_folder.pipeline_components
 torch_names_of = mmdit.torch_names_of
 
@@ -76,7 +74,7 @@ def transformer_config(model_dir: str, dtype: str, remat: str, attention: str = 
 def model_factory(model_dir: str, spec) -> Callable[[], nnx.Module]:
     """The spec's model: the folder's transformer, with a fresh LoRA for ``lora_rank`` > 0.
 
-    An expert's LoRA file is applied afterwards (``expert_delta``); here it is the plain base.
+    An expert's LoRA file is applied afterwards (``backbones.expert_delta``); here it is the plain base.
     """
     config = transformer_config(model_dir, spec.dtype, spec.remat, spec.get("attention", "xla"))
 
@@ -93,12 +91,6 @@ def load_base(model_dir: str, abstract_base: nnx.State, shardings, transformer_p
     path = transformer_path or sd3_folder.pipeline_components(model_dir, text_encoders=False)["transformer"]
     tensors = sd3_original.open_transformer(path)
     return load_state(abstract_base, tensors, mmdit.torch_names_of(abstract_base), shardings=shardings)
-
-
-def expert_delta(lora_path: str, base_graphdef: nnx.GraphDef, abstract_base: nnx.State):
-    """``(graphdef, delta)`` of a teacher that is the base plus the LoRA file ``lora_path``."""
-    base = nnx.merge(base_graphdef, abstract_base)
-    return lora.load_lora_deltas(base, mmdit.torch_names_of(abstract_base), *lora.read_lora(lora_path))
 
 
 # ---------------------------------------------------------------- checks before loading
@@ -127,76 +119,27 @@ def prompt_encoder(model_dir: str, text_len: int, dtype: str = "float32") -> Enc
     return encode
 
 
-ENCODED_BY = "encoded_by"  # a cached prompt table's metadata key: ``encoder_identity`` of what encoded it
+TEXT_ENCODERS = prompt_cache.TEXT_ENCODERS
 
 
-def _text_files(model_dir: str) -> list[tuple[str, str]]:
-    """``(path in the folder, full path)`` of every file of the folder's text encoders and tokenizers,
-    in a fixed order."""
-    components = sd3_folder.pipeline_components(model_dir)
-    files = []
-    for name in sd3_folder.TEXT_COMPONENTS:
-        if name not in components:
-            continue
-        for root, dirs, names in os.walk(components[name]):
-            dirs.sort()
-            files += [(os.path.relpath(os.path.join(root, file), model_dir), os.path.join(root, file)) for file in sorted(names)]
-    return files
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
-
-
-def encoder_identity(model_dir: str, text_len: int, dtype: str = "float32") -> str:
-    """What a prompt's embeddings depend on besides the prompt, as one JSON string: the folder (its real
-    path), a digest of the path, size and modification time of every file of its text encoders and
-    tokenizers (weights replaced in place change it), ``text_len`` and the compute dtype."""
-    stats = [(rel, os.stat(path)) for rel, path in _text_files(model_dir)]
-    files = _digest([[rel, stat.st_size, stat.st_mtime_ns] for rel, stat in stats])
-    return json.dumps(dict(model_dir=os.path.realpath(model_dir), text_files=files, text_len=text_len, dtype=dtype), sort_keys=True)
-
-
-SAMPLED_BYTES = 1 << 20  # read from each end of a file by ``text_encoders_digest``
-
-
-def _sampled(path: str) -> str:
-    """sha256 of a file's first and last ``SAMPLED_BYTES`` (the whole of a smaller file): cheap on a
-    multi-GB T5, and other weights of the same shapes differ there."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(SAMPLED_BYTES))
-        size = os.fstat(f.fileno()).st_size
-        if size > 2 * SAMPLED_BYTES:
-            f.seek(size - SAMPLED_BYTES)
-        digest.update(f.read())
-    return digest.hexdigest()
+def check_prompts(model_dir: str, prompts: Sequence[str], text_len: int, edit_prompts: Sequence[str] = ()) -> None:
+    """Nothing to refuse: SD3 keeps the first 77 CLIP tokens and ``text_len - 77`` T5 tokens of a longer
+    prompt, as diffusers' SD3 pipelines do (``models.sd3_prompts``); it has no edit prompts."""
 
 
 def text_encoders_digest(model_dir: str) -> str:
-    """A digest of the folder's text-encoder and tokenizer files (their names, sizes and ``_sampled``
-    contents): the same for a copy of the folder on another machine, different for other encoders
-    (``TEXT_ENCODERS`` in a table ``encode_prompts`` writes; checked against a run's folder by config
-    validation)."""
-    return _digest([[rel, os.path.getsize(path), _sampled(path)] for rel, path in _text_files(model_dir)])
+    """A digest of the folder's CLIP, T5 and tokenizer files (``prompt_cache.text_encoders_digest``)."""
+    return prompt_cache.text_encoders_digest(sd3_folder.LAYOUT, model_dir)
 
 
-TEXT_ENCODERS = "text_encoders"  # a prompt table's metadata key: ``text_encoders_digest`` of the folder that encoded it
-
-
-def prompt_table(model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32") -> PromptEmbeddings:
-    """The embeddings of ``prompts`` (and the empty prompt) at ``path``: read if it has them all and was
-    encoded by this folder's text encoders as they are now, at this ``text_len`` and dtype
-    (``encoder_identity``, recorded in the table), else encoded (``prompt_encoder``) and written there.
-    A table another folder (or an older version of this code, which recorded nothing) encoded is
-    encoded again, never reused."""
-    identity = encoder_identity(model_dir, text_len, dtype)
-    if os.path.isfile(path):
-        table = load_table(path)
-        if table.metadata.get(ENCODED_BY) == identity and not table.missing(["", *prompts]) and table.text_shape[0] == text_len:
-            return table
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return encode_table(path, prompts, prompt_encoder(model_dir, text_len, dtype), metadata={ENCODED_BY: identity})
+def prompt_table(
+    model_dir: str, prompts: Sequence[str], path: str, text_len: int, dtype: str = "float32", edit_prompts: Sequence[str] = ()
+) -> PromptEmbeddings:
+    """The run's table of ``prompts`` encoded by the folder's CLIP-L, CLIP-G and T5, cached at ``path``
+    (``prompt_cache.cached_table``). SD3 reads no source image: ``edit_prompts`` must be empty."""
+    if edit_prompts:
+        raise ValueError(f"{NAME} encodes prompts alone: it reads no source image, so it has no edit prompts")
+    return prompt_cache.cached_table(sd3_folder.LAYOUT, prompt_encoder, model_dir, prompts, path, text_len, dtype)
 
 
 def null_condition(table: PromptEmbeddings) -> dict[str, np.ndarray]:

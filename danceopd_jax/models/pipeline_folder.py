@@ -1,0 +1,91 @@
+"""A diffusers pipeline folder: its components, checked before anything is loaded.
+
+A diffusers pipeline folder (what ``save_pretrained`` writes and what users download) holds a
+``model_index.json`` naming its pipeline class and each component, and one subfolder per
+component with its config (``config.json``; a scheduler's ``scheduler_config.json``; tokenizers
+have their own files)::
+
+    model_index.json            {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "..."], ...}
+    transformer/                config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors (+ index)
+    vae/, text_encoder*/, tokenizer*/, scheduler/
+
+Which components a family needs is its ``FolderLayout`` (``models.sd3_folder``,
+``models.zimage_backbone``). A run given precomputed prompt embeddings never loads the text
+encoders: their components are then not needed (``text_encoders=False``).
+"""
+
+import dataclasses
+import json
+import os
+
+CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # the components' config file, config.json otherwise
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is not a usable pipeline; the message names the folder and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderLayout:
+    """The components of one family's pipelines: ``required`` ones must be named and present,
+    ``optional`` ones may be absent (``[null, null]`` in the index); ``text_components`` (text
+    encoders and tokenizers) are needed only to encode prompts; ``tokenizers`` have no config file."""
+
+    family: str  # in messages, e.g. "SD3"
+    pipeline_classes: tuple[str, ...]
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    text_components: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``, or a ``ModelFolderError`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path}: file missing") from None
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object")
+    return data
+
+
+def components(layout: FolderLayout, model_dir: str, text_encoders: bool = True) -> dict[str, str]:
+    """``{component: folder}`` of a pipeline folder of ``layout``'s family, checked: the index, and each
+    component's folder and config; the text components only with ``text_encoders`` (else left out)."""
+    if not os.path.isdir(model_dir):
+        raise ModelFolderError(f"{model_dir}: no such model folder")
+    index = read_json(os.path.join(model_dir, "model_index.json"))
+    if index.get("_class_name") not in layout.pipeline_classes:
+        raise ModelFolderError(
+            f"{model_dir}/model_index.json: _class_name {index.get('_class_name')!r} is not one of the {layout.family} "
+            f"pipelines ({', '.join(layout.pipeline_classes)})"
+        )
+    found = {}
+    for name in layout.required + layout.optional:
+        if not text_encoders and name in layout.text_components:
+            continue
+        entry = index.get(name)
+        if entry is None or entry == [None, None]:
+            if name in layout.required:
+                raise ModelFolderError(f"{model_dir}/model_index.json: the required component {name!r} is not named")
+            continue
+        folder = os.path.join(model_dir, name)
+        if not os.path.isdir(folder):
+            raise ModelFolderError(f"{model_dir}: missing component {name}/ (model_index.json names it)")
+        if name not in layout.tokenizers:
+            config = os.path.join(folder, CONFIG_FILES.get(name, "config.json"))
+            if not os.path.isfile(config):
+                raise ModelFolderError(f"{folder}: missing {os.path.basename(config)}")
+        found[name] = folder
+    return found
+
+
+def component_config(layout: FolderLayout, model_dir: str, name: str) -> dict:
+    """The config dict of component ``name`` of a checked pipeline folder (the text components are
+    checked only when ``name`` is one of them)."""
+    folder = components(layout, model_dir, text_encoders=name in layout.text_components)[name]
+    return read_json(os.path.join(folder, CONFIG_FILES.get(name, "config.json")))
