@@ -218,3 +218,42 @@ def sd35_medium_recipe() -> ConfigDict:
     config.log_every = 20
     config.checkpoint_every = 300
     return config
+
+
+def zimage_recipe() -> ConfigDict:
+    """The paper's Z-Image composition setup (docs/METHOD.md "Paper setup", and the authors' release)
+    with no fields, routes or buckets yet: configs add them.
+
+    A rank-128 / alpha-128 LoRA student on ``ZIMAGE_LORA_TARGETS`` reading the clean source image of
+    edit samples (in-context editing, ``use_source``), bf16 compute with full remat; AdamW at a
+    constant 2e-4, no weight decay, clip 1.0; 3000 steps of 16-step rollouts on the Z-Image
+    pipelines' grid (``linspace(1, 0, N + 1)`` shifted by 3: ``uniform`` with shift 3), low-t
+    queries; 1024 px = 128 x 128 x 16 latents; captions of up to 512 Qwen3 tokens (width 2560,
+    no pooled embedding). 4 samples per update as 4 microbatches of one, one route per update.
+    ``model_dir`` (the Z-Image diffusers folder) is a required value left to the command line.
+    """
+    config = base_config()
+    config.model_dir = placeholder(str)
+    config.num_train_steps = 3000
+    config.batch_size = 4
+    config.grad_accum_steps = 4
+    config.rollout_steps = 16
+    config.shift = 3.0
+    config.sigma_schedule = "uniform"
+    config.query_sampler = "low_t"
+    config.image_size = 128
+    config.channels = 16
+    config.condition.update(dict(text_len=512, text_dim=2560, use_source=True))
+    config.student = zimage_spec(
+        lora_rank=128, lora_alpha=128.0, lora_targets=ZIMAGE_LORA_TARGETS, dtype="bfloat16", remat="full", use_source=True
+    )
+    config.optimizer.update(dict(learning_rate=2e-4, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1.0))
+    config.log_every = 20
+    config.checkpoint_every = 300
+    return config
+
+
+def zimage_teacher(lora_path) -> ConfigDict:
+    """A frozen Z-Image expert over the shared base (in bf16, like the student): the plain base, or the
+    base plus the LoRA file ``lora_path``; it reads the source image of edit samples."""
+    return zimage_spec(lora_path=lora_path, dtype="bfloat16", use_source=True)

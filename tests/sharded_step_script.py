@@ -1,7 +1,8 @@
 """Run train steps on several meshes of 8 forced CPU devices; one part per invocation.
 
-    python sharded_step_script.py dit          # configs/smoke.py: a DiT student and DiT experts
-    python sharded_step_script.py sd3 TMPDIR   # configs/sd3_smoke.py on a tiny SD3 folder written in TMPDIR
+    python sharded_step_script.py dit             # configs/smoke.py: a DiT student and DiT experts
+    python sharded_step_script.py sd3 TMPDIR      # configs/sd3_smoke.py on a tiny SD3 folder written in TMPDIR
+    python sharded_step_script.py zimage TMPDIR   # configs/zimage_smoke.py on a tiny Z-Image folder
 
 Invoked by ``test_sharding.py`` in subprocesses (XLA_FLAGS must be set before JAX starts); each
 prints one JSON line with, per mesh, what the test compares with one device and checks against
@@ -15,16 +16,20 @@ data-moving collectives (all-to-all, collective-permute) in the compiled one;
 sharded like the student), and ``data2_fsdp2_tensor2_accum2`` is that mesh's step in two
 microbatches (``grad_accum_steps=2``).
 
-``sd3``: the MMDiT path (a LoRA student over the shared frozen base, a teacher that is the base
-plus a LoRA delta, the base under CFG against the empty prompt). Per mesh one step on each route
-from the fresh state (one compiled step, the route is an argument): their losses and gradient
-norms, the LoRA parameters after both steps, the shard shapes of base kernels and adapters, and
-the activation constraints of the lowered step.
+``sd3`` and ``zimage``: a model folder's path (``models.backbones``: a LoRA student over the
+shared frozen base, a teacher that is the base plus a LoRA delta, the base under CFG against the
+family's null). Per mesh one step on each route from the fresh state (one compiled step, the route
+is an argument): their losses and gradient norms, the LoRA parameters after both steps, the shard
+shapes of base kernels and adapters, and the activation constraints of the lowered step. Z-Image
+runs on the meshes its issue names (data 8, fsdp 8, tensor 2 x fsdp 4).
 """
 
+import functools
 import json
 import re
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +40,7 @@ from conftest import load_config  # noqa: E402
 
 from danceopd_jax import build, parallel  # noqa: E402
 from danceopd_jax.models.tiny_sd3 import write_tiny_sd3  # noqa: E402
+from danceopd_jax.models.tiny_zimage import write_tiny_zimage  # noqa: E402
 from danceopd_jax.train import setup_run  # noqa: E402
 
 MESHES = {
@@ -128,26 +134,53 @@ def dit_results() -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# SD3: the MMDiT with LoRA student and teacher over one shared base
+# Model folders: a LoRA student and teacher over one shared base (SD3's MMDiT, Z-Image)
 # ------------------------------------------------------------------------------------------
 
 
-def sd3_steps(mesh_axes, num_devices, folder, workdir):
+class Family(NamedTuple):
+    """Where a family's smoke run keeps what the test inspects: its config, the teacher expert, the
+    paths (in the first block) of an attention query projection and of an MLP input projection, the
+    tiny folder's writer and the meshes it runs on."""
+
+    config: str
+    teacher: str
+    block: tuple
+    query: tuple
+    mlp: tuple
+    write: Callable[[str], str]
+    meshes: tuple[str, ...]
+
+
+FAMILIES = {
+    "sd3": Family("sd3_smoke", "realism", ("transformer_blocks", 0), ("attn", "to_q"), ("ff", "fc1"), write_tiny_sd3, tuple(MESHES)),
+    "zimage": Family("zimage_smoke", "teacher", ("layers", 0), ("attention", "to_q"), ("feed_forward", "w1"), write_tiny_zimage,
+                     ("single", "data8", "fsdp8", "fsdp4_tensor2")),
+}  # fmt: skip
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def folder_steps(family: Family, mesh_axes, num_devices, folder, workdir):
     config = load_config(
-        "sd3_smoke",
+        family.config,
         model_dir=folder,
         batch_size=8,
         **{"mesh.data": mesh_axes["data"], "mesh.fsdp": mesh_axes["fsdp"], "mesh.tensor": mesh_axes["tensor"]},
     )
     run = setup_run(config, devices=jax.devices()[:num_devices], workdir=workdir)  # prompts encoded once per workdir
-    base = run.experts[build.SHARED_BASE]["transformer_blocks"][0]
-    adapter = run.state.params["transformer_blocks"][0]["attn"]["to_q"]
+    base = _at(run.experts[build.SHARED_BASE], family.block)
+    adapter = _at(run.state.params, family.block + family.query)
     arrays = {
-        "base_to_q_kernel": base["attn"]["to_q"]["kernel"],
-        "base_fc1_kernel": base["ff"]["fc1"]["kernel"],
+        "base_to_q_kernel": _at(base, family.query)["kernel"],
+        "base_fc1_kernel": _at(base, family.mlp)["kernel"],
         "student_to_q_lora_a": adapter["lora_a"],
         "student_to_q_lora_b": adapter["lora_b"],
-        "teacher_to_q_lora_b": run.experts["realism"]["transformer_blocks"][0]["attn"]["to_q"]["lora_b"],
+        "teacher_to_q_lora_b": _at(run.experts[family.teacher], family.block + family.query)["lora_b"],
     }
     shapes = {name: list(array.shape) for name, array in arrays.items()}
     shard_shapes = {name: list(array.addressable_shards[0].data.shape) for name, array in arrays.items()}  # before donation
@@ -172,12 +205,13 @@ def sd3_steps(mesh_axes, num_devices, folder, workdir):
     }
 
 
-def sd3_results(tmp: str) -> dict:
-    folder = write_tiny_sd3(f"{tmp}/tiny_sd3")
-    return {name: sd3_steps(*spec, folder, f"{tmp}/workdir") for name, spec in MESHES.items()}
+def folder_results(name: str, tmp: str) -> dict:
+    family = FAMILIES[name]
+    folder = family.write(f"{tmp}/tiny_{name}")
+    return {mesh: folder_steps(family, *MESHES[mesh], folder, f"{tmp}/workdir_{name}") for mesh in family.meshes}
 
 
-PARTS = {"dit": dit_results, "sd3": sd3_results}
+PARTS = {"dit": dit_results, "sd3": functools.partial(folder_results, "sd3"), "zimage": functools.partial(folder_results, "zimage")}
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.device_count()

@@ -1,6 +1,7 @@
 """One train step on 8 forced CPU devices matches one device, and parameters, experts and
-activations follow the rules: for the DiT (configs/smoke.py) and for the MMDiT of an SD3 run
-(configs/sd3_smoke.py: a LoRA student and a LoRA teacher over one shared frozen base, CFG)."""
+activations follow the rules: for the DiT (configs/smoke.py), for the MMDiT of an SD3 run
+(configs/sd3_smoke.py: a LoRA student and a LoRA teacher over one shared frozen base, CFG) and for
+the Z-Image transformer (configs/zimage_smoke.py, the same shape of run)."""
 
 import json
 import pathlib
@@ -46,7 +47,7 @@ def script_outputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_steps")
     env = cpu_devices_env(8)
     started = {}
-    for part, args in (("dit", ()), ("sd3", (str(tmp),))):
+    for part, args in (("dit", ()), ("sd3", (str(tmp),)), ("zimage", (str(tmp),))):
         out, err = open(tmp / f"{part}.out", "w+"), open(tmp / f"{part}.err", "w+")
         started[part] = (subprocess.Popen([sys.executable, str(SCRIPT), part, *args], env=env, stdout=out, stderr=err, text=True), out, err)
 
@@ -70,9 +71,15 @@ def results(script_outputs):
     return script_outputs("dit")
 
 
-@pytest.fixture(scope="module")
-def sd3_results(script_outputs):
-    return script_outputs("sd3")
+# The meshes each model-folder family runs on (``sharded_step_script.FAMILIES``) and its teacher's route.
+FOLDER_MESHES = {"sd3": ("data8", "fsdp8", "fsdp4_tensor2", "data2_fsdp2_tensor2"), "zimage": ("data8", "fsdp8", "fsdp4_tensor2")}
+FOLDER_ROUTES = {"sd3": ["cfg", "realism"], "zimage": ["cfg", "teacher"]}
+
+
+@pytest.fixture(scope="module", params=sorted(FOLDER_MESHES))
+def folder_results(request, script_outputs):
+    """``(family, its part's JSON)`` for the SD3 and the Z-Image runs."""
+    return request.param, script_outputs(request.param)
 
 
 SHARDED_MESHES = ["data8", "fsdp8", "fsdp4_tensor2", "data2_fsdp2_tensor2"]
@@ -149,41 +156,49 @@ def test_experts_are_sharded_like_the_student_or_replicated(results):
     assert replicated["loss"] == pytest.approx(results["single"]["loss"], rel=LOSS_RTOL)
 
 
-@pytest.mark.parametrize("mesh", SHARDED_MESHES)
-def test_sd3_steps_match_one_device(sd3_results, mesh):
+def test_folder_steps_match_one_device(folder_results):
     """One step on each route (the base under CFG, the base plus the teacher's LoRA) from the
-    fresh state: same losses and gradient norms, same LoRA after both steps (tolerances above)."""
-    single, sharded = sd3_results["single"], sd3_results[mesh]
-    assert single["routes"] == sharded["routes"] == ["cfg", "realism"]
+    fresh state, on every mesh: same losses and gradient norms, same LoRA after both steps
+    (tolerances above)."""
+    family, results = folder_results
+    single = results["single"]
     assert all(loss > 0 for loss in single["losses"]) and single["losses"][0] != single["losses"][1]
-    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=LOSS_RTOL)
-    np.testing.assert_allclose(sharded["grad_norms"], single["grad_norms"], rtol=GRAD_RTOL_OF_MAX)
-    assert len(sharded["params"]) == len(single["params"])
-    for a, b in zip(single["params"], sharded["params"]):
-        np.testing.assert_allclose(b, a, atol=STEP_FRACTION_ATOL * single["learning_rate"])
+    for mesh in FOLDER_MESHES[family]:
+        sharded = results[mesh]
+        assert single["routes"] == sharded["routes"] == FOLDER_ROUTES[family]
+        np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=LOSS_RTOL, err_msg=mesh)
+        np.testing.assert_allclose(sharded["grad_norms"], single["grad_norms"], rtol=GRAD_RTOL_OF_MAX, err_msg=mesh)
+        assert len(sharded["params"]) == len(single["params"])
+        for a, b in zip(single["params"], sharded["params"]):
+            np.testing.assert_allclose(b, a, atol=STEP_FRACTION_ATOL * single["learning_rate"], err_msg=mesh)
 
 
-def test_sd3_base_and_adapters_are_sharded_as_the_rules_say(sd3_results):
+def test_folder_base_and_adapters_are_sharded_as_the_rules_say(folder_results):
     """Rules (config_lib): embed -> fsdp, heads and mlp -> tensor; the LoRA factors follow their base
     kernel's axes (A: embed x lora_rank, B: lora_rank x heads), the teacher's delta too."""
-    shapes = sd3_results["single"]["shapes"]
+    family, results = folder_results
+    shapes = results["single"]["shapes"]
     embed, heads = shapes["base_to_q_kernel"]
     mlp, rank = shapes["base_fc1_kernel"][1], shapes["student_to_q_lora_a"][1]
-    for mesh, data, fsdp, tensor in (("data8", 8, 1, 1), ("fsdp8", 1, 8, 1), ("fsdp4_tensor2", 1, 4, 2), ("data2_fsdp2_tensor2", 2, 2, 2)):
-        assert sd3_results[mesh]["shard_shapes"] == {
+    axes = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "fsdp4_tensor2": (1, 4, 2), "data2_fsdp2_tensor2": (2, 2, 2)}
+    for mesh in FOLDER_MESHES[family]:
+        data, fsdp, tensor = axes[mesh]
+        assert results[mesh]["shard_shapes"] == {
             "base_to_q_kernel": [embed // fsdp, heads // tensor],
             "base_fc1_kernel": [embed // fsdp, mlp // tensor],
             "student_to_q_lora_a": [embed // fsdp, rank],
             "student_to_q_lora_b": [rank, heads // tensor],
             "teacher_to_q_lora_b": [rank, heads // tensor],
         }, mesh
-        assert sd3_results[mesh]["batch_shard_rows"] == 8 // (data * fsdp), mesh
+        assert results[mesh]["batch_shard_rows"] == 8 // (data * fsdp), mesh
 
 
-@pytest.mark.parametrize("mesh", ["fsdp4_tensor2", "data2_fsdp2_tensor2"])
-def test_sd3_activation_constraints_are_in_the_lowered_step(sd3_results, mesh):
-    """The MMDiT pins the same three layouts as the DiT (both streams' tokens, q/k/v, MLP hidden)."""
-    assert sd3_results[mesh]["constraints"] == EXPECTED_CONSTRAINTS
+def test_folder_activation_constraints_are_in_the_lowered_step(folder_results):
+    """The MMDiT and the Z-Image transformer pin the same three layouts as the DiT (tokens, q/k/v,
+    MLP hidden)."""
+    family, results = folder_results
+    for mesh in (mesh for mesh in FOLDER_MESHES[family] if "tensor" in mesh):
+        assert results[mesh]["constraints"] == EXPECTED_CONSTRAINTS, mesh
 
 
 def test_rules_name_every_logical_axis_including_the_activations():
