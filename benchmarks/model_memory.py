@@ -1,12 +1,12 @@
-"""Parameters and memory of SD3.5-Medium for DanceOPD's student + 2 teachers (``docs/MODELS.md``).
+"""Parameters and memory of SD3.5-Medium and Z-Image for DanceOPD's student + 2 teachers (``docs/MODELS.md``).
 
     python benchmarks/model_memory.py                                # prints the document
     python benchmarks/model_memory.py --rank 128 --out docs/MODELS.md
 
 Computed, not measured: every count sums the leaf shapes of ``nnx.eval_shape`` of this
-project's NNX modules built from the released configs (``mmdit.MMDIT_PRESETS``; the text
-encoders' and the VAE's configs below), so no weights are read and nothing is allocated. The
-two transformers take about 40 s each to trace on a 2-core CPU.
+project's NNX modules built from the released configs (``mmdit.MMDIT_PRESETS``,
+``zimage.ZIMAGE_PRESETS``; the text encoders' and the VAE's configs below), so no weights are read
+and nothing is allocated. The two SD3 transformers take about 40 s each to trace on a 2-core CPU.
 
 Memory of the setting "student + 2 teachers" (a design goal: experts that fine-tune one base should
 be storable as LoRA deltas over one shared base copy), in bytes, with P transformer parameters,
@@ -38,9 +38,12 @@ from danceopd_jax.commands import ArgumentParser, folder_problem
 from danceopd_jax.models.clip import CLIPTextConfig, CLIPTextModelWithProjection
 from danceopd_jax.models.init_keys import InitKeys
 from danceopd_jax.models.lora import LoRAParam, add_lora
+from danceopd_jax.config_lib import ZIMAGE_LORA_TARGETS
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, Buffer, mmdit_config
+from danceopd_jax.models.qwen3 import Qwen3Config, Qwen3DecoderLayer, Qwen3TextEncoder
 from danceopd_jax.models.t5 import T5Config, T5EncoderModel
 from danceopd_jax.models.vae import SD3_VAE, AutoencoderKL
+from danceopd_jax.models.zimage import ZImageConfig, ZImageTransformer, zimage_config
 
 # The paper's student LoRA (docs/METHOD.md, "Paper setup"): attention q, k, v, out and the MLP, on both
 # streams of the joint attention and on the MMDiT-X self-attention ``attn2`` (NNX attribute names;
@@ -68,6 +71,25 @@ FROZEN_MODELS = {
     "OpenCLIP bigG/14 text encoder + projection": lambda: CLIPTextModelWithProjection(CLIP_G, rngs=InitKeys(0)),
     "T5-v1.1-XXL encoder": lambda: T5EncoderModel(T5_XXL, rngs=InitKeys(0)),
     "VAE (AutoencoderKL, encoder + decoder)": lambda: AutoencoderKL(SD3_VAE, rngs=InitKeys(0)),
+}
+
+# Z-Image's text encoder: Qwen3-4B (``text_encoder/config.json`` of Tongyi-MAI/Z-Image; tied embeddings).
+QWEN3_4B = Qwen3Config(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+)  # fmt: skip
+
+
+def qwen3_params(config: Qwen3Config) -> int:
+    """``Qwen3Model``'s parameters: our encoder (embeddings and the first n - 1 layers, what
+    ``hidden_states[-2]`` reads) plus the last layer and the final norm it does not build."""
+    return (count_params(lambda: Qwen3TextEncoder(config, rngs=InitKeys(0)))
+            + count_params(lambda: Qwen3DecoderLayer(config, rngs=InitKeys(0))) + config.hidden_size)  # fmt: skip
+
+
+ZIMAGE_FROZEN = {
+    "Qwen3-4B text encoder (all 36 layers; 35 are run)": lambda: qwen3_params(QWEN3_4B),
+    "VAE (Flux-format AutoencoderKL, encoder + decoder)": lambda: count_params(lambda: AutoencoderKL(SD3_VAE, rngs=InitKeys(0))),
 }
 
 GIB = 2**30
@@ -111,6 +133,20 @@ def transformer_sizes(config: MMDiTConfig, rank: int) -> TransformerSizes:
 
     _, lora, buffer, params = nnx.split(nnx.eval_shape(build), LoRAParam, Buffer, nnx.Param)
     return TransformerSizes(leaf_count(params), leaf_count(buffer), leaf_count(lora), tuple(adapted))
+
+
+def zimage_sizes(config: ZImageConfig, rank: int) -> TransformerSizes:
+    """Counts of ``ZImageTransformer(config)`` and of its LoRA of ``rank`` on ``ZIMAGE_LORA_TARGETS``
+    (RoPE is computed, so nothing is a buffer)."""
+    adapted = []
+
+    def build() -> ZImageTransformer:
+        model = ZImageTransformer(config, rngs=InitKeys(0))
+        adapted.extend(add_lora(model, rank=rank, alpha=rank, targets=ZIMAGE_LORA_TARGETS.split(","), rngs=InitKeys(1)))
+        return model
+
+    _, lora, params = nnx.split(nnx.eval_shape(build), LoRAParam, nnx.Param)
+    return TransformerSizes(leaf_count(params), 0, leaf_count(lora), tuple(adapted))
 
 
 def lora_count_formula(config: MMDiTConfig, rank: int) -> int:
@@ -159,8 +195,9 @@ def _gib(n_bytes: int) -> str:
 
 
 def _adapted_summary(adapted: tuple[str, ...]) -> str:
-    """``attn.to_q`` x24, ...: each adapted layer name within a block and the number of blocks having it."""
-    names = collections.Counter(re.sub(r"^transformer_blocks\.\d+\.", "", p) for p in adapted)
+    """``attn.to_q`` x24, ...: each adapted layer name within a block (``transformer_blocks.N.``,
+    ``layers.N.``, ...) and the number of blocks having it."""
+    names = collections.Counter(re.sub(r"^[a-z_]+\.\d+\.", "", p) for p in adapted)
     return ", ".join(f"`{name}` x{count}" for name, count in names.items())
 
 
@@ -322,6 +359,46 @@ def render(
     return "\n".join(lines)
 
 
+def render_zimage(config: ZImageConfig, sizes: TransformerSizes, frozen: Mapping[str, int], rank: int) -> str:
+    """The Z-Image section of ``docs/MODELS.md``: components, the student LoRA, "student + 2 teachers"."""
+    rows = ["| component | parameters | float32 GiB | bfloat16 GiB |", "|---|---:|---:|---:|"]
+    for label, count in {"transformer (`nnx.Param`): P": sizes.params, f"LoRA r = {rank} on {len(sizes.adapted)} layers: L": sizes.lora,
+                         **{f"{label} (frozen)": count for label, count in frozen.items()}}.items():  # fmt: skip
+        rows.append(f"| {label} | {count:,} | {_gib(4 * count)} | {_gib(2 * count)} |")
+    settings, totals = _settings_table(sizes)
+    lines = [
+        "## Z-Image",
+        "",
+        f"`zimage.ZIMAGE_PRESETS['z_image']`: dim {config.dim}, {config.n_layers} layers and {config.n_refiner_layers} noise-",
+        f"and {config.n_refiner_layers} context-refiner layers, {config.n_heads} heads, caption width {config.cap_feat_dim}",
+        "(diffusers' `ZImageTransformer2DModel` defaults; `tests/test_zimage.py` checks P against diffusers' own count).",
+        "RoPE is computed, so there is no positional table (T = 0 below).",
+        "",
+        *rows,
+        "",
+        f"The student's LoRA (`ZIMAGE_LORA_TARGETS`, the authors' targets): {_adapted_summary(sizes.adapted)}.",
+        "",
+        f"### Student + 2 teachers (Z-Image, r = {rank})",
+        "",
+        "The same settings and byte counts as for SD3.5-Medium above. Setting B is the authors' release (each",
+        "teacher a full frozen copy); C is this project's: teachers as LoRA deltas over one shared base.",
+        "",
+        *settings,
+        "",
+        "### On one H100",
+        "",
+        *_h100_section(totals),
+        "",
+        "Activations are not included: they are the subject of the GPU measurement that `docs/PERFORMANCE.md` lists",
+        "under the next lease. On this CPU, XLA's buffer assignment for the student's LoRA gradient at 1024 px",
+        "(4,096 image + 512 caption tokens, bf16, XLA attention, which materialises the 30 x 4,608^2 attention",
+        "probabilities of a block) grows by about 10 GiB per block with or without remat, so it says nothing about",
+        "a GPU run with cuDNN's fused attention and remat.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     """The arguments; a bad one (a rank < 1, an ``--out`` that is a folder or in a folder that cannot be
     written) is one line ``error: ...`` and exit code 2, before anything is traced."""
@@ -366,6 +443,10 @@ def main(argv) -> None:
     frozen = {label: count_params(make) for label, make in FROZEN_MODELS.items()}
     command = shlex.join(["python", "benchmarks/model_memory.py", *argv])
     document = render(transformers, frozen, args.rank, command, datetime.date.today().isoformat())
+    print("tracing Z-Image ...", file=sys.stderr, flush=True)
+    zimage = zimage_config("z_image")
+    zimage_frozen = {label: count() for label, count in ZIMAGE_FROZEN.items()}
+    document += "\n" + render_zimage(zimage, zimage_sizes(zimage, args.rank), zimage_frozen, args.rank)
     print(document)
     if args.out:
         write_document(document, args.out)

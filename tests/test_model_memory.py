@@ -114,3 +114,36 @@ def test_render_names_the_settings_that_do_not_fit(sizes):
     document = mm.render({"huge": (TINY, huge)}, {}, RANK, "cmd", "2000-01-02")
     assert "exceed JAX's default share for A with s = 4, A with s = 2, B with s = 4" in document
     assert "the whole device for A with s = 4, A with s = 2, B with s = 4." in document
+
+
+def test_zimage_counts_match_diffusers_and_transformers_and_the_section_renders():
+    """Z-Image's P equals diffusers' parameter count and L is r (in + out) on the 7 targets of every block;
+    the Qwen3 count equals transformers' ``Qwen3Model`` (the last layer and final norm included)."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config as HFQwen3Config
+    from transformers import Qwen3Model
+
+    from danceopd_jax.models import zimage
+    from danceopd_jax.models.qwen3 import Qwen3Config
+
+    config = zimage.zimage_config("tiny")
+    sizes = mm.zimage_sizes(config, RANK)
+    with torch.device("meta"):
+        reference = ZImageTransformer2DModel(**zimage.ZIMAGE_PRESETS["tiny"])
+    assert sizes.params == sum(p.numel() for p in reference.parameters()) and sizes.buffer == 0
+    blocks = config.n_layers + 2 * config.n_refiner_layers
+    assert len(sizes.adapted) == 7 * blocks
+    d, f = config.dim, int(config.dim / 3 * 8)
+    assert sizes.lora == blocks * RANK * (4 * 2 * d + 2 * (d + f) + (f + d))  # q, k, v, out; w1, w3; w2
+
+    qwen = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8)  # fmt: skip
+    with torch.device("meta"):
+        hf = Qwen3Model(HFQwen3Config(**qwen, tie_word_embeddings=True))
+    assert mm.qwen3_params(Qwen3Config(**qwen)) == sum(p.numel() for p in hf.parameters())
+
+    section = mm.render_zimage(config, sizes, {"tiny encoder": 1000}, RANK)
+    assert f"| transformer (`nnx.Param`): P | {sizes.params:,} |" in section
+    assert f"| LoRA r = {RANK} on {7 * blocks} layers: L | {sizes.lora:,} |" in section
+    assert "| tiny encoder (frozen) | 1,000 |" in section and section.count("**total**") == 3
