@@ -21,6 +21,7 @@ from danceopd_jax.core.fields import Field, cfg_field, inference_field, linear_c
 from danceopd_jax.core.flowopd import FlowOPDOptions
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.core.step import LossFn, make_loss_fn
+from danceopd_jax.data import latent_cache
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder, stack_records
 from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import MixedSource, make_bucket_source
@@ -303,16 +304,26 @@ def condition_spec(config: ConfigDict) -> ConditionSpec:
 POOL = "pool"  # the one bucket of a learned-router run: every route's bucket, unlabelled
 
 
-def make_sources(config: ConfigDict) -> dict:
-    """``{bucket: source}``; with a learned router the routes' buckets pooled as ``{POOL: MixedSource}``."""
-    sources = {
-        name: make_bucket_source(bucket, config.image_size, config.channels, config.condition.num_classes)
+def bucket_sources(config: ConfigDict) -> dict:
+    """``{bucket: source}``, image files read at ``latent_cache.pixel_size`` (a model folder run's VAE resolution)."""
+    size = latent_cache.pixel_size(config)
+    return {
+        name: make_bucket_source(bucket, config.image_size, config.channels, config.condition.num_classes, size)
         for name, bucket in config.data.buckets.items()
     }
+
+
+def pooled(config: ConfigDict, sources: dict) -> dict:
+    """``sources``; with a learned router the routes' buckets pooled as ``{POOL: MixedSource}``."""
     if config.routing != "learned":
         return sources
     routes = list(config.routes.values())
     return {POOL: MixedSource([sources[route.bucket] for route in routes], route_weights(config), seed=config.seed)}
+
+
+def make_sources(config: ConfigDict) -> dict:
+    """The sources a run draws from: ``pooled(bucket_sources)`` (image files as pixels)."""
+    return pooled(config, bucket_sources(config))
 
 
 def make_batches(config: ConfigDict, sources: dict, text_embedder=None) -> BucketBatches:
@@ -337,13 +348,39 @@ def folder_prompt_table(config: ConfigDict, sources: dict, workdir: str | None):
     if workdir is None:
         raise ValueError("a run on config.model_dir without config.prompt_embeddings needs a workdir to encode its prompts into")
     path = os.path.join(workdir, PROMPT_TABLE)
-    if jax.process_index() == 0:
+
+    def encode():
         prompts, edit_prompts = (source_prompts(sources.values(), template) for template in ("t2i", "edit"))
-        table = backbones.of(config).prompt_table(config.model_dir, prompts, path, config.condition.text_len, edit_prompts=edit_prompts)
+        return backbones.of(config).prompt_table(config.model_dir, prompts, path, config.condition.text_len, edit_prompts=edit_prompts)
+
+    return _written_by_process_zero(encode, lambda: load_table(path), "prompt embeddings")
+
+
+def image_latents(config: ConfigDict, sources: dict, workdir: str | None, log: Callable[[str], None] = print):
+    """``(sources, table, encoded)``: a model folder run's image-file buckets with latents for their
+    images (``data.latent_cache``), encoded by the folder's VAE where ``WORKDIR/image_latents.safetensors``
+    lacks them (``encoded`` of them; ``log`` shows the progress); ``table`` is None without image buckets."""
+    if not latent_cache.images_of(sources):
+        return sources, None, 0
+    if workdir is None:
+        raise ValueError("a run on config.model_dir with image buckets needs a workdir to encode their images into")
+    path = os.path.join(workdir, latent_cache.LATENT_TABLE)
+    table, encoded = _written_by_process_zero(
+        lambda: latent_cache.cached_latents(config.model_dir, sources, path, latent_cache.pixel_size(config), log),
+        lambda: (latent_cache.load_latents(path), 0),
+        "image latents",
+    )
+    return latent_cache.with_latents(sources, table), table, encoded
+
+
+def _written_by_process_zero(write: Callable[[], Any], read: Callable[[], Any], what: str):
+    """``write()`` (a file in the workdir all hosts see) on process 0; in a multi-process run the
+    others wait for it at a barrier, then ``read()``."""
+    result = write() if jax.process_index() == 0 else None
     if jax.process_count() == 1:
-        return table
-    multihost_utils.sync_global_devices("danceopd_jax: prompt embeddings written")
-    return table if jax.process_index() == 0 else load_table(path)
+        return result
+    multihost_utils.sync_global_devices(f"danceopd_jax: {what} written")
+    return result if jax.process_index() == 0 else read()
 
 
 def router_split(pool: MixedSource, label_fraction: float, heldout: int) -> tuple[list[int], list[int]]:

@@ -39,10 +39,11 @@ from danceopd_jax.data.sources import BUCKET_KINDS, make_bucket_source
 from danceopd_jax.data.file_buckets import BUCKET_KINDS as IMAGE_FILE_KINDS
 from danceopd_jax.data.file_buckets import manifest_options
 from danceopd_jax.data.image_files import RESIZE_MODES
+from danceopd_jax.data.latent_cache import pixel_size
 from danceopd_jax.data.manifests import ManifestError, checked
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
-from danceopd_jax.models import backbones
+from danceopd_jax.models import backbones, folder_vae
 from danceopd_jax.models.lora import UnknownLoRATarget
 from danceopd_jax.models.weights import WeightsError
 from danceopd_jax.models.dit import PRESETS
@@ -472,7 +473,8 @@ def _check_buckets(config: ConfigDict) -> None:
 
 
 def _check_image_file_keys(config: ConfigDict, name: str) -> None:
-    """The keys of image-file buckets: set only on them; pixels of 3 channels for a DiT (no latent cache yet)."""
+    """The keys of image-file buckets: set only on them; pixels of 3 channels for a DiT, latents of the
+    folder's VAE for a run on a model folder (``_check_vae``)."""
     bucket, key = config.data.buckets[name], f"data.buckets.{name}"
     if bucket.kind not in IMAGE_FILE_KINDS:
         for option in IMAGE_FILE_KEYS:
@@ -480,23 +482,40 @@ def _check_image_file_keys(config: ConfigDict, name: str) -> None:
                 _fail(f"{key}.{option}", f"kind {bucket.kind!r} reads no image files; {option} is for kinds {', '.join(IMAGE_FILE_KINDS)}")
         return
     _choice(config, f"{key}.resize", RESIZE_MODES)
-    if config.channels != 3:
-        _fail("channels", f"image files (bucket {name!r}) are read as RGB: must be 3, got {config.channels}")
     if config.model_dir:
-        _fail(f"{key}.kind", f"image files are read as pixels; a run on config.model_dir trains on latents, "
-                             "and image buckets are not yet encoded into them")  # fmt: skip
+        _check_vae(config, name)
+    elif config.channels != 3:
+        _fail("channels", f"image files (bucket {name!r}) are read as RGB: must be 3, got {config.channels}")
+
+
+def _check_vae(config: ConfigDict, name: str) -> None:
+    """A model folder run's image bucket ``name`` is encoded by the folder's VAE (``data.latent_cache``):
+    its config is one we run, it reads RGB and gives the run's latent channels."""
+    try:
+        c = folder_vae.vae_config(config.model_dir)
+    except ValueError as e:
+        _fail("model_dir", f"{config.model_dir}/vae (it encodes image bucket {name!r}): {e}")
+    if c.in_channels != 3:
+        _fail("model_dir", f"{config.model_dir}/vae/config.json has in_channels {c.in_channels}; image files (bucket {name!r}) are RGB")
+    if c.latent_channels != config.channels:
+        _fail("channels", f"{config.channels} latent channels, but {config.model_dir}/vae/config.json encodes image bucket "
+                          f"{name!r} into latent_channels {c.latent_channels}")  # fmt: skip
 
 
 def _checked_examples(config: ConfigDict, name: str):
-    """The checked examples of the image-file bucket ``name`` (``data.manifests``: every file decoded once per process)."""
+    """The checked examples of the image-file bucket ``name`` (``data.manifests``: every file decoded once per
+    process), at the size the run reads them (``latent_cache.pixel_size``)."""
+    size = pixel_size(config)
     try:
-        return checked(manifest_options(config.data.buckets[name], config.image_size))
+        return checked(manifest_options(config.data.buckets[name], size))
     except ManifestError as e:
-        _fail(f"data.buckets.{name}.path", str(e))
+        read_as = f" (a run on config.model_dir reads images at image_size {config.image_size} x the VAE's {size // config.image_size} = {size} px)"
+        _fail(f"data.buckets.{name}.path", str(e) + (read_as if config.model_dir else ""))
 
 
 def _check_image_files(config: ConfigDict) -> None:
-    """Every image-file bucket's manifest and images; last, as it decodes every image."""
+    """Every image-file bucket's manifest and images; last, as it decodes every image (first where the
+    prompts of a model folder run are checked: ``_prompt_sources``)."""
     for name, bucket in config.data.buckets.items():
         if bucket.kind in IMAGE_FILE_KINDS:
             _checked_examples(config, name)
@@ -586,10 +605,12 @@ def _check_prompt_embeddings(config: ConfigDict) -> None:
 
 
 def _prompt_sources(config: ConfigDict) -> list:
-    """The sources of the buckets whose records carry prompts (records read here: a prompt file's lines)."""
+    """The sources of the buckets whose records carry prompts (records read here: a prompt file's lines;
+    image files are checked first, ``_check_image_files``)."""
+    _check_image_files(config)
     c = config.condition
     return [
-        make_bucket_source(b, config.image_size, config.channels, c.num_classes)
+        make_bucket_source(b, config.image_size, config.channels, c.num_classes, pixel_size(config))
         for b in config.data.buckets.values()
         if "prompt" in BUCKET_KINDS[b.kind]
     ]

@@ -23,7 +23,6 @@ and the VAE are read again from the folder:
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -41,9 +40,7 @@ from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import sigma_grid
 from danceopd_jax.data.prompt_embeddings import in_memory_table
 from danceopd_jax.models import backbones, lora, vae
-from danceopd_jax.models.init_keys import InitKeys
-from danceopd_jax.models.pipeline_folder import read_json
-from danceopd_jax.models.weights import load_module, open_safetensors
+from danceopd_jax.models.folder_vae import load_vae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +132,6 @@ def sample_latents(student: SD3Student, cond: dict, null: dict, key: jax.Array, 
     schedule = run_sigma_schedule(c)
     run = _sampler(student.graphdef, student.backbone.with_null, latent_shape, int(steps), float(c.shift), schedule, float(cfg_scale))
     return np.asarray(run(student.adapters, student.base, cond, null, key))
-
-
-def load_vae(model_dir: str) -> vae.AutoencoderKL:
-    """The folder's ``vae/`` (float32), checked like every weights load."""
-    folder = backbones.for_folder(model_dir).pipeline_components(model_dir, text_encoders=False)["vae"]
-    config = vae.config_from_diffusers(read_json(os.path.join(folder, "config.json")))
-    return load_module(lambda: vae.AutoencoderKL(config, rngs=InitKeys(0)), open_safetensors(folder), vae.torch_names(config))
 
 
 @functools.lru_cache(maxsize=4)

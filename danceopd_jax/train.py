@@ -290,7 +290,7 @@ class Run:
 def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> Run:
     """Check the config, then build mesh, data, models, sharded train state and the jitted step.
 
-    ``workdir`` holds what a run derives once (a model folder run's prompt embeddings)."""
+    ``workdir`` holds what a run derives once (a model folder run's prompt embeddings and image latents)."""
     # ---------------------------------------------------------------- config, mesh
     validate(config)
     mesh = parallel.make_mesh(config.mesh, devices, config.get("dcn_mesh"))  # run configs saved before dcn_mesh have none
@@ -298,11 +298,15 @@ def setup_run(config: ConfigDict, devices=None, workdir: str | None = None) -> R
     _check_layout(config, mesh)
 
     # ---------------------------------------------------------------- input, router
-    sources = build.make_sources(config)
+    sources = build.bucket_sources(config)
     prompt_table = None
     if config.model_dir:  # every prompt encoded once by the folder's text encoders, or a given table
         prompt_table = build.folder_prompt_table(config, sources, workdir)
         _log(f"prompt embeddings: {len(prompt_table.prompts)} prompts in {prompt_table.where}")
+        sources, latents, encoded = build.image_latents(config, sources, workdir, _log)  # every image VAE-encoded once
+        if latents is not None:
+            _log(f"image latents: {len(latents)} images in {latents.where} ({encoded} encoded)")
+    sources = build.pooled(config, sources)
     batches = build.make_batches(config, sources, prompt_table)
     batch_sharding = parallel.batch_sharding(mesh)
     router_params, router_report = None, None

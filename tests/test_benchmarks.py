@@ -236,3 +236,16 @@ def test_kernel_profile_splits_device_time_by_category(tmp_path):
     with jax.profiler.trace(str(tmp_path / "cpu")):  # the CPU backend's ops run in host threads
         jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((64, 64))))
     assert profile.summarise(profile.latest_trace(tmp_path / "cpu"), calls=1) is None
+
+
+def test_data_benchmark_reads_files_and_cached_latents(capsys):
+    """benchmarks/data.py at a tiny size: every read (cold decode with 1 and 2 threads, warm cached
+    latents as records and as batches) gives a figure against the step's need; bad arguments are one line."""
+    bench = load_benchmark("data")
+    results = bench.main(["--px", "64", "--images", "8", "--repeats", "1", "--workers", "2"])
+    assert [r["read"].split(",")[0] for r in results] == ["cold: decode + resize"] * 2 + ["warm: cached latents"] * 2
+    assert all(r["px"] == 64 and r["samples_per_s"] > 0 and r["need"] == 88.2 for r in results)
+    assert capsys.readouterr().out.count("| 64 |") == 4
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--px", "100"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == "error: --px: [100] must be multiples of 8 (the VAE's downsampling)"

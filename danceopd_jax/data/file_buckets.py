@@ -8,7 +8,8 @@
 Images become the model's pixels by ``image_files.pixels`` (EXIF, RGB on white, ``resize``,
 Lanczos); a pair's source and target follow the same rule, so a pair of one size stays aligned.
 Each read re-hashes the file and refuses one that changed since the check: every record is the
-file whose SHA-256 the check recorded (``digests``), the key a later latent cache looks it up by.
+file whose SHA-256 the check recorded (``digests``), the key a run on a model folder looks its
+latent up by (``latent_cache``).
 """
 
 import hashlib
@@ -53,6 +54,11 @@ class FileBucketSource:
         if hashlib.sha256(data).hexdigest() != file.sha256:
             raise image_files.ImageFileError(f"{file.path}: changed since the bucket was checked; restart the run to check it again")
         return image_files.pixels(data, self.image_size, self.resize)
+
+    def text_record(self, index: int) -> dict:
+        """Record ``index`` with its image fields naming their files, not read (its prompt and which images it has)."""
+        example = self.examples[index]
+        return {"prompt": example.prompt, **{field: file.path for field, file in example.images.items()}}
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]

@@ -15,7 +15,7 @@ The rule, in this order (``pixels``):
 
 An image smaller than ``size`` on its short side is upscaled only where the bucket allows it
 (``allow_upscale``); ``inspect`` reports the side so the check can refuse it. ``inspect`` is the
-check's full decode of a file, with its SHA-256 (the key a later latent cache looks decodes up by).
+check's full decode of a file, with its SHA-256 (the key the latent cache, ``latent_cache``, keys a file by).
 """
 
 import dataclasses

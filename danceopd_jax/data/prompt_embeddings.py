@@ -75,7 +75,13 @@ def source_prompts(sources: Sequence, template: str = "t2i") -> list[str]:
     """The distinct prompts of the records of ``sources`` (random-access record sources) that are encoded
     with ``template`` (``edit``: the records with a source image; ``t2i``: the others), sorted."""
     edit = template == "edit"
-    return sorted({r["prompt"] for source in sources for r in (source[i] for i in range(len(source))) if ("source" in r) == edit})
+    return sorted({r["prompt"] for source in sources for r in _text_records(source) if ("source" in r) == edit})
+
+
+def _text_records(source):
+    """The records of ``source``, with their images left unread where it can (an image-file bucket's ``text_record``)."""
+    read = getattr(source, "text_record", source.__getitem__)
+    return (read(i) for i in range(len(source)))
 
 
 def table_prompts(prompts: Sequence[str]) -> list[str]:

@@ -14,11 +14,12 @@ BUCKET_KINDS: dict[str, frozenset[str]] = {
 }  # fmt: skip
 
 
-def make_bucket_source(bucket: ConfigDict, image_size: int, channels: int, num_classes: int = 0):
-    """The random-access source of the bucket ``data.buckets.NAME`` (record fields per kind in ``BUCKET_KINDS``)."""
+def make_bucket_source(bucket: ConfigDict, image_size: int, channels: int, num_classes: int = 0, pixel_size: int = 0):
+    """The random-access source of the bucket ``data.buckets.NAME`` (record fields per kind in ``BUCKET_KINDS``);
+    image files are read at ``pixel_size`` (default ``image_size``; a model folder run's VAE resolution)."""
     kind, size, seed = bucket.kind, bucket.size, bucket.seed
     if kind in file_buckets.BUCKET_KINDS:
-        return file_buckets.make_source(bucket, image_size)
+        return file_buckets.make_source(bucket, pixel_size or image_size)
     if kind in prompt_files.BUCKET_KINDS:
         return prompt_files.PromptFileSource(bucket.path, size)
     if kind in scene_buckets.BUCKET_KINDS:

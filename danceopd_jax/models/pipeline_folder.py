@@ -15,6 +15,7 @@ encoders: their components are then not needed (``text_encoders=False``).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -89,3 +90,41 @@ def component_config(layout: FolderLayout, model_dir: str, name: str) -> dict:
     checked only when ``name`` is one of them)."""
     folder = components(layout, model_dir, text_encoders=name in layout.text_components)[name]
     return read_json(os.path.join(folder, CONFIG_FILES.get(name, "config.json")))
+
+
+def folder_files(model_dir: str, folders) -> list[tuple[str, str]]:
+    """``(path in the model folder, full path)`` of every file under ``folders`` (component folders of
+    ``model_dir``), in a fixed order."""
+    files = []
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            dirs.sort()
+            files += [(os.path.relpath(os.path.join(root, name), model_dir), os.path.join(root, name)) for name in sorted(names)]
+    return files
+
+
+SAMPLED_BYTES = 1 << 20  # read from each end of a file by ``files_digest``
+
+
+def _sampled(path: str) -> str:
+    """sha256 of a file's first and last ``SAMPLED_BYTES`` (the whole of a smaller file): cheap on a
+    multi-GB T5, and other weights of the same shapes differ there."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLED_BYTES))
+        size = os.fstat(f.fileno()).st_size
+        if size > 2 * SAMPLED_BYTES:
+            f.seek(size - SAMPLED_BYTES)
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def json_digest(value) -> str:
+    """sha256 (hex) of ``value`` as JSON."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def files_digest(files: list[tuple[str, str]]) -> str:
+    """A digest of ``folder_files``' files (their names, sizes and ``_sampled`` contents): the same for a
+    copy of the folder on another machine, different for other weights."""
+    return json_digest([[rel, os.path.getsize(path), _sampled(path)] for rel, path in files])

@@ -7,7 +7,6 @@ workdir, reused only while the folder's text encoders are the ones that encoded 
 (``text_encoders_digest``) for tables made ahead of a run (``python -m danceopd_jax.encode_prompts``).
 """
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -23,18 +22,7 @@ def _text_files(layout: FolderLayout, model_dir: str) -> list[tuple[str, str]]:
     """``(path in the folder, full path)`` of every file of the folder's text encoders and tokenizers,
     in a fixed order."""
     components = pipeline_folder.components(layout, model_dir)
-    files = []
-    for name in layout.text_components:
-        if name not in components:
-            continue
-        for root, dirs, names in os.walk(components[name]):
-            dirs.sort()
-            files += [(os.path.relpath(os.path.join(root, file), model_dir), os.path.join(root, file)) for file in sorted(names)]
-    return files
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+    return pipeline_folder.folder_files(model_dir, [components[name] for name in layout.text_components if name in components])
 
 
 def encoder_identity(layout: FolderLayout, model_dir: str, text_len: int, dtype: str = "float32") -> str:
@@ -42,32 +30,15 @@ def encoder_identity(layout: FolderLayout, model_dir: str, text_len: int, dtype:
     path), a digest of the path, size and modification time of every file of its text encoders and
     tokenizers (weights replaced in place change it), ``text_len`` and the compute dtype."""
     stats = [(rel, os.stat(path)) for rel, path in _text_files(layout, model_dir)]
-    files = _digest([[rel, stat.st_size, stat.st_mtime_ns] for rel, stat in stats])
+    files = pipeline_folder.json_digest([[rel, stat.st_size, stat.st_mtime_ns] for rel, stat in stats])
     return json.dumps(dict(model_dir=os.path.realpath(model_dir), text_files=files, text_len=text_len, dtype=dtype), sort_keys=True)
 
 
-SAMPLED_BYTES = 1 << 20  # read from each end of a file by ``text_encoders_digest``
-
-
-def _sampled(path: str) -> str:
-    """sha256 of a file's first and last ``SAMPLED_BYTES`` (the whole of a smaller file): cheap on a
-    multi-GB T5, and other weights of the same shapes differ there."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(SAMPLED_BYTES))
-        size = os.fstat(f.fileno()).st_size
-        if size > 2 * SAMPLED_BYTES:
-            f.seek(size - SAMPLED_BYTES)
-        digest.update(f.read())
-    return digest.hexdigest()
-
-
 def text_encoders_digest(layout: FolderLayout, model_dir: str) -> str:
-    """A digest of the folder's text-encoder and tokenizer files (their names, sizes and ``_sampled``
-    contents): the same for a copy of the folder on another machine, different for other encoders
-    (``TEXT_ENCODERS`` in a table ``encode_prompts`` writes; checked against a run's folder by config
-    validation)."""
-    return _digest([[rel, os.path.getsize(path), _sampled(path)] for rel, path in _text_files(layout, model_dir)])
+    """A digest of the folder's text-encoder and tokenizer files (``pipeline_folder.files_digest``: the
+    same for a copy of the folder on another machine, different for other encoders; ``TEXT_ENCODERS``
+    in a table ``encode_prompts`` writes; checked against a run's folder by config validation)."""
+    return pipeline_folder.files_digest(_text_files(layout, model_dir))
 
 
 TEXT_ENCODERS = "text_encoders"  # a prompt table's metadata key: ``text_encoders_digest`` of the folder that encoded it

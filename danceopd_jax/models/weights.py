@@ -185,17 +185,18 @@ def open_safetensors(path: str) -> TensorSource:
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    """Write ``tensors`` as one safetensors file (atomic: written to a temporary name, then renamed)."""
+    """Write ``tensors`` as one safetensors file (atomic: written to a temporary name, then renamed).
+
+    Each tensor is read twice, for the header and when written, and never held with the others: a
+    lazy ``TensorSource`` (e.g. the entries of a table being rewritten) is copied one tensor at a time."""
     names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
+    header, offset = {}, 0
     for name in sorted(tensors):
         array = np.require(tensors[name], requirements="C")  # keeps 0-d arrays 0-d
         if array.dtype not in names:
             raise WeightsError(f"{path}: cannot write tensor {name!r} of dtype {array.dtype}")
-        blob = array.tobytes()
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
     if metadata:
         header["__metadata__"] = dict(metadata)
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -204,8 +205,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     with open(tmp, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for blob in blobs:
-            f.write(blob)
+        for name in sorted(tensors):
+            f.write(np.require(tensors[name], requirements="C").tobytes())
     os.replace(tmp, path)
 
 
