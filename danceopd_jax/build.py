@@ -25,6 +25,7 @@ from danceopd_jax.data import latent_cache
 from danceopd_jax.data.pipeline import BucketBatches, ConditionSpec, RecordEncoder, stack_records
 from danceopd_jax.data.prompt_embeddings import load_table, source_prompts
 from danceopd_jax.data.sources import MixedSource, make_bucket_source
+from danceopd_jax.fieldworld.mlp import FieldMLP
 from danceopd_jax.models import backbones, lora
 from danceopd_jax.models.dit import LOGICAL_AXES as DIT_AXES
 from danceopd_jax.models.dit import DiT, dit_config
@@ -64,16 +65,23 @@ def model_config(config: ConfigDict, spec: ConfigDict):
 
 
 def model_factory(config: ConfigDict, spec: ConfigDict) -> Callable[[], nnx.Module]:
+    if spec.get("kind", "dit") == "field_mlp":  # parameters without logical axes: replicated on every mesh
+        c = config.condition
+        return lambda: FieldMLP(config.channels, c.num_classes, width=spec.width, depth=spec.depth, rngs=InitKeys(spec.seed))
     if spec.get("kind", "dit") != "dit":  # the folder's transformer; run configs saved before SD3 support have no kind
         return backbones.of(config).model_factory(config.model_dir, spec)
     dit = model_config(config, spec)
     return lambda: DiT(dit, rngs=InitKeys(spec.seed))
 
 
-# What gives a DiT's parameters their shapes (``model_config``): keys of its spec and of its run's
-# config. The others (dtype, remat, attention, zero_init, seed, image_size: the positional table is
-# computed) change values or how it computes, not which arrays a checkpoint of it holds.
-SHAPE_KEYS = {"spec": ("kind", "preset", "patch_size", "use_source"), "run": ("channels", "condition.num_classes", "condition.text_dim")}
+# What gives a model's parameters their shapes (``model_config``; a FieldMLP's width and depth): keys
+# of its spec and of its run's config. The others (dtype, remat, attention, zero_init, seed,
+# image_size: the positional table is computed) change values or how it computes, not which arrays a
+# checkpoint of it holds.
+SHAPE_KEYS = {
+    "spec": ("kind", "preset", "patch_size", "use_source", "width", "depth"),
+    "run": ("channels", "condition.num_classes", "condition.text_dim"),
+}
 
 
 def architecture_changes(config: ConfigDict, spec: ConfigDict, saved) -> list[tuple[str, Any, Any]]:

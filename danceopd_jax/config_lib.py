@@ -14,11 +14,12 @@ def model_spec(preset: str = "tiny", **overrides) -> ConfigDict:
     ``dtype`` is the compute dtype (parameters stay float32); ``remat`` (none | dots | full) trades
     the student's backward-pass memory for recomputation (``models.layers.REMAT_POLICIES``);
     ``attention`` is ``xla`` (any device) or ``cudnn`` (cuDNN's fused flash attention: NVIDIA GPUs,
-    bf16 or fp16 compute; an SD3 run's experts compute like its student).
+    bf16 or fp16 compute; an SD3 run's experts compute like its student). ``kind="field_mlp"`` is the
+    field world's ``fieldworld.mlp.FieldMLP`` of ``width`` and ``depth`` (DiT keys unused; ``field_spec``).
     """
     spec = dict(
         kind="dit", preset=preset, patch_size=2, dtype="float32", remat="none", attention="xla", use_source=False, zero_init=True,
-        init="random", seed=0, checkpoint="", lora_rank=0, lora_alpha=0.0, lora_targets="", lora_path="",
+        init="random", seed=0, checkpoint="", lora_rank=0, lora_alpha=0.0, lora_targets="", lora_path="", width=128, depth=3,
     )  # fmt: skip
     spec.update(overrides)
     return ConfigDict(spec)
@@ -41,6 +42,12 @@ def sd3_spec(**overrides) -> ConfigDict:
 def zimage_spec(**overrides) -> ConfigDict:
     """The transformer of a Z-Image folder ``config.model_dir`` (``models/zimage_backbone.py``; ``folder_spec``)."""
     return folder_spec("zimage", **overrides)
+
+
+def field_spec(**overrides) -> ConfigDict:
+    """A ``FieldMLP`` of the field world (``fieldworld.mlp``; default width 128, depth 3): points of
+    ``config.channels`` numbers, labels over ``config.condition.num_classes`` prompts, edit sources."""
+    return model_spec(**{"kind": "field_mlp", "use_source": True, **overrides})
 
 
 def expert_field(expert: str, cfg_scale: float = 1.0, needs_source: bool = False) -> dict:

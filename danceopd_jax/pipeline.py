@@ -4,7 +4,9 @@ A pipeline config has ``stages`` (name -> a full run config) and ``evaluation``.
 whose ``checkpoint`` is ``@NAME`` starts from stage NAME's result (``WORKDIR/NAME``), which fixes
 the order. Each stage resumes like any run; a finished stage is reused without being rebuilt.
 Evaluation samples every listed model on held-out examples of every listed capability and
-writes ``WORKDIR/metrics.json``, ``WORKDIR/metrics.md`` and ``WORKDIR/grids/CAPABILITY.png``.
+writes ``WORKDIR/metrics.json``, ``WORKDIR/metrics.md`` and ``WORKDIR/grids/CAPABILITY.png``; a
+pipeline of field-world models (``field_mlp``) is scored exactly instead (``fieldworld.evaluate``:
+``WORKDIR/grids/fields.png``).
 """
 
 import copy
@@ -19,10 +21,13 @@ from danceopd_jax import build, checkpoints
 from danceopd_jax.config_lib import run_sigma_schedule
 from danceopd_jax.config_validation import FREE_FORM, ConfigError, check_keys, validate
 from danceopd_jax.evaluation import capabilities, heldout, metrics
+from danceopd_jax.fieldworld.evaluate import CAPABILITIES as FIELD_CAPABILITIES
+from danceopd_jax.fieldworld.evaluate import evaluate_fields
 from danceopd_jax.sampling import load_trained_model
 from danceopd_jax.train import config_changes, shown_changes, train_and_evaluate
 
 STAGE_REF = "@"
+FIELD_MODEL = "field_mlp"  # the field world's model kind: its pipelines are scored by fieldworld.evaluate
 # A pipeline config's keys (each stage is a run config, checked by ``validate``).
 PIPELINE_TEMPLATE = {
     "stages": FREE_FORM,
@@ -104,9 +109,10 @@ def validate_pipeline(config: ConfigDict) -> list[str]:
     for model in _names(evaluation.models):
         if model not in config.stages:
             raise ConfigError(f"config.evaluation.models: unknown stage {model!r}; valid: {', '.join(order)}")
+    fields = _field_models(config)
     for capability in _names(evaluation.capabilities):
-        if capability not in heldout.CAPABILITY_BUCKETS:
-            valid = ", ".join(heldout.CAPABILITY_BUCKETS)
+        if capability not in (FIELD_CAPABILITIES if fields else heldout.CAPABILITY_BUCKETS):
+            valid = ", ".join(FIELD_CAPABILITIES if fields else heldout.CAPABILITY_BUCKETS)
             raise ConfigError(f"config.evaluation.capabilities: unknown capability {capability!r}; valid: {valid}")
     if _names(evaluation.capabilities) and not _names(evaluation.models):
         raise ConfigError(f"config.evaluation.models: name the stages to evaluate on the capabilities; valid: {', '.join(order)}")
@@ -159,9 +165,19 @@ def evaluate_loaded(loaded: dict, evaluation: ConfigDict, out_dir: str) -> dict[
     return results
 
 
-def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
-    """Evaluate the pipeline's listed stages (``config.evaluation``); outputs go to ``workdir``."""
-    model_dirs = {name: os.path.join(workdir, name) for name in _names(config.evaluation.models)}
+def _field_models(config: ConfigDict) -> bool:
+    """Whether the evaluated stages train field-world models (``FIELD_MODEL``)."""
+    return any(config.stages[name].student.get("kind") == FIELD_MODEL for name in _names(config.evaluation.models))
+
+
+def evaluate(config: ConfigDict, workdir: str) -> dict[str, dict]:
+    """Evaluate the pipeline's listed stages (``config.evaluation``); outputs go to ``workdir``.
+    Field-world models get exact scores with standard errors (``fieldworld.evaluate``)."""
+    names = _names(config.evaluation.models)
+    model_dirs = {name: os.path.join(workdir, name) for name in names}
+    if _field_models(config):
+        loaded = {name: load_trained_model(path) for name, path in model_dirs.items()}
+        return evaluate_fields(loaded, config.evaluation, _names(config.evaluation.capabilities), workdir)
     return evaluate_models(model_dirs, config.evaluation, workdir)
 
 
@@ -223,11 +239,13 @@ def train_stages(config: ConfigDict, workdir: str) -> list[str]:
     return trained
 
 
-def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+def run_pipeline(config: ConfigDict, workdir: str) -> dict[str, dict]:
+    """Train the stages, evaluate (``evaluate``: its results) and print ``WORKDIR/metrics.md``."""
     validate_pipeline(config)
     train_stages(config, workdir)
     print("== evaluation ==", flush=True)
     results = evaluate(config, workdir)
-    print(metrics_table(results), flush=True)
+    with open(os.path.join(workdir, "metrics.md"), encoding="utf-8") as f:
+        print(f.read(), flush=True)
     print(f"metrics: {os.path.join(workdir, 'metrics.md')}; grids: {os.path.join(workdir, 'grids')}", flush=True)
     return results

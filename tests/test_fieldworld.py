@@ -336,10 +336,10 @@ def test_scatter_grid_png(fitted_ring, tmp_path):
     global_ = local | {"label": jnp.full((n,), world.global_edit_labels[0], jnp.int32)}
     realism = _cond(1, n)
     panels = [
-        plots.Panel("T2I: a ring of eight", sample_targets(world, jax.random.key(0), cond), mlp_samples, "MLP, 300 flow-matching steps"),
-        plots.Panel("realism: two moons", sample_targets(world, jax.random.key(1), realism, True), euler(realism, True), "exact field, 64 Euler steps"),
-        plots.Panel("local edit: next / previous mode", sample_targets(world, jax.random.key(2), local), euler(local), "exact field, 64 Euler steps", sources),
-        plots.Panel("global edit: rotate a quarter turn", sample_targets(world, jax.random.key(3), global_), euler(global_), "exact field, 64 Euler steps", sources),
+        plots.Panel("T2I: a ring of eight", sample_targets(world, jax.random.key(0), cond), {"MLP, 300 flow-matching steps": mlp_samples}),
+        plots.Panel("realism: two moons", sample_targets(world, jax.random.key(1), realism, True), {"exact field, 64 Euler steps": euler(realism, True)}),
+        plots.Panel("local edit: next / previous mode", sample_targets(world, jax.random.key(2), local), {"exact field, 64 Euler steps": euler(local)}, sources),
+        plots.Panel("global edit: rotate a quarter turn", sample_targets(world, jax.random.key(3), global_), {"exact field, 64 Euler steps": euler(global_)}, sources),
     ]  # fmt: skip
     path = tmp_path / "fields.png"
     plots.scatter_grid(world, panels, str(path))

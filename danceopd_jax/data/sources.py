@@ -1,5 +1,6 @@
-"""The registry of bucket kinds (toy synthetic buckets of ``synthetic.py``, the shapes world, prompt
-files and the user's image files), and the unlabelled pool a learned router routes (``MixedSource``)."""
+"""The registry of bucket kinds (toy synthetic buckets of ``synthetic.py``, the shapes world, the
+field world's exact points, prompt files and the user's image files), and the unlabelled pool a
+learned router routes (``MixedSource``)."""
 
 from typing import Sequence
 
@@ -8,9 +9,11 @@ from ml_collections import ConfigDict
 
 from danceopd_jax.core.routing import normalized_weights
 from danceopd_jax.data import file_buckets, prompt_files, scene_buckets, synthetic
+from danceopd_jax.fieldworld import data as field_buckets
 
 BUCKET_KINDS: dict[str, frozenset[str]] = {
-    **synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS, **prompt_files.BUCKET_KINDS, **file_buckets.BUCKET_KINDS
+    **synthetic.BUCKET_KINDS, **scene_buckets.BUCKET_KINDS, **field_buckets.BUCKET_KINDS, **prompt_files.BUCKET_KINDS,
+    **file_buckets.BUCKET_KINDS,
 }  # fmt: skip
 
 
@@ -22,6 +25,8 @@ def make_bucket_source(bucket: ConfigDict, image_size: int, channels: int, num_c
         return file_buckets.make_source(bucket, pixel_size or image_size)
     if kind in prompt_files.BUCKET_KINDS:
         return prompt_files.PromptFileSource(bucket.path, size)
+    if kind in field_buckets.BUCKET_KINDS:
+        return field_buckets.make_source(kind, size, seed, image_size, channels)
     if kind in scene_buckets.BUCKET_KINDS:
         return scene_buckets.SceneSource(kind, size, seed, image_size, channels)
     if kind in synthetic.BUCKET_KINDS:

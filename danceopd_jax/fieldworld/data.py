@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from danceopd_jax.data.pipeline import ConditionSpec
-from danceopd_jax.fieldworld.targets import FieldWorld, sample_targets
+from danceopd_jax.fieldworld.targets import FieldWorld, make_world, sample_targets
 
 BUCKET_KINDS: dict[str, frozenset[str]] = {
     "fields_t2i": frozenset({"label", "image"}),
@@ -86,3 +86,10 @@ class FieldSource:
         if self.sources is not None:
             record["source"] = self.sources[index]
         return record
+
+
+def make_source(kind: str, size: int, seed: int, image_size: int, channels: int) -> FieldSource:
+    """The source of a run's ``fields_*`` bucket: points of ``make_world(channels)`` as 1 x 1 images."""
+    if image_size != 1:
+        raise ValueError(f"field-world bucket kind {kind!r} holds points, images of size 1; got image_size {image_size}")
+    return FieldSource(make_world(channels), kind, size, seed)

@@ -1,4 +1,4 @@
-"""Scatter-plot grids of the field world: one row per capability, exact target against model.
+"""Scatter-plot grids of the field world: one row per capability, exact target against models.
 
 Points are drawn in the layout plane (the first two layout coordinates, ``targets.to_layout``), on
 the same axes in every panel, with the world's mode centres as grey crosses. An edit row also
@@ -19,13 +19,12 @@ EDIT_LINES = 12
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
-    """One row: ``target`` and ``model`` samples [N, ..., D] (world frame), ``sources`` [N, ..., D]
-    of an edit row (None for T2I), and the title of each column."""
+    """One row: ``target`` samples and each model's (``models``: column title -> samples) [N, ..., D]
+    (world frame), ``sources`` [N, ..., D] of an edit row (None for T2I)."""
 
     title: str
     target: np.ndarray
-    model: np.ndarray
-    model_label: str
+    models: dict[str, np.ndarray]
     sources: np.ndarray | None = None
 
 
@@ -49,12 +48,16 @@ def _scatter(ax, world: FieldWorld, points, sources, colour: str, title: str) ->
 
 
 def scatter_grid(world: FieldWorld, panels: list[Panel], path: str) -> None:
-    """Write a PNG at ``path``: a row per panel, the exact target left and the model right."""
-    fig = Figure(figsize=(6.4, 3.2 * len(panels)))
-    axes = fig.subplots(len(panels), 2, squeeze=False)
+    """Write a PNG at ``path``: a row per panel, the exact target left and its models to the right."""
+    columns = 1 + max(len(panel.models) for panel in panels)
+    fig = Figure(figsize=(3.2 * columns, 3.2 * len(panels)))
+    axes = fig.subplots(len(panels), columns, squeeze=False)
     for row, panel in zip(axes, panels):
         _scatter(row[0], world, panel.target, panel.sources, "tab:blue", f"{panel.title}\nexact target")
-        _scatter(row[1], world, panel.model, panel.sources, "tab:orange", f"{panel.title}\n{panel.model_label}")
+        for ax, (label, samples) in zip(row[1:], panel.models.items()):
+            _scatter(ax, world, samples, panel.sources, "tab:orange", f"{panel.title}\n{label}")
+        for ax in row[1 + len(panel.models) :]:
+            ax.set_axis_off()
     fig.suptitle(f"field world, D = {world.dim} (layout plane)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
