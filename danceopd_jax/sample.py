@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 
 from danceopd_jax import sd3_sampling  # noqa: E402
 from danceopd_jax.config_validation import read_run_config  # noqa: E402
+from danceopd_jax.data.latent_cache import pixel_size  # noqa: E402
 from danceopd_jax.models.pipeline_folder import ModelFolderError  # noqa: E402
 from danceopd_jax.models.weights import WeightsError, WeightsMismatch  # noqa: E402
 from danceopd_jax.sampling import check_run_task, check_sampling, read_image, sample_task  # noqa: E402
@@ -85,7 +86,7 @@ def main(argv) -> None:
         check_run_task(config, task, prompts, [FLAGS.source] * FLAGS.num if FLAGS.source else None)
         if FLAGS.base and not config.get("model_dir"):
             raise ValueError(f"--base samples the untrained transformer of an SD3 run; {FLAGS.workdir} is a DiT run")
-        sources = [read_image(FLAGS.source, config.image_size)] * FLAGS.num if FLAGS.source else None
+        sources = [read_image(FLAGS.source, pixel_size(config))] * FLAGS.num if FLAGS.source else None
         check_out(FLAGS.out)  # before the weights are read: a bad --out would fail only after sampling
     except (ValueError, OSError) as error:
         fail(error)

@@ -83,21 +83,16 @@ def generate(graphdef, params, cond: dict, key: jax.Array, *, image_shape, steps
 
 
 def check_run_task(config: ConfigDict, task: str | Task, prompts: Sequence[str], sources: Sequence | None = None) -> Task:
-    """``tasks.check_task`` for the run of ``config``; a run on a model folder runs prompt tasks only
-    (a family that reads no source image, ``models.backbones``' ``READS_SOURCE``, e.g. SD3, never
-    can; edits of one that does, Z-Image, need its source VAE-encoded, not done yet). Raises a
+    """``tasks.check_task`` for the run of ``config``; a run on a model folder whose family reads no
+    source image (``models.backbones``' ``READS_SOURCE``, e.g. SD3) runs prompt tasks only. Raises a
     one-line ``ValueError``."""
     task = get_task(task)
-    if task.needs_source and config.get("model_dir"):
-        backbone = backbones.of(config)
+    if task.needs_source and config.get("model_dir") and not (backbone := backbones.of(config)).READS_SOURCE:
         prompt_tasks = ", ".join(name for name, t in TASKS.items() if not t.needs_source)
-        if not backbone.READS_SOURCE:
-            raise ValueError(
-                f"task {task.name!r} edits a source image, but an {backbone.NAME} run's student (config.model_dir) reads no source "
-                f"image; it can only run: {prompt_tasks}"
-            )
-        raise ValueError(f"task {task.name!r}: sampling edits of a {backbone.NAME} run is not supported yet (the source image "
-                         f"must be VAE-encoded first); it can run: {prompt_tasks}")  # fmt: skip
+        raise ValueError(
+            f"task {task.name!r} edits a source image, but an {backbone.NAME} run's student (config.model_dir) reads no source "
+            f"image; it can only run: {prompt_tasks}"
+        )
     return check_task(config, task, prompts, sources)
 
 
@@ -138,8 +133,8 @@ def sample_task(
         check_run_task(config, task, prompts, sources)
         model = sd3_sampling.load_student(workdir) if config.get("model_dir") else load_trained_model(workdir)
     if isinstance(model, sd3_sampling.SD3Student):
-        check_run_task(model.config, task, prompts, sources)
-        return to_uint8(sd3_sampling.generate(model, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed))
+        edits = list(sources) if check_run_task(model.config, task, prompts, sources).needs_source else None
+        return to_uint8(sd3_sampling.generate(model, prompts, steps=steps, cfg_scale=cfg_scale, seed=seed, sources=edits))
     config, graphdef, params = model
     cond = task_conditions(config, task, prompts, sources)
     images = generate(

@@ -95,17 +95,30 @@ def load_student(workdir: str, *, trained: bool = True) -> SD3Student:
     return SD3Student(backbone, config, graphdef, adapters, base, backbone.torch_names_of(abstract_base), step)
 
 
-def encode_prompts(config: ConfigDict, prompts: Sequence[str]) -> tuple[dict, dict]:
-    """``(cond, null)``: ``prompts`` encoded by the run folder's text encoders as training did (T2I).
+def encode_prompts(config: ConfigDict, prompts: Sequence[str], template: str = "t2i") -> tuple[dict, dict]:
+    """``(cond, null)``: ``prompts`` (edit instructions with ``template="edit"``) encoded by the run
+    folder's text encoders as training did.
 
     ``cond`` is the batch's condition (SD3: ``{"text": [B, L, D], "pooled": [B, P]}``; Z-Image:
     ``text``, ``text_mask``, ``text_segments``; L = ``condition.text_len``); ``null`` the CFG null the
-    backbone makes of the empty prompt's encoding (its ``null_condition``). The encoders are freed on return.
+    backbone makes of the empty prompt's encodings (its ``null_condition``; an edit's null is the
+    empty instruction's). The encoders are freed on return.
     """
     backbone = backbones.of(config)
-    out = backbone.prompt_encoder(config.model_dir, config.condition.text_len)([*prompts, ""])
+    encode = backbone.prompt_encoder(config.model_dir, config.condition.text_len)
+    out = encode([*prompts, ""]) if template == "t2i" else encode([*prompts, ""], template)
     cond = {key: value[:-1] for key, value in out.items()}
-    return cond, backbone.null_condition(in_memory_table([""], {key: value[-1:] for key, value in out.items()}))
+    nulls = [("t2i", encode([""]) if template != "t2i" else out)] + ([(template, out)] if template != "t2i" else [])
+    table = in_memory_table([""] * len(nulls), {key: np.concatenate([o[key][-1:] for _, o in nulls]) for key in out},
+                            templates=[t for t, _ in nulls])  # fmt: skip
+    return cond, backbone.null_condition(table)
+
+
+def source_latents(autoencoder: vae.AutoencoderKL, sources: Sequence[np.ndarray]) -> np.ndarray:
+    """Latents [B, h, w, C] of edit sources (float32 images in [-1, 1] at the VAE's resolution): the
+    posterior mode, shifted and scaled, as training's latent cache encodes them (``data.latent_cache``)."""
+    graphdef, state = nnx.split(autoencoder)
+    return np.asarray(_encoder(graphdef)(state, np.stack(sources).astype(np.float32)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,6 +148,11 @@ def sample_latents(student: SD3Student, cond: dict, null: dict, key: jax.Array, 
 
 
 @functools.lru_cache(maxsize=4)
+def _encoder(graphdef: nnx.GraphDef):
+    return jax.jit(lambda state, images: vae.latents_from_images(nnx.merge(graphdef, state), images))
+
+
+@functools.lru_cache(maxsize=4)
 def _decoder(graphdef: nnx.GraphDef):
     @jax.jit
     def decode(state, latents):
@@ -151,11 +169,25 @@ def decode_latents(autoencoder: vae.AutoencoderKL, latents: np.ndarray) -> np.nd
     return np.asarray(_decoder(graphdef)(state, latents))
 
 
-def generate(student: SD3Student, prompts: Sequence[str], *, steps: int | None = None, cfg_scale: float = 1.0, seed: int = 0) -> np.ndarray:
+def generate(
+    student: SD3Student,
+    prompts: Sequence[str],
+    *,
+    steps: int | None = None,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    sources: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
     """Images [B, H, W, 3] float32 in [-1, 1] of ``prompts``: encode, Euler-sample (``steps``
-    default: the run's rollout steps), decode. The noise is ``jax.random.key(seed)``'s."""
+    default: the run's rollout steps), decode. The noise is ``jax.random.key(seed)``'s. With
+    ``sources`` (one image per prompt at the VAE's resolution, for a family that reads them,
+    ``READS_SOURCE``) the prompts are edit instructions and each sample edits its source, whose
+    latent joins the condition clean (``source``, ``source_mask``)."""
     config = student.config
-    cond, null = encode_prompts(config, prompts)
+    cond, null = encode_prompts(config, prompts, "t2i" if sources is None else "edit")
+    autoencoder = load_vae(config.model_dir)
+    if sources is not None:
+        cond.update(source=source_latents(autoencoder, sources), source_mask=np.ones(len(prompts), bool))
     latents = sample_latents(student, cond, null, jax.random.key(seed), steps=steps or config.rollout_steps, cfg_scale=cfg_scale)
-    return decode_latents(load_vae(config.model_dir), latents)
+    return decode_latents(autoencoder, latents)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from danceopd_jax import build, export, sd3_sampling, train
 from danceopd_jax.config_validation import ConfigError, validate
@@ -239,7 +240,59 @@ def test_sample_command_runs_prompt_tasks_and_refuses_edits_with_one_line(traine
     result = _command("danceopd_jax.sample", f"--workdir={trained[0]}", f"--prompt={PROMPTS[0]}", "--task=edit", f"--source={out}",
                       f"--out={tmp_path / 'edit.png'}")  # fmt: skip
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: task 'edit': sampling edits of a Z-Image run is not supported yet")
+    assert result.stderr.startswith("error: task 'edit' edits a source image, but this model was trained without source")
+
+
+def test_edit_samples_are_euler_with_the_source_latent_and_the_edit_null(folder, tmp_path):
+    """An edit of a run whose student reads sources (the untrained base of configs/zimage_t2i_edit_smoke.py)
+    against the loop written out: the instruction through the edit template, the source encoded by
+    diffusers' VAE (the mode, shifted and scaled) and kept clean in the condition, CFG against the empty
+    instruction with the same source, Euler on the run's grid, diffusers' VAE decode; float32, 1e-4."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from danceopd_jax import checkpoints
+    from danceopd_jax.core.schedule import sigma_grid
+    from danceopd_jax.sampling import read_image
+
+    workdir = tmp_path / "edit_run"
+    workdir.mkdir()
+    config = load_config("zimage_t2i_edit_smoke", model_dir=folder)
+    checkpoints.save_run_config(config, str(workdir))
+    base = sd3_sampling.load_student(str(workdir), trained=False)
+    source = read_image(os.path.join(folder, "edits", json.loads(open(os.path.join(folder, "edits", "edits.jsonl")).readline())["source_image"]), 64)
+    instruction, steps, cfg_scale, seed = "make it night", 2, 3.0, 5
+    images = sd3_sampling.generate(base, [instruction], steps=steps, cfg_scale=cfg_scale, seed=seed, sources=[source])
+
+    encoder = zimage_prompts.load_zimage_text_encoder(folder)
+    cond = {k: np.asarray(v) for k, v in zimage_prompts.encode_prompts(encoder, [instruction], TEXT_LEN, kind="edit").items()}
+    null = {k: np.asarray(v) for k, v in zimage_prompts.encode_null(encoder, TEXT_LEN, kind="edit").items()}
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
+    with torch.no_grad():
+        mode = vae.encode(torch.from_numpy(source[None]).permute(0, 3, 1, 2)).latent_dist.mode()
+    latent = ((mode - vae.config.shift_factor) * vae.config.scaling_factor).permute(0, 2, 3, 1).numpy()
+    for c in (cond, null):
+        c.update(source=latent, source_mask=np.ones(1, bool))
+    model = jax.jit(lambda x, t, c: base.model()(x, t, c))
+    x = jax.random.normal(jax.random.key(seed), (1, 8, 8, 16))
+    sigmas = np.asarray(sigma_grid(steps, 3.0, "uniform"))
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        t = jnp.full((1,), sigma, jnp.float32)
+        v_c, v_u = model(x, t, cond), model(x, t, null)
+        x = x + (sigma_next - sigma) * (v_u + cfg_scale * (v_c - v_u))
+    with torch.no_grad():
+        z = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2) / vae.config.scaling_factor + vae.config.shift_factor
+        expected = vae.decode(z).sample.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (1, 64, 64, 3) and max_diff(images, expected) <= 1e-4
+
+    out = tmp_path / "edit.png"
+    result = _command("danceopd_jax.sample", f"--workdir={workdir}", "--base", f"--prompt={instruction}", "--task=edit",
+                      f"--source={tmp_path / 'src.png'}", "--steps=2", f"--out={out}")  # fmt: skip
+    assert result.returncode == 2 and "no such image" in result.stderr  # the source is checked before the weights
+    Image.fromarray(np.round((source + 1) * 127.5).astype(np.uint8)).save(tmp_path / "src.png")
+    result = _command("danceopd_jax.sample", f"--workdir={workdir}", "--base", f"--prompt={instruction}", "--task=edit",
+                      f"--source={tmp_path / 'src.png'}", "--steps=2", f"--out={out}")  # fmt: skip
+    assert result.returncode == 0 and np.asarray(Image.open(out)).shape == (64, 64, 3), result.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,6 +329,8 @@ def test_bad_input_is_one_clear_error_before_any_weights_are_read(folder, tmp_pa
         validate(smoke_config(folder, **{"student.kind": "mmdit"}))
     with pytest.raises(ConfigError, match=r"config.student.use_source: the model reads source images but config.condition.use_source"):
         validate(smoke_config(folder, **{"student.use_source": True}))
+    with pytest.raises(ConfigError, match=r"config.student.use_source: config.condition.use_source gives edit samples their source"):
+        validate(load_config("zimage_t2i_edit_smoke", model_dir=folder, **{"student.use_source": False}))
     with pytest.raises(ConfigError, match=r"config.model_dir: config.condition .*does not fit .*transformer: it needs \{'text_dim': 32, 'pooled_dim': 0\}"):
         validate(smoke_config(folder, **{"condition.text_dim": 48}))
     with pytest.raises(ConfigError, match=r"config.condition.text_len: prompt 0 '.*' is \d+ tokens over the text capacity of 8 tokens"):
