@@ -43,6 +43,8 @@ from danceopd_jax.data.latent_cache import pixel_size
 from danceopd_jax.data.manifests import ManifestError, checked
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
+from danceopd_jax.fieldworld.data import BUCKET_KINDS as FIELD_BUCKET_KINDS
+from danceopd_jax.fieldworld.targets import make_world
 from danceopd_jax.models import backbones, folder_vae
 from danceopd_jax.models.lora import UnknownLoRATarget
 from danceopd_jax.models.weights import WeightsError
@@ -51,7 +53,12 @@ from danceopd_jax.models.layers import check_attention
 
 FIELD_KINDS = ("expert", "combination")
 # a DiT's inits; each backbone family's transformer (``models.backbones``) is loaded from config.model_dir
-INIT_KINDS = {"dit": ("random", "checkpoint"), **{backbones.family(name).MODEL_KIND: ("pretrained",) for name in backbones.FAMILIES}}
+# and the field world's FieldMLP (``field_mlp``) is trained like a DiT
+INIT_KINDS = {
+    "dit": ("random", "checkpoint"), "field_mlp": ("random", "checkpoint"),
+    **{backbones.family(name).MODEL_KIND: ("pretrained",) for name in backbones.FAMILIES},
+}  # fmt: skip
+FIELD_CLASSES = make_world().num_prompts  # the field world's prompt ids: T2I classes, local and global edits
 LR_DECAYS = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_SHARDINGS = ("like_student", "replicated")
@@ -85,11 +92,11 @@ class Entries:
 
 FREE_FORM = object()  # a map whose keys are checked elsewhere
 
-# Keys that may be left out (``check_keys`` fills in the default): those SD3 support added, so that
-# configs, bucket entries and saved run configs written before it stay valid.
+# Keys that may be left out (``check_keys`` fills in the default): those SD3 support and the field
+# world added, so that configs, bucket entries and saved run configs written before them stay valid.
 DEFAULTED_KEYS = frozenset(
     {"model_dir", "transformer_path", "prompt_embeddings", "pooled_dim", "path", "kind", "lora_rank", "lora_alpha",
-     "lora_targets", "lora_path", "attention", *IMAGE_FILE_KEYS}
+     "lora_targets", "lora_path", "attention", "width", "depth", *IMAGE_FILE_KEYS}
 )
 
 
@@ -318,14 +325,17 @@ def _check_folder_model(config: ConfigDict, key: str, model: ConfigDict, is_stud
     _in_range(config, f"{key}.lora_alpha", 0.0)
 
 
-def _check_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool = False) -> None:
-    _choice(config, f"{key}.kind", INIT_KINDS)
-    if model.kind != "dit":
-        return _check_folder_model(config, key, model, is_student)
-    if config.model_dir:
-        _fail(f"{key}.kind", f"with config.model_dir set, every model is that folder's transformer: use kind {backbones.of(config).MODEL_KIND!r}")
-    if model.lora_rank or model.lora_path or model.lora_targets:
-        _fail(f"{key}.lora_rank", "LoRA is for the transformers of config.model_dir (e.g. kind 'mmdit'), not a DiT")
+def _check_field_model(config: ConfigDict, key: str, model: ConfigDict) -> None:
+    """A ``field_mlp`` reads a point, a label and an edit source: no prompt embedding."""
+    _positive_int(config, f"{key}.width")
+    _positive_int(config, f"{key}.depth", minimum=0)
+    if config.condition.text_dim:
+        _fail("condition.text_dim", f"{key} is a field_mlp, which reads labels, not prompt embeddings: must be 0, got {config.condition.text_dim}")
+    if config.condition.num_classes < 1:
+        _fail("condition.num_classes", f"{key} is a field_mlp, which embeds a label: must be >= 1, got {config.condition.num_classes}")
+
+
+def _check_dit(config: ConfigDict, key: str, model: ConfigDict) -> None:
     if model.preset not in PRESETS:
         _fail(f"{key}.preset", f"unknown preset {model.preset!r}; valid: {', '.join(PRESETS)}")
     _check_compute(key, model)
@@ -333,6 +343,20 @@ def _check_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bo
         _fail(f"{key}.patch_size", f"must be >= 1, got {model.patch_size}")
     if config.image_size % model.patch_size:
         _fail(f"{key}.patch_size", f"image_size {config.image_size} is not divisible by patch size {model.patch_size}")
+
+
+def _check_model(config: ConfigDict, key: str, model: ConfigDict, is_student: bool = False) -> None:
+    _choice(config, f"{key}.kind", INIT_KINDS)
+    if model.kind not in ("dit", "field_mlp"):
+        return _check_folder_model(config, key, model, is_student)
+    if config.model_dir:
+        _fail(f"{key}.kind", f"with config.model_dir set, every model is that folder's transformer: use kind {backbones.of(config).MODEL_KIND!r}")
+    if model.lora_rank or model.lora_path or model.lora_targets:
+        _fail(f"{key}.lora_rank", "LoRA is for the transformers of config.model_dir (e.g. kind 'mmdit'), not a DiT")
+    if model.kind == "field_mlp":
+        _check_field_model(config, key, model)
+    else:
+        _check_dit(config, key, model)
     if model.init not in INIT_KINDS["dit"]:
         _fail(f"{key}.init", f"unknown value {model.init!r}; valid: {', '.join(INIT_KINDS['dit'])}")
     if model.init == "checkpoint" and not model.checkpoint:
@@ -460,6 +484,8 @@ def _check_buckets(config: ConfigDict) -> None:
             minimum = "0 (the whole file)" if reads_file else "1 (an empty bucket has nothing to draw)"
             _fail(f"{key}.size", f"must be >= {minimum}, got {bucket.size}")
         _positive_int(config, f"{key}.seed", minimum=0)
+        if bucket.kind in FIELD_BUCKET_KINDS:
+            _check_field_bucket(config, name)
         unread = sorted(f for f in BUCKET_KINDS[bucket.kind] if f != "image" and not readers[f][1])
         if unread:
             _fail(f"{key}.kind", f"{bucket.kind!r} records carry {unread[0]!r}, which config.{readers[unread[0]][0]} turns off")
@@ -473,6 +499,18 @@ def _check_buckets(config: ConfigDict) -> None:
                 _fail(f"{key}.path", str(e))
         if bucket.kind in SCENE_KINDS and config.channels != 3:
             _fail("channels", f"the shapes world (bucket {name!r}) renders RGB: must be 3, got {config.channels}")
+
+
+def _check_field_bucket(config: ConfigDict, name: str) -> None:
+    """A field-world bucket holds points (images of one pixel, ``channels`` = D >= 2) labelled by
+    the world's prompt ids (``fieldworld.data``)."""
+    kind = config.data.buckets[name].kind
+    if config.image_size != 1:
+        _fail("image_size", f"the field world's points (bucket {name!r}, kind {kind!r}) are images of size 1, got {config.image_size}")
+    if config.channels < 2:
+        _fail("channels", f"the field world (bucket {name!r}) has points of D >= 2 numbers, got {config.channels}")
+    if config.condition.num_classes != FIELD_CLASSES:
+        _fail("condition.num_classes", f"the field world (bucket {name!r}) has {FIELD_CLASSES} prompt ids, got {config.condition.num_classes}")
 
 
 def _check_image_file_keys(config: ConfigDict, name: str) -> None:
