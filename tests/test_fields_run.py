@@ -4,6 +4,7 @@ field run on a data-parallel mesh."""
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,7 +95,6 @@ from danceopd_jax import pipeline, train
 from tests.conftest import load_config
 config = pipeline.resolve_stage(load_config("fields_demo", "quick").stages.anchor, "/w")
 config.num_train_steps, config.batch_size, config.log_every = 3, 16, 1
-config.mesh.data = {data}
 state = train.train_and_evaluate(config, {workdir!r})
 np.save({workdir!r} + ".npy", np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(state.params)]))
 """
@@ -104,10 +104,10 @@ def test_a_field_run_on_a_data_parallel_mesh_matches_one_device(tmp_path):
     """The FieldMLP's parameters (no logical axes) are replicated: 3 steps on 2 forced CPU devices
     (batch over data) give the parameters of 3 steps on one."""
     values = []
-    for data in (1, 2):
-        script = DATA_PARALLEL.format(data=data, workdir=str(tmp_path / f"data{data}"))
-        run = subprocess.run(["python", "-c", script], cwd=ROOT, env=cpu_devices_env(2), capture_output=True, text=True)
+    for devices in (1, 2):
+        script = DATA_PARALLEL.format(workdir=str(tmp_path / f"data{devices}"))
+        run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cpu_devices_env(devices), capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
-        assert "over 2 cpu devices" in run.stdout and f"'data': {data}" in run.stdout
-        values.append(np.load(tmp_path / f"data{data}.npy"))
+        assert f"mesh {{'data': {devices}, 'fsdp': 1, 'tensor': 1}} over {devices} cpu devices" in run.stdout
+        values.append(np.load(tmp_path / f"data{devices}.npy"))
     np.testing.assert_allclose(values[0], values[1], atol=1e-5)
