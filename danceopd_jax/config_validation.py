@@ -649,12 +649,9 @@ def _prompt_sources(config: ConfigDict) -> list:
     """The sources of the buckets whose records carry prompts (records read here: a prompt file's lines;
     image files are checked first, ``_check_image_files``)."""
     _check_image_files(config)
-    c = config.condition
-    return [
-        make_bucket_source(b, config.image_size, config.channels, c.num_classes, pixel_size(config))
-        for b in config.data.buckets.values()
-        if "prompt" in BUCKET_KINDS[b.kind]
-    ]
+    c, buckets = config.condition, config.data.buckets.values()
+    size = pixel_size(config) if any(b.kind in IMAGE_FILE_KINDS for b in buckets) else 0  # reads the VAE's config only then
+    return [make_bucket_source(b, config.image_size, config.channels, c.num_classes, size) for b in buckets if "prompt" in BUCKET_KINDS[b.kind]]
 
 
 def _check_prompt_lengths(config: ConfigDict) -> None:
