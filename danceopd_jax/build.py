@@ -314,7 +314,7 @@ POOL = "pool"  # the one bucket of a learned-router run: every route's bucket, u
 
 def bucket_sources(config: ConfigDict) -> dict:
     """``{bucket: source}``, image files read at ``latent_cache.pixel_size`` (a model folder run's VAE resolution)."""
-    size = latent_cache.pixel_size(config)
+    size = latent_cache.bucket_pixel_size(config)
     return {
         name: make_bucket_source(bucket, config.image_size, config.channels, config.condition.num_classes, size)
         for name, bucket in config.data.buckets.items()

@@ -39,7 +39,7 @@ from danceopd_jax.data.sources import BUCKET_KINDS, make_bucket_source
 from danceopd_jax.data.file_buckets import BUCKET_KINDS as IMAGE_FILE_KINDS
 from danceopd_jax.data.file_buckets import manifest_options
 from danceopd_jax.data.image_files import RESIZE_MODES
-from danceopd_jax.data.latent_cache import pixel_size
+from danceopd_jax.data.latent_cache import bucket_pixel_size, pixel_size
 from danceopd_jax.data.manifests import ManifestError, checked
 from danceopd_jax.data.prompt_files import BUCKET_KINDS as PROMPT_FILE_KINDS
 from danceopd_jax.data.prompt_files import PromptFileError, PromptFileSource
@@ -649,9 +649,8 @@ def _prompt_sources(config: ConfigDict) -> list:
     """The sources of the buckets whose records carry prompts (records read here: a prompt file's lines;
     image files are checked first, ``_check_image_files``)."""
     _check_image_files(config)
-    c, buckets = config.condition, config.data.buckets.values()
-    size = pixel_size(config) if any(b.kind in IMAGE_FILE_KINDS for b in buckets) else 0  # reads the VAE's config only then
-    return [make_bucket_source(b, config.image_size, config.channels, c.num_classes, size) for b in buckets if "prompt" in BUCKET_KINDS[b.kind]]
+    c, size = config.condition, bucket_pixel_size(config)
+    return [make_bucket_source(b, config.image_size, config.channels, c.num_classes, size) for b in config.data.buckets.values() if "prompt" in BUCKET_KINDS[b.kind]]
 
 
 def _check_prompt_lengths(config: ConfigDict) -> None:

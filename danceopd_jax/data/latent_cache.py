@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from danceopd_jax.data import file_buckets
 from danceopd_jax.data.file_buckets import FileBucketSource
 from danceopd_jax.data.manifests import ImageFile
 from danceopd_jax.models import folder_vae, vae
@@ -57,6 +58,12 @@ def pixel_size(config: ConfigDict) -> int:
     if not config.model_dir:
         return config.image_size
     return config.image_size * folder_vae.downsampling(folder_vae.vae_config(config.model_dir))
+
+
+def bucket_pixel_size(config: ConfigDict) -> int:
+    """``pixel_size`` for a run with image-file buckets, else 0 (``make_bucket_source``'s default,
+    ``image_size``): a model folder run without them never reads its VAE's config."""
+    return pixel_size(config) if any(b.kind in file_buckets.BUCKET_KINDS for b in config.data.buckets.values()) else 0
 
 
 def identity(model_dir: str, size: int) -> str:
